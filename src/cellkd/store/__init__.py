@@ -1,0 +1,23 @@
+"""HDF5 stores shared between rules, written atomically.
+
+Layouts (all images uint8 RGB (H, W, 3); masks uint8 0/1 (H, W, C), C = classes in config order):
+
+fragment store ``results/fragments/{stain}/{slide}.h5`` (``cellkd.store.fragments``)
+    attrs: complete, slide, source, stain, mpp (level-0 µm/px or NaN), downsamples [1, 2, 4]
+    ``/fragments/{name}`` attrs x, y, width, height (bounding box in level-0 slide pixels)
+    ``/fragments/{name}/level{k}`` dataset (ceil(height/d), ceil(width/d), 3), chunked, lzf
+
+mask store ``results/masks/{slide}.h5`` (``cellkd.annotations``)
+    attrs: complete, slide, classes (names), annotation_sets (e.g. ssa, wsa, ea, truth)
+    ``/fragments/{name}/{set}/level{k}`` dataset uint8 (H_k, W_k, C), same H_k, W_k as the fragment level
+
+patch store ``results/patches/{stain}/{source}.h5`` (``cellkd.store.patches``)
+    attrs: complete, source, stain, patch_size, classes, annotation_sets, split_names
+    ``images`` (N, P, P, 3) uint8; ``masks/{set}`` (N, P, P, C) uint8
+    provenance 1-D (N,): ``slide`` (str), ``fragment`` (str), ``level`` (int8), ``x``, ``y``
+    (int32, patch origin in that level's fragment pixels), ``split`` (int8: 0 train, 1 val, 2 test)
+"""
+
+from cellkd.store.atomic import atomic_h5, atomic_path, atomic_write_text, require_complete
+
+__all__ = ["atomic_h5", "atomic_path", "atomic_write_text", "require_complete"]
