@@ -3,7 +3,8 @@
 Layouts (all images uint8 RGB (H, W, 3); masks uint8 0/1 (H, W, C), C = classes in config order):
 
 fragment store ``results/fragments/{stain}/{slide}.h5`` (``cellkd.store.fragments``)
-    attrs: complete, slide, source, stain, mpp (level-0 µm/px or NaN), downsamples [1, 2, 4]
+    attrs: complete, slide, source, stain, mpp (level-0 µm/px or NaN), downsamples [1, 2, 4],
+        slide_size (level-0 width, height; 0, 0 when unknown)
     ``/fragments/{name}`` attrs x, y, width, height (bounding box in level-0 slide pixels)
     ``/fragments/{name}/level{k}`` dataset (ceil(height/d), ceil(width/d), 3), chunked, lzf
 

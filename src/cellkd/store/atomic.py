@@ -41,11 +41,10 @@ def atomic_h5(path: str | os.PathLike[str]) -> Iterator[h5py.File]:
     The file gets the attribute ``complete = True`` just before closing, so a reader can
     also tell a finished store from one copied mid-write (see ``require_complete``).
     """
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as h5:
-            h5.attrs["complete"] = False
-            yield h5
-            h5.attrs["complete"] = True
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
+        h5.attrs["complete"] = False
+        yield h5
+        h5.attrs["complete"] = True
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:

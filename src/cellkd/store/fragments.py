@@ -71,6 +71,8 @@ class FragmentStore:
         self.source: str = str(attrs.get("source", ""))
         self.stain: str = str(attrs["stain"])
         self.mpp: float = float(attrs.get("mpp", float("nan")))
+        width, height = (int(v) for v in attrs.get("slide_size", (0, 0)))
+        self.slide_size: tuple[int, int] | None = (width, height) if width and height else None
         self.fragments: list[Fragment] = [
             Fragment(name, *(int(g.attrs[k]) for k in ("x", "y", "width", "height")))
             for name, g in sorted(self._h5["fragments"].items())
@@ -87,7 +89,9 @@ class FragmentStore:
     def __enter__(self) -> FragmentStore:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
 
@@ -99,7 +103,16 @@ class FragmentStoreWriter:
     ...     ds[y:y+h, x:x+w] = tile
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, slide: str, source: str, stain: str, mpp: float) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        slide: str,
+        source: str,
+        stain: str,
+        mpp: float,
+        slide_size: tuple[int, int] | None = None,
+    ) -> None:
         self.path = path
         self._attrs = {
             "slide": slide,
@@ -107,6 +120,8 @@ class FragmentStoreWriter:
             "stain": stain,
             "mpp": float(mpp),
             "downsamples": np.asarray(DOWNSAMPLES, dtype=np.int32),
+            # (width, height) of the slide's level 0; (0, 0) when unknown.
+            "slide_size": np.asarray(slide_size or (0, 0), dtype=np.int64),
         }
         self._context = atomic_h5(path)
         self._h5: h5py.File | None = None
@@ -117,7 +132,9 @@ class FragmentStoreWriter:
         self._h5.require_group("fragments")
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self._context.__exit__(exc_type, exc, tb)
 
     def create_level(self, fragment: Fragment, level: int) -> h5py.Dataset:

@@ -1,0 +1,19 @@
+# cellkd: nucleus segmentation and knowledge-distilled nucleus classification in H&E whole-slide images.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "workflow_config.yaml"
+
+
+# common.smk validates the config and the slide sheet against schemas/ before any job.
+include: "rules/common.smk"
+include: "rules/demo.smk"
+include: "rules/preprocess.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        get_final_outputs,

@@ -1,0 +1,20 @@
+"""Snakemake adapter: rasterize the slide's QuPath GeoJSON sets into per-fragment class masks."""
+
+from cellkd.annotations import write_mask_store
+from cellkd.classes import classes_from_config
+from cellkd.config import ANNOTATION_SETS
+from cellkd.store.fragments import FragmentStore
+from cellkd.workflow import log_to
+
+log_to(snakemake.log[0])
+with FragmentStore(snakemake.input.fragments) as fragments:
+    slide_size = fragments.slide_size
+# Namedlist membership tests values, not names: the .keys() is needed.
+annotation_names = [name for name in ANNOTATION_SETS if name in snakemake.input.keys()]  # noqa: SIM118
+write_mask_store(
+    snakemake.input.fragments,
+    {name: snakemake.input[name] for name in annotation_names},
+    classes_from_config(snakemake.params.classes),
+    snakemake.output[0],
+    slide_size=slide_size,
+)

@@ -1,0 +1,124 @@
+"""End-to-end: run the real Snakemake workflow on a tiny synthetic config in a temporary folder."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import yaml
+
+from cellkd.store.fragments import FragmentStore
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile")]
+
+TINY = {
+    "demo": {"slides": 2, "width": 1024, "height": 768, "fragments": [2, 3], "ea_count": 40},
+    "tissue": {"min_area_um2": 5000.0},
+    "patches": {"size": 256},
+}
+
+
+def run_snakemake(workdir: Path, *args: str, config: dict | None = None) -> subprocess.CompletedProcess[str]:
+    configfile = workdir / "config.yaml"
+    configfile.write_text(yaml.safe_dump(config or TINY))
+    command = [*SNAKEMAKE, "--directory", str(workdir), "--configfile", str(configfile), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny demo (2 slides of 1024x768) run through the patch stores with 2 cores."""
+    workdir = tmp_path_factory.mktemp("workflow")
+    shutil.copy(REPO / "workflow_config.yaml", workdir / "workflow_config.yaml")
+    result = run_snakemake(workdir, "--cores", "2")
+    assert result.returncode == 0, result.stderr[-4000:]
+    return workdir
+
+
+@pytest.mark.slow
+def test_workflow_writes_patch_stores_for_every_stain_and_slide(demo_run: Path) -> None:
+    for stain in ("raw", "macenko"):
+        for slide in ("demo0", "demo1"):
+            with h5py.File(demo_run / f"results/patches/{stain}/{slide}.h5") as h5:
+                assert h5.attrs["complete"]
+                images = h5["images"]
+                assert images.shape[1:] == (256, 256, 3)
+                assert set(h5["masks"]) == {"ssa", "wsa", "ea", "truth"}
+                assert h5["masks/truth"].shape[:3] == images.shape[:3]
+                assert h5["masks/truth"].shape[3] == 3
+                # the demo's nuclei must land in the truth masks
+                assert int(np.asarray(h5["masks/truth"]).sum()) > 0
+                assert set(np.unique(h5["split"][:])) <= {0, 1, 2}
+
+
+@pytest.mark.slow
+def test_workflow_macenko_store_differs_from_raw_but_keeps_geometry(demo_run: Path) -> None:
+    with (
+        FragmentStore(demo_run / "results/fragments/raw/demo0.h5") as raw,
+        FragmentStore(demo_run / "results/fragments/macenko/demo0.h5") as normalized,
+    ):
+        assert [f.name for f in raw.fragments] == [f.name for f in normalized.fragments]
+        assert 2 <= len(raw.fragments) <= 3
+        first = raw.fragments[0]
+        a, b = raw.level(first, 0)[:], normalized.level(first, 0)[:]
+        assert a.shape == b.shape
+        assert not np.array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_workflow_writes_a_log_and_benchmark_per_job(demo_run: Path) -> None:
+    for rule in ("generate_demo_slide", "extract_fragments", "normalize_stain", "rasterize_annotations"):
+        assert (demo_run / f"logs/{rule}/demo0.log").exists(), rule
+        assert (demo_run / f"benchmarks/{rule}/demo0.tsv").exists(), rule
+
+
+@pytest.mark.slow
+def test_workflow_rerun_has_nothing_to_do(demo_run: Path) -> None:
+    result = run_snakemake(demo_run, "--cores", "1", "--dry-run")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_dry_run_of_default_config_plans_every_preprocessing_rule(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--dry-run", "--cores", "1"], cwd=REPO, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    for rule in ("generate_demo_slide", "extract_fragments", "normalize_stain", "rasterize_annotations", "cut_patches"):
+        assert rule in result.stdout
+
+
+def test_lint_is_clean() -> None:
+    result = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Congratulations" in result.stdout + result.stderr
+
+
+def test_snakefmt_and_ruff_are_clean() -> None:
+    files = [str(REPO / "Snakefile"), *map(str, sorted((REPO / "rules").glob("*.smk")))]
+    snakefmt = subprocess.run([sys.executable, "-m", "snakefmt", "--check", *files], capture_output=True, text=True)
+    assert snakefmt.returncode == 0, snakefmt.stderr
+    ruff = subprocess.run([sys.executable, "-m", "ruff", "check", str(REPO)], capture_output=True, text=True)
+    assert ruff.returncode == 0, ruff.stdout
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"bogus_key": 1}, "'bogus_key' was unexpected"),
+        ({"demo": {"slides": "three"}}, "demo.slides: 'three' is not of type 'integer'"),
+        ({"patches": {"split": [0.5, 0.2, 0.2]}}, "must sum to 1"),
+        ({"sheet": "missing.tsv"}, "slide sheet not found"),
+    ],
+)
+def test_bad_config_stops_before_any_job_with_a_named_key(tmp_path: Path, override: dict, message: str) -> None:
+    result = run_snakemake(tmp_path, "--dry-run", "--cores", "1", config={**TINY, **override})
+    assert result.returncode != 0
+    assert message in result.stdout + result.stderr
+    assert not (tmp_path / "results").exists()
