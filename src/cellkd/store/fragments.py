@@ -137,6 +137,12 @@ class FragmentStoreWriter:
     ) -> None:
         self._context.__exit__(exc_type, exc, tb)
 
+    @property
+    def attrs(self) -> h5py.AttributeManager:
+        """Root attrs of the file being written (e.g. the fitted stain parameters)."""
+        assert self._h5 is not None, "use FragmentStoreWriter as a context manager"
+        return self._h5.attrs
+
     def create_level(self, fragment: Fragment, level: int) -> h5py.Dataset:
         """Create (zero-filled) the uint8 (H_k, W_k, 3) dataset of ``fragment`` at ``level``."""
         assert self._h5 is not None, "use FragmentStoreWriter as a context manager"
