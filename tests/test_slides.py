@@ -1,0 +1,326 @@
+"""Tests for cellkd.slides: readers, tissue detection and streaming fragment extraction."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import tifffile
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from PIL import Image
+from scipy import ndimage
+
+from cellkd.errors import ConfigError, SlideError
+from cellkd.slides import (
+    ImageReader,
+    OpenSlideReader,
+    TissueParams,
+    block_mean,
+    detect_fragments,
+    extract_fragments,
+    open_slide,
+    tissue_mask,
+)
+from cellkd.store.fragments import FragmentStore
+
+MPP = 0.5
+HEIGHT, WIDTH = 1024, 1536
+MARGIN_PX = round(TissueParams().margin_um / MPP)  # 20 px
+# Tissue rectangles (x0, y0, x1, y1), end exclusive, odd sizes so boxes are not multiples of 4.
+RECTS = {
+    "a": (101, 151, 503, 453),
+    "b": (801, 99, 1403, 351),
+    "c": (603, 601, 1001, 949),
+}
+COLOURS = {"a": (232, 150, 200), "b": (150, 80, 172), "c": (200, 110, 190)}
+SPECK = (1300, 800, 1310, 810)  # 25 µm² at 0.5 µm/px: far below min_area_um2
+EXPECTED_ORDER = ["b", "a", "c"]  # top-to-bottom by box top (b: 79, a: 131, c: 581)
+
+
+def _he_like_level0(rects: dict[str, tuple[int, int, int, int]], seed: int = 0) -> np.ndarray:
+    """uint8 (HEIGHT, WIDTH, 3): near-white glass (245 +- 3) with H&E-coloured noisy rectangles and one speck."""
+    rng = np.random.default_rng(seed)
+    image = np.full((HEIGHT, WIDTH, 3), 245, dtype=np.int16)
+    for name, (x0, y0, x1, y1) in rects.items():
+        image[y0:y1, x0:x1] = COLOURS[name]
+        image[y0:y1, x0:x1] += rng.integers(-15, 16, (y1 - y0, x1 - x0, 3), dtype=np.int16)
+    if rects:
+        x0, y0, x1, y1 = SPECK
+        image[y0:y1, x0:x1] = (150, 80, 172)
+    image += rng.integers(-3, 4, image.shape, dtype=np.int16)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def _write_pyramid(path: Path, level0: np.ndarray, mpp: float | None) -> Path:
+    """Tiled pyramidal TIFF (levels 1, 1/2, 1/4) that OpenSlide reads as generic-tiff."""
+    with tifffile.TiffWriter(path) as tif:
+        for i, down in enumerate((1, 2, 4)):
+            extra = {}
+            if mpp is not None:
+                extra = {"resolution": (1e4 / (mpp * down), 1e4 / (mpp * down)), "resolutionunit": "CENTIMETER"}
+            tif.write(level0[::down, ::down], tile=(128, 128), photometric="rgb", subfiletype=int(i > 0), **extra)
+    return path
+
+
+@pytest.fixture(scope="session")
+def level0() -> np.ndarray:
+    """The level-0 pixels of the ``slide_path`` slide: three tissue rectangles RECTS on white."""
+    return _he_like_level0(RECTS)
+
+
+@pytest.fixture(scope="session")
+def slide_path(tmp_path_factory: pytest.TempPathFactory, level0: np.ndarray) -> Path:
+    """Pyramidal TIFF of ``level0`` at 0.5 µm/px."""
+    return _write_pyramid(tmp_path_factory.mktemp("slides") / "tissue.tiff", level0, MPP)
+
+
+@pytest.fixture(scope="session")
+def slide_no_mpp(tmp_path_factory: pytest.TempPathFactory, level0: np.ndarray) -> Path:
+    """Pyramidal TIFF of ``level0`` without resolution tags (mpp unknown)."""
+    return _write_pyramid(tmp_path_factory.mktemp("slides") / "no_mpp.tiff", level0, None)
+
+
+@pytest.fixture(scope="session")
+def white_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Pyramidal TIFF of blank glass: 245 +- 3 everywhere, no tissue."""
+    return _write_pyramid(tmp_path_factory.mktemp("slides") / "white.tiff", _he_like_level0({}), MPP)
+
+
+def _expected_box(name: str) -> tuple[int, int, int, int]:
+    """(x, y, width, height) of rectangle ``name`` plus the default margin, clipped to the slide."""
+    x0, y0, x1, y1 = RECTS[name]
+    x0, y0 = max(x0 - MARGIN_PX, 0), max(y0 - MARGIN_PX, 0)
+    x1, y1 = min(x1 + MARGIN_PX, WIDTH), min(y1 + MARGIN_PX, HEIGHT)
+    return x0, y0, x1 - x0, y1 - y0
+
+
+def _reference_block_mean(image: np.ndarray, factor: int) -> np.ndarray:
+    """Block means over the pixels present (NaN-padded), rounded half up: an independent reference."""
+    h, w, c = image.shape
+    oh, ow = math.ceil(h / factor), math.ceil(w / factor)
+    padded = np.full((oh * factor, ow * factor, c), np.nan)
+    padded[:h, :w] = image
+    blocks = padded.reshape(oh, factor, ow, factor, c)
+    return np.floor(np.nanmean(blocks, axis=(1, 3)) + 0.5).astype(np.uint8)
+
+
+# --- readers -----------------------------------------------------------------------------------
+
+
+def test_open_slide_reads_pyramidal_tiff_with_openslide(slide_path: Path, level0: np.ndarray) -> None:
+    with open_slide(slide_path) as slide:
+        assert isinstance(slide, OpenSlideReader)
+        assert slide.dimensions == (WIDTH, HEIGHT)
+        assert slide.mpp == pytest.approx(MPP)
+        np.testing.assert_array_equal(slide.read_region(90, 140, 300, 200), level0[140:340, 90:390])
+
+
+def test_read_region_outside_slide_is_white(slide_path: Path, level0: np.ndarray) -> None:
+    with open_slide(slide_path) as slide:
+        region = slide.read_region(-10, -5, 30, 20)
+    assert region.shape == (20, 30, 3) and region.dtype == np.uint8
+    assert (region[:5] == 255).all() and (region[:, :10] == 255).all()
+    np.testing.assert_array_equal(region[5:, 10:], level0[:15, :20])
+
+
+def test_thumbnail_is_bounded_and_reports_downsample(slide_path: Path) -> None:
+    with open_slide(slide_path) as slide:
+        thumb, (down_x, down_y) = slide.thumbnail(256)
+    assert max(thumb.shape[:2]) == 256 and thumb.dtype == np.uint8 and thumb.shape[2] == 3
+    assert down_x == pytest.approx(WIDTH / thumb.shape[1]) and down_y == pytest.approx(HEIGHT / thumb.shape[0])
+
+
+def test_missing_mpp_is_none(slide_no_mpp: Path) -> None:
+    with open_slide(slide_no_mpp) as slide:
+        assert slide.mpp is None
+
+
+def test_plain_png_tile_opens_with_image_reader(tmp_path: Path) -> None:
+    tile = np.random.default_rng(1).integers(0, 256, (200, 300, 3), dtype=np.uint8)
+    Image.fromarray(tile).save(tmp_path / "tile.png")
+    with open_slide(tmp_path / "tile.png") as slide:
+        assert isinstance(slide, ImageReader)
+        assert slide.dimensions == (300, 200) and slide.mpp is None
+        np.testing.assert_array_equal(slide.read_region(0, 0, 300, 200), tile)
+        edge = slide.read_region(290, 190, 20, 20)
+    np.testing.assert_array_equal(edge[:10, :10], tile[190:, 290:])
+    assert (edge[10:] == 255).all() and (edge[:, 10:] == 255).all()
+
+
+def test_plain_rgba_png_is_composited_on_white(tmp_path: Path) -> None:
+    rgba = np.zeros((32, 32, 4), dtype=np.uint8)
+    rgba[..., 0] = 200
+    rgba[:, 16:, 3] = 255  # left half fully transparent
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "alpha.png")
+    with open_slide(tmp_path / "alpha.png") as slide:
+        rgb = slide.read_region(0, 0, 32, 32)
+    assert (rgb[:, :16] == 255).all()
+    assert (rgb[:, 16:] == (200, 0, 0)).all()
+
+
+def test_plain_tiff_tile_reads_mpp_from_resolution_tags(tmp_path: Path) -> None:
+    tile = np.full((100, 120, 3), 128, dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "tile.tif", tile, photometric="rgb", resolution=(4e4, 4e4), resolutionunit="CENTIMETER")
+    with open_slide(tmp_path / "tile.tif") as slide:
+        assert isinstance(slide, ImageReader)
+        assert slide.mpp == pytest.approx(0.25)
+        np.testing.assert_array_equal(slide.read_region(0, 0, 120, 100), tile)
+
+
+def test_missing_slide_raises_with_fix(tmp_path: Path) -> None:
+    with pytest.raises(SlideError, match=r"nope\.svs: slide file does not exist; check the slide path"):
+        open_slide(tmp_path / "nope.svs")
+
+
+def test_truncated_slide_raises_corrupt(tmp_path: Path, slide_path: Path) -> None:
+    data = slide_path.read_bytes()
+    (tmp_path / "cut.tiff").write_bytes(data[: len(data) // 2])
+    with pytest.raises(SlideError, match=r"cut\.tiff.*corrupt or truncated"):
+        open_slide(tmp_path / "cut.tiff")
+
+
+def test_truncated_openslide_only_format_raises_corrupt(tmp_path: Path, slide_path: Path) -> None:
+    (tmp_path / "cut.svs").write_bytes(slide_path.read_bytes()[:100])
+    with pytest.raises(SlideError, match=r"cut\.svs: OpenSlide does not recognise.*corrupt or truncated"):
+        open_slide(tmp_path / "cut.svs")
+
+
+def test_unsupported_format_lists_supported_ones(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("not a slide")
+    with pytest.raises(SlideError, match=r"unsupported slide format '\.txt'; supported: .*\.svs.*\.tiff"):
+        open_slide(tmp_path / "notes.txt")
+
+
+def test_tiny_slide_raises(tmp_path: Path) -> None:
+    Image.fromarray(np.zeros((8, 40, 3), dtype=np.uint8)).save(tmp_path / "tiny.png")
+    with pytest.raises(SlideError, match=r"tiny\.png: slide is 40x8 px, smaller than 16 px"):
+        open_slide(tmp_path / "tiny.png")
+
+
+# --- tissue detection --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("detection_size", "tolerance"), [(2048, 2), (256, 8)])
+def test_detect_fragments_finds_known_boxes_in_reading_order(
+    slide_path: Path, detection_size: int, tolerance: int
+) -> None:
+    """At full resolution boxes are exact up to noise; at 1/6 each edge is within one thumbnail pixel (6 px)."""
+    with open_slide(slide_path) as slide:
+        fragments = detect_fragments(slide, TissueParams(detection_level_size=detection_size))
+    assert [f.name for f in fragments] == ["f000", "f001", "f002"]
+    for fragment, name in zip(fragments, EXPECTED_ORDER, strict=True):
+        x, y, w, h = _expected_box(name)
+        assert fragment.x == pytest.approx(x, abs=tolerance) and fragment.y == pytest.approx(y, abs=tolerance)
+        assert fragment.x + fragment.width == pytest.approx(x + w, abs=tolerance)
+        assert fragment.y + fragment.height == pytest.approx(y + h, abs=tolerance)
+
+
+def test_detect_fragments_drops_specks_unless_min_area_allows(slide_path: Path) -> None:
+    with open_slide(slide_path) as slide:
+        fragments = detect_fragments(slide, TissueParams(min_area_um2=10.0))
+    assert len(fragments) == 4
+    speck = next(f for f in fragments if f.x <= SPECK[0] < f.x + f.width and f.y <= SPECK[1] < f.y + f.height)
+    assert speck.width == SPECK[2] - SPECK[0] + 2 * MARGIN_PX
+
+
+def test_detect_fragments_clips_margin_at_slide_edge(tmp_path: Path) -> None:
+    image = np.full((200, 300, 3), 245, dtype=np.uint8)
+    image[0:120, 250:300] = (150, 80, 172)  # touches the top and right edges
+    Image.fromarray(image).save(tmp_path / "edge.png")
+    with open_slide(tmp_path / "edge.png") as slide:
+        (fragment,) = detect_fragments(slide, TissueParams(min_area_um2=100.0), mpp_fallback=MPP)
+    assert (fragment.x, fragment.y, fragment.width, fragment.height) == (230, 0, 70, 140)
+
+
+def test_missing_mpp_uses_fallback_and_warns(slide_no_mpp: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The margin is 10 µm: 20 px at the 0.5 fallback, 40 px at 0.25."""
+    with open_slide(slide_no_mpp) as slide, caplog.at_level(logging.WARNING):
+        # At 0.25 µm/px the rectangles shrink to ~7500 µm², so lower min_area for both calls.
+        params = TissueParams(min_area_um2=1000.0)
+        at_half = detect_fragments(slide, params, mpp_fallback=0.5)
+        at_quarter = detect_fragments(slide, params, mpp_fallback=0.25)
+    assert "no resolution" in caplog.text and "assuming 0.25" in caplog.text
+    assert [(f.x, f.y) for f in at_half] == [(x, y) for x, y, _, _ in map(_expected_box, EXPECTED_ORDER)]
+    assert [(f.x, f.y) for f in at_quarter] == [(f.x - 20, f.y - 20) for f in at_half]
+
+
+def test_white_slide_has_no_tissue(white_slide: Path) -> None:
+    with (
+        open_slide(white_slide) as slide,
+        pytest.raises(SlideError, match=r"white\.tiff: no tissue found.*min_area_um2"),
+    ):
+        detect_fragments(slide)
+
+
+def test_tissue_mask_closing_joins_near_pieces_and_fills_holes() -> None:
+    """Two tissue bars 4 px apart with a 10x10 hole: one filled component after a 5 px closing."""
+    image = np.full((60, 80, 3), 245, dtype=np.uint8)
+    image[10:50, 10:38] = (150, 80, 172)
+    image[10:50, 42:70] = (150, 80, 172)
+    image[25:35, 20:30] = 245
+    mask = tissue_mask(image, TissueParams(closing_um=5.0), pixel_um=1.0)
+    assert ndimage.label(mask)[1] == 1
+    assert mask[15:45, 10:70].all()  # the gap (away from the corners) and the hole
+    assert not mask[:5].any() and not mask[:, :5].any()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("detection_level_size", 8), ("min_area_um2", -1.0), ("closing_um", -1.0), ("saturation_floor", 1.5)],
+)
+def test_tissue_params_reject_bad_values(field: str, value: float) -> None:
+    with pytest.raises(ConfigError, match=rf"{field}={value!r} is invalid"):
+        TissueParams(**{field: value})
+
+
+# --- extraction ----------------------------------------------------------------------------------
+
+
+def test_extract_fragments_writes_three_levels(tmp_path: Path, slide_path: Path, level0: np.ndarray) -> None:
+    out = tmp_path / "raw" / "s1.h5"
+    fragments = extract_fragments(slide_path, out, "s1", TissueParams(), tile=128)
+    with FragmentStore(out) as store:
+        assert store.slide == "s1" and store.stain == "raw" and store.mpp == pytest.approx(MPP)
+        assert store.fragments == fragments
+        for fragment in fragments:
+            truth = level0[fragment.y : fragment.y + fragment.height, fragment.x : fragment.x + fragment.width]
+            stored0 = store.level(fragment, 0)[:]
+            np.testing.assert_array_equal(stored0, truth)
+            for level, down in ((1, 2), (2, 4)):
+                stored = store.level(fragment, level)[:]
+                assert stored.shape == (math.ceil(fragment.height / down), math.ceil(fragment.width / down), 3)
+                np.testing.assert_array_equal(stored, _reference_block_mean(stored0, down))
+
+
+def test_extract_fragments_without_mpp_stores_nan(tmp_path: Path, slide_no_mpp: Path) -> None:
+    out = tmp_path / "s2.h5"
+    extract_fragments(slide_no_mpp, out, "s2", mpp_fallback=0.5)
+    with h5py.File(out) as h5:
+        assert math.isnan(h5.attrs["mpp"]) and h5.attrs["complete"]
+
+
+def test_extract_fragments_without_tissue_leaves_no_file(tmp_path: Path, white_slide: Path) -> None:
+    out = tmp_path / "white.h5"
+    with pytest.raises(SlideError, match="no tissue"):
+        extract_fragments(white_slide, out, "white")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_extract_fragments_rejects_tile_not_multiple_of_four(tmp_path: Path, slide_path: Path) -> None:
+    with pytest.raises(ValueError, match="multiple of 4"):
+        extract_fragments(slide_path, tmp_path / "x.h5", "s1", tile=130)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    image=arrays(np.uint8, st.tuples(st.integers(1, 23), st.integers(1, 23), st.just(3))),
+    factor=st.sampled_from([1, 2, 3, 4, 8]),
+)
+def test_block_mean_is_mean_of_pixels_present(image: np.ndarray, factor: int) -> None:
+    np.testing.assert_array_equal(block_mean(image, factor), _reference_block_mean(image, factor))
