@@ -337,7 +337,12 @@ def normalize_fragment_store(
             "macenko_beta": params.beta,
         }
         writer = FragmentStoreWriter(
-            out_path, slide=store.slide, source=store.source, stain="macenko", mpp=store.mpp, slide_size=store.slide_size
+            out_path,
+            slide=store.slide,
+            source=store.source,
+            stain="macenko",
+            mpp=store.mpp,
+            slide_size=store.slide_size,
         )
         with writer as w:
             w.attrs.update(attrs)

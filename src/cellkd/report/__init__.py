@@ -1,0 +1,1 @@
+"""The paper's tables (CSV + Markdown) and plots."""
