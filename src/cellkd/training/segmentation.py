@@ -1,0 +1,582 @@
+"""Phase I: train and evaluate U-Net / U-Net++ binary nucleus segmentation on patch stores.
+
+The target of a patch is the union of the class channels of one annotation set
+(``masks/{mask_set}`` in the patch store, see ``cellkd.store``): a pixel is "nucleus" when any
+class is set. Training is resumable: after every epoch ``last.pt`` (model, optimizer, RNG states,
+history) is written atomically, and the best weights so far go to ``best.pt``. ``model.pt``, the
+rule's output, is written only once training has finished, so its presence means "done".
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+from segmentation_models_pytorch.losses import DiceLoss
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
+
+from cellkd.errors import ConfigError, StoreError
+from cellkd.metrics import PixelCounts, pixel_counts, pixel_metrics
+from cellkd.models.segmentation import SEGMENTATION_ARCHS, create_segmentation_model, preprocess
+from cellkd.store.atomic import atomic_path, atomic_write_text
+from cellkd.workflow import progress
+
+logger = logging.getLogger(__name__)
+
+SPLITS: dict[str, int] = {"train": 0, "val": 1, "test": 2}
+"""Values of the patch store's ``split`` dataset."""
+
+CHECKPOINT_FORMAT = "cellkd.segmentation/1"
+HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_dice", "seconds")
+
+# Parameters that may change between a killed run and its resumption without invalidating it:
+# more epochs extends training, and the worker count does not change the numbers (augmentation
+# is seeded per patch, see PatchDataset).
+_RESUMABLE_CHANGES = frozenset({"epochs", "num_workers"})
+
+PathLike = str | os.PathLike[str]
+
+
+@dataclass(frozen=True)
+class SegmentationTrainParams:
+    """Hyperparameters of one segmentation training run (``segmentation:`` in workflow_config.yaml).
+
+    ``decoder_channels`` = None uses the model factory's default for ``encoder_depth``.
+    ``max_patches_per_epoch`` caps the patches drawn (without replacement) per epoch; None = all.
+    """
+
+    arch: str = "unet"
+    encoder: str = "resnet34"
+    encoder_depth: int = 5
+    decoder_channels: tuple[int, ...] | None = None
+    dropout: float = 0.3
+    epochs: int = 30
+    batch_size: int = 8
+    lr: float = 1e-4
+    mask_set: str = "ssa"
+    amp: bool = False
+    num_workers: int = 0
+    seed: int = 0
+    max_patches_per_epoch: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.arch not in SEGMENTATION_ARCHS:
+            raise ConfigError(f"segmentation arch {self.arch!r} is unknown; expected one of {list(SEGMENTATION_ARCHS)}")
+        if self.decoder_channels is not None:
+            # Config files give lists; keep a tuple so the params stay hashable and compare equal.
+            object.__setattr__(self, "decoder_channels", tuple(int(c) for c in self.decoder_channels))
+            if len(self.decoder_channels) != self.encoder_depth:
+                msg = (
+                    f"decoder_channels {list(self.decoder_channels)} must have one entry per encoder stage "
+                    f"(encoder_depth={self.encoder_depth})"
+                )
+                raise ConfigError(msg)
+        checks = [
+            (3 <= self.encoder_depth <= 5, "encoder_depth", "3, 4 or 5"),
+            (0.0 <= self.dropout < 1.0, "dropout", "in [0, 1)"),
+            (self.epochs >= 1, "epochs", ">= 1"),
+            (self.batch_size >= 1, "batch_size", ">= 1"),
+            (self.lr > 0 and math.isfinite(self.lr), "lr", "a positive number"),
+            (bool(self.mask_set), "mask_set", "an annotation set name such as 'ssa'"),
+            (self.num_workers >= 0, "num_workers", ">= 0"),
+            (self.max_patches_per_epoch is None or self.max_patches_per_epoch >= 1, "max_patches_per_epoch", ">= 1"),
+        ]
+        for ok, name, allowed in checks:
+            if not ok:
+                raise ConfigError(f"segmentation training parameter {name}={getattr(self, name)!r} must be {allowed}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> SegmentationTrainParams:
+        """Build from a config mapping; unknown keys raise ``ConfigError`` naming them."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown segmentation training parameter(s) {unknown}; expected some of {sorted(known)}")
+        return cls(**values)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device``, or CUDA when available and CPU otherwise when None."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class PatchDataset(Dataset):
+    """The patches of one split across several patch stores.
+
+    Item ``i``: ``(image, mask)`` with image uint8 (P, P, 3) and mask uint8 (1, P, P) 0/1, the
+    union of the class channels of ``masks/{mask_set}``. With ``augment``, a random element of the
+    8 flips/rotations is applied, drawn from ``(seed, epoch, i)`` so that results do not depend on
+    the number of DataLoader workers; call ``set_epoch`` before each epoch.
+
+    HDF5 files are opened lazily in the process that reads them (h5py handles do not survive fork).
+    """
+
+    def __init__(
+        self, paths: Sequence[PathLike], split: int, mask_set: str, *, augment: bool = False, seed: int = 0
+    ) -> None:
+        self.paths = [str(p) for p in paths]
+        self.mask_key = f"masks/{mask_set}"
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+        self._files: dict[int, h5py.File] = {}
+        index: list[np.ndarray] = []
+        sizes: set[int] = set()
+        for store, path in enumerate(self.paths):
+            with _open_patch_store(path) as h5:
+                if self.mask_key not in h5:
+                    available = sorted(h5["masks"]) if "masks" in h5 else []
+                    msg = (
+                        f"{path}: no annotation set {mask_set!r} in the patch store (it has {available}); "
+                        "set mask_set to one of them"
+                    )
+                    raise StoreError(msg)
+                sizes.add(int(h5["images"].shape[1]))
+                rows = np.flatnonzero(h5["split"][:] == split)
+            index.append(np.stack([np.full_like(rows, store), rows], axis=1))
+        if len(sizes) > 1:
+            raise StoreError(f"{self.paths}: patch stores have different patch sizes {sorted(sizes)}; use one size")
+        self.patch_size = sizes.pop() if sizes else 0
+        self.index = np.concatenate(index) if index else np.zeros((0, 2), dtype=np.int64)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        store, row = (int(v) for v in self.index[i])
+        h5 = self._files.get(store)
+        if h5 is None:
+            h5 = self._files[store] = h5py.File(self.paths[store], "r")
+        image = h5["images"][row]
+        mask = h5[self.mask_key][row].any(axis=-1).astype(np.uint8)
+        if self.augment:
+            rng = np.random.default_rng((self.seed, self.epoch, i))
+            k, flip = int(rng.integers(4)), bool(rng.integers(2))
+            image, mask = np.rot90(image, k), np.rot90(mask, k)
+            if flip:
+                image, mask = image[:, ::-1], mask[:, ::-1]
+        return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(np.ascontiguousarray(mask[None]))
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_files"] = {}
+        return state
+
+    def close(self) -> None:
+        for h5 in self._files.values():
+            h5.close()
+        self._files.clear()
+
+
+def _open_patch_store(path: PathLike) -> h5py.File:
+    try:
+        h5 = h5py.File(path, "r")
+    except OSError as err:
+        raise StoreError(f"{path}: cannot open patch store ({err}); rerun the rule that cuts patches") from err
+    try:
+        if not bool(h5.attrs.get("complete", False)):
+            raise StoreError(
+                f"{path}: patch store is incomplete (a job was interrupted); delete it and rerun snakemake"
+            )
+        missing = [key for key in ("images", "split") if key not in h5]
+        if missing:
+            raise StoreError(f"{path}: patch store lacks {missing}; it is not a cellkd patch store (see cellkd.store)")
+    except BaseException:
+        h5.close()
+        raise
+    return h5
+
+
+def _loader(
+    dataset: PatchDataset,
+    params: SegmentationTrainParams,
+    device: torch.device,
+    *,
+    generator: torch.Generator | None = None,
+    batch_size: int | None = None,
+) -> DataLoader:
+    if generator is None:
+        sampler: torch.utils.data.Sampler = SequentialSampler(dataset)
+    else:
+        num = None if params.max_patches_per_epoch is None else min(params.max_patches_per_epoch, len(dataset))
+        sampler = RandomSampler(dataset, num_samples=num, generator=generator)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size or params.batch_size,
+        sampler=sampler,
+        num_workers=params.num_workers,
+        pin_memory=device.type == "cuda",
+        generator=generator,
+    )
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def _batch_to_device(images: torch.Tensor, masks: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]:
+    # Normalize on the device: uint8 crosses the bus, 4x less than float32.
+    x = preprocess(images.to(device, non_blocking=True))
+    y = masks.to(device, non_blocking=True).float()
+    return x, y
+
+
+def _evaluate(
+    model: nn.Module, loader: DataLoader, device: torch.device, *, amp: bool, loss_fn: nn.Module | None = None
+) -> tuple[float, PixelCounts]:
+    """Mean loss (patch-weighted; NaN without ``loss_fn``) and pixel counts of ``sigmoid(logits) >= 0.5``."""
+    model.eval()
+    total, count, counts = 0.0, 0, PixelCounts()
+    with torch.inference_mode():
+        for images, masks in loader:
+            x, y = _batch_to_device(images, masks, device)
+            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
+                logits = model(x)
+            logits = logits.float()
+            if loss_fn is not None:
+                total += float(loss_fn(logits, y)) * len(x)
+            count += len(x)
+            # logit >= 0 <=> sigmoid >= 0.5, without the rounding of sigmoid near 0.5; counted on the device.
+            counts += pixel_counts(logits >= 0, y.bool())
+    loss = total / count if (loss_fn is not None and count) else math.nan
+    return loss, counts
+
+
+def _train_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    loss_fn: nn.Module,
+    *,
+    amp: bool,
+    desc: str,
+) -> float:
+    model.train()
+    total, count = 0.0, 0
+    for images, masks in progress(loader, desc=desc, total=len(loader)):
+        x, y = _batch_to_device(images, masks, device)
+        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
+            logits = model(x)
+        # The Dice loss sums over many pixels: compute it in float32 even under AMP.
+        loss = loss_fn(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        total += float(loss.detach()) * len(x)
+        count += len(x)
+    return total / max(count, 1)
+
+
+def _model_checkpoint(
+    model: nn.Module, params: SegmentationTrainParams, *, epoch: int, val_loss: float, criterion: str
+) -> dict[str, Any]:
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "arch": params.arch,
+        "encoder": params.encoder,
+        "encoder_depth": params.encoder_depth,
+        "decoder_channels": params.decoder_channels,
+        "dropout": params.dropout,
+        "mask_set": params.mask_set,
+        "params": asdict(params),
+        "epoch": epoch,
+        "val_loss": val_loss,
+        "criterion": criterion,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+
+
+def save_segmentation_model(
+    path: PathLike,
+    model: nn.Module,
+    params: SegmentationTrainParams,
+    *,
+    epoch: int = 0,
+    val_loss: float = math.nan,
+    criterion: str = "val_loss",
+) -> Path:
+    """Write ``model`` (built by ``create_segmentation_model`` from ``params``) atomically as a model.pt."""
+    with atomic_path(path) as tmp:
+        torch.save(_model_checkpoint(model, params, epoch=epoch, val_loss=val_loss, criterion=criterion), tmp)
+    return Path(path)
+
+
+def _torch_load(path: PathLike) -> dict[str, Any]:
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as err:
+        raise StoreError(f"{path}: no such model checkpoint; run the train_segmentation rule first") from err
+    except Exception as err:  # a truncated / foreign file: torch raises several unrelated types
+        raise StoreError(f"{path}: cannot read model checkpoint ({err}); delete it and retrain") from err
+    if not isinstance(checkpoint, dict):
+        raise StoreError(f"{path}: not a cellkd checkpoint (got {type(checkpoint).__name__}); delete it and retrain")
+    return checkpoint
+
+
+def load_segmentation_model(model_path: PathLike, device: str | torch.device | None = None) -> nn.Module:
+    """Rebuild the model saved in ``model_path`` (arch, encoder and weights), on ``device``, in eval mode."""
+    return _model_from_checkpoint(_torch_load(model_path), model_path, device)
+
+
+def _model_from_checkpoint(
+    checkpoint: dict[str, Any], model_path: PathLike, device: str | torch.device | None
+) -> nn.Module:
+    if checkpoint.get("format") != CHECKPOINT_FORMAT:
+        msg = (
+            f"{model_path}: checkpoint format {checkpoint.get('format')!r} is not {CHECKPOINT_FORMAT!r}; "
+            "it was not written by cellkd.training.segmentation - retrain it"
+        )
+        raise StoreError(msg)
+    decoder = checkpoint["decoder_channels"]
+    model = create_segmentation_model(
+        checkpoint["arch"],
+        encoder=checkpoint["encoder"],
+        dropout=checkpoint["dropout"],
+        encoder_depth=checkpoint["encoder_depth"],
+        decoder_channels=None if decoder is None else tuple(decoder),
+    )
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.to(resolve_device(device)).eval()
+
+
+def _history_csv(history: list[dict[str, float]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    return buffer.getvalue()
+
+
+def _resume_key(params: dict[str, Any]) -> dict[str, Any]:
+    key = {k: v for k, v in params.items() if k not in _RESUMABLE_CHANGES}
+    if key.get("decoder_channels") is not None:
+        key["decoder_channels"] = tuple(key["decoder_channels"])
+    return key
+
+
+def _data_fingerprint(patch_stores: Sequence[PathLike]) -> list[tuple[str, int, int]]:
+    """(file name, size, mtime ns) of each store: a rewritten store (new data) must not resume an old run."""
+    stats = [(Path(p).name, os.stat(p)) for p in patch_stores]
+    return [(name, int(st.st_size), int(st.st_mtime_ns)) for name, st in stats]
+
+
+def _load_resume_state(
+    last: Path, best: Path, params: SegmentationTrainParams, data: list[tuple[str, int, int]]
+) -> dict[str, Any] | None:
+    """The state in ``last.pt`` when it can continue a run with ``params`` on ``data``; None (fresh start) otherwise."""
+    if not last.exists():
+        return None
+    try:
+        state = _torch_load(last)
+    except StoreError as err:
+        logger.warning("ignoring unreadable %s (%s); training from scratch", last, err)
+        return None
+    if _resume_key(state.get("params", {})) != _resume_key(asdict(params)):
+        logger.warning("%s was written with other parameters; training from scratch", last)
+        return None
+    if [tuple(item) for item in state.get("data", [])] != data:
+        logger.warning("%s was trained on other patch stores (or they were rewritten); training from scratch", last)
+        return None
+    if state["epoch"] > params.epochs:
+        logger.warning(
+            "%s has %d epochs, more than epochs=%d; training from scratch", last, state["epoch"], params.epochs
+        )
+        return None
+    if not best.exists():
+        logger.warning("%s exists but %s is missing; training from scratch", last, best)
+        return None
+    return state
+
+
+def train_segmentation(
+    patch_stores: Sequence[PathLike],
+    out_dir: PathLike,
+    params: SegmentationTrainParams,
+    device: str | torch.device | None = None,
+) -> Path:
+    """Train a binary nucleus segmentation model on the train split of ``patch_stores``; return ``out_dir/model.pt``.
+
+    Writes ``out_dir/history.csv`` (one row per epoch: epoch, train_loss, val_loss, val_dice,
+    seconds), ``last.pt`` / ``best.pt`` (resume state, kept so that a later call with more epochs
+    continues) and finally ``model.pt``: the weights with the lowest validation Dice loss (the
+    training loss when the stores have no validation patches). Deterministic on CPU for a given
+    ``params.seed``; the global torch RNG is left untouched.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model_path, last_path, best_path = out / "model.pt", out / "last.pt", out / "best.pt"
+    dev = resolve_device(device)
+    use_amp = params.amp and dev.type == "cuda"
+    if params.amp and not use_amp:
+        logger.warning("amp=True needs CUDA; training in float32 on %s", dev)
+
+    train_set = PatchDataset(patch_stores, SPLITS["train"], params.mask_set, augment=True, seed=params.seed)
+    val_set = PatchDataset(patch_stores, SPLITS["val"], params.mask_set)
+    if len(train_set) == 0:
+        raise StoreError(f"{list(map(str, patch_stores))}: no training patches (split == 0); check the split ratios")
+    criterion = "val_loss"
+    if len(val_set) == 0:
+        criterion = "train_loss"
+        logger.warning(
+            "no validation patches in %s; selecting the model by training loss", list(map(str, patch_stores))
+        )
+    logger.info(
+        "training %s/%s on %s: %d train, %d val patches", params.arch, params.encoder, dev, len(train_set), len(val_set)
+    )
+
+    data = _data_fingerprint(patch_stores)
+    generator = torch.Generator()
+    train_loader = _loader(train_set, params, dev, generator=generator)
+    val_loader = _loader(val_set, params, dev)
+    loss_fn = DiceLoss(mode="binary", from_logits=True)
+    fork_devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+
+    with torch.random.fork_rng(devices=fork_devices):
+        torch.manual_seed(params.seed)
+        model = create_segmentation_model(
+            params.arch,
+            encoder=params.encoder,
+            dropout=params.dropout,
+            encoder_depth=params.encoder_depth,
+            decoder_channels=params.decoder_channels,
+        ).to(dev)
+        optimizer = torch.optim.Adam(model.parameters(), lr=params.lr)
+        scaler = torch.amp.GradScaler(dev.type, enabled=use_amp)
+        start, best_loss, history = 0, math.inf, []
+        state = _load_resume_state(last_path, best_path, params, data)
+        if state is None:
+            best_path.unlink(missing_ok=True)  # a stale best.pt from another run must never become model.pt
+        else:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"])
+            torch.set_rng_state(state["torch_rng"])
+            if dev.type == "cuda" and state.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(state["cuda_rng"], dev)
+            start, best_loss, history = state["epoch"], state["best_loss"], list(state["history"])
+            logger.info("resuming from %s after epoch %d (best %s %.4f)", last_path, start, criterion, best_loss)
+
+        for epoch in range(start + 1, params.epochs + 1):
+            began = time.perf_counter()
+            train_set.set_epoch(epoch)
+            generator.manual_seed(_epoch_seed(params.seed, epoch))
+            desc = f"epoch {epoch}/{params.epochs}"
+            train_loss = _train_epoch(model, train_loader, dev, optimizer, scaler, loss_fn, amp=use_amp, desc=desc)
+            val_loss, val_dice = math.nan, math.nan
+            if len(val_set):
+                val_loss, counts = _evaluate(model, val_loader, dev, amp=use_amp, loss_fn=loss_fn)
+                val_dice = pixel_metrics(counts)["dice"]
+            history.append(
+                {
+                    "epoch": epoch,
+                    "train_loss": train_loss,
+                    "val_loss": val_loss,
+                    "val_dice": val_dice,
+                    "seconds": time.perf_counter() - began,
+                }
+            )
+            logger.info("%s: train loss %.4f, val loss %.4f, val Dice %.4f", desc, train_loss, val_loss, val_dice)
+            selection = val_loss if len(val_set) else train_loss
+            # best.pt before last.pt: if killed in between, the resumed run redoes this epoch identically.
+            if selection < best_loss:
+                best_loss = selection
+                save_segmentation_model(best_path, model, params, epoch=epoch, val_loss=selection, criterion=criterion)
+            resume_state = {
+                "params": asdict(params),
+                "data": data,
+                "epoch": epoch,
+                "best_loss": best_loss,
+                "history": history,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
+            }
+            with atomic_path(last_path) as tmp:
+                torch.save(resume_state, tmp)
+            atomic_write_text(out / "history.csv", _history_csv(history))
+
+    train_set.close()
+    val_set.close()
+    # Also after a resume that had nothing left to do: Snakemake deletes a failed job's outputs.
+    atomic_write_text(out / "history.csv", _history_csv(history))
+    if not best_path.exists():
+        msg = (
+            f"{out}: training diverged ({criterion} is NaN in every epoch, see history.csv); "
+            "lower lr in workflow_config.yaml or turn amp off"
+        )
+        raise ConfigError(msg)
+    # Last step: model.pt is the rule's output and must appear only when training is complete.
+    with atomic_path(model_path) as tmp:
+        shutil.copyfile(best_path, tmp)
+    logger.info("wrote %s (best %s %.4f)", model_path, criterion, best_loss)
+    return model_path
+
+
+def evaluate_model(
+    model: nn.Module,
+    patch_stores: Sequence[PathLike],
+    split: str = "test",
+    mask_set: str = "ssa",
+    device: str | torch.device | None = None,
+    batch_size: int = 8,
+) -> dict[str, float]:
+    """Pixel metrics of ``model`` (logits (B, 1, P, P)) thresholded at 0.5 over one split of ``patch_stores``.
+
+    Counts are summed over all patches before the ratios are taken; zero-padded pixels at fragment
+    borders count as background. Returns accuracy, precision, recall, dice, iou and ``patches``
+    (see ``cellkd.metrics.pixel`` for 0/0). Leaves ``model`` on ``device`` in eval mode.
+    """
+    if split not in SPLITS:
+        raise ConfigError(f"split {split!r} is unknown; expected one of {list(SPLITS)}")
+    dev = resolve_device(device)
+    dataset = PatchDataset(patch_stores, SPLITS[split], mask_set)
+    if len(dataset) == 0:
+        raise StoreError(f"{list(map(str, patch_stores))}: no {split!r} patches to evaluate; check the split ratios")
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=SequentialSampler(dataset))
+    model = model.to(dev)
+    try:
+        _, counts = _evaluate(model, loader, dev, amp=False)
+    finally:
+        dataset.close()
+    metrics = {name: float(value) for name, value in pixel_metrics(counts).items()}
+    metrics["patches"] = float(len(dataset))
+    return metrics
+
+
+def evaluate_segmentation(
+    model_path: PathLike,
+    patch_stores: Sequence[PathLike],
+    split: str = "test",
+    mask_set: str | None = None,
+    device: str | torch.device | None = None,
+    batch_size: int = 8,
+) -> dict[str, float]:
+    """``evaluate_model`` for the model in ``model_path``; ``mask_set`` None = the set it was trained on."""
+    checkpoint = _torch_load(model_path)
+    model = _model_from_checkpoint(checkpoint, model_path, device)
+    if mask_set is None:
+        mask_set = str(checkpoint["mask_set"])
+    return evaluate_model(model, patch_stores, split, mask_set, device, batch_size)
