@@ -11,6 +11,7 @@ configfile: "workflow_config.yaml"
 include: "rules/common.smk"
 include: "rules/demo.smk"
 include: "rules/preprocess.smk"
+include: "rules/segmentation.smk"
 
 
 rule all:

@@ -2,6 +2,7 @@ import re
 from pathlib import Path
 
 from cellkd.config import ANNOTATION_SETS, demo_sheet, load_sheet, validate_config
+from cellkd.errors import ConfigError
 
 SCHEMAS = Path(workflow.basedir) / "schemas"
 
@@ -22,6 +23,7 @@ STAINS = config["stains"]
 wildcard_constraints:
     slide="|".join(re.escape(s) for s in SLIDES),
     stain="raw|macenko",
+    arch="unet|unetplusplus",
 
 
 def get_slide_path(wildcards):
@@ -40,8 +42,56 @@ def get_rasterize_inputs(wildcards):
     }
 
 
+def slides_with(annotation_set):
+    return [
+        slide for slide, entry in SLIDES.items() if annotation_set in entry.annotations
+    ]
+
+
+def get_segmentation_patch_stores(wildcards):
+    """Patch stores of every slide annotated with the segmentation target set."""
+    mask_set = config["segmentation"]["mask_set"]
+    slides = slides_with(mask_set)
+    if not slides:
+        raise ConfigError(
+            f"segmentation.mask_set is {mask_set!r}, but no slide in the sheet has a {mask_set} GeoJSON; "
+            "add that column to the sheet or choose another mask_set"
+        )
+    return expand(
+        "results/patches/{stain}/{slide}.h5", stain=wildcards.stain, slide=slides
+    )
+
+
+def get_segmentation_train_params(wildcards):
+    settings = {
+        k: v
+        for k, v in config["segmentation"].items()
+        if k not in ("archs", "inference")
+    }
+    return {**settings, "arch": wildcards.arch, "seed": config["seed"]}
+
+
+def get_segmentation_references(wildcards):
+    """Sets the test metrics are computed against: the target, and the truth where every slide has it."""
+    mask_set = config["segmentation"]["mask_set"]
+    training_slides = slides_with(mask_set)
+    extra = [
+        s
+        for s in ANNOTATION_SETS
+        if s != mask_set and set(training_slides) <= set(slides_with(s))
+    ]
+    return [mask_set, *(s for s in extra if s == "truth")]
+
+
 def get_final_outputs(wildcards):
-    return expand("results/patches/{stain}/{slide}.h5", stain=STAINS, slide=SLIDES)
+    return [
+        *expand("results/patches/{stain}/{slide}.h5", stain=STAINS, slide=SLIDES),
+        "results/tables/table2.csv",
+        "results/tables/figure4.csv",
+        *expand(
+            "results/segmentation/{stain}/masks/{slide}.h5", stain=STAINS, slide=SLIDES
+        ),
+    ]
 
 
 def mem_mb_by_attempt(base_mb):

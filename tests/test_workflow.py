@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -20,7 +22,18 @@ SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snake
 TINY = {
     "demo": {"slides": 2, "width": 1024, "height": 768, "fragments": [2, 3], "ea_count": 40},
     "tissue": {"min_area_um2": 5000.0},
-    "patches": {"size": 256},
+    "patches": {"size": 128},
+    "segmentation": {
+        "archs": ["unet", "unetplusplus"],
+        "encoder": "mobilenet_v2",
+        "encoder_depth": 3,
+        "decoder_channels": [16, 8, 8],
+        "epochs": 2,
+        "batch_size": 4,
+        "lr": 1e-3,
+        "max_patches_per_epoch": 8,
+        "inference": {"tile": 128, "overlap": 32, "batch_size": 4},
+    },
 }
 
 
@@ -33,7 +46,7 @@ def run_snakemake(workdir: Path, *args: str, config: dict | None = None) -> subp
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny demo (2 slides of 1024x768) run through the patch stores with 2 cores."""
+    """The tiny demo (2 slides of 1024x768) run through table 2 and figure 4 with 2 cores."""
     workdir = tmp_path_factory.mktemp("workflow")
     shutil.copy(REPO / "workflow_config.yaml", workdir / "workflow_config.yaml")
     result = run_snakemake(workdir, "--cores", "2")
@@ -48,7 +61,7 @@ def test_workflow_writes_patch_stores_for_every_stain_and_slide(demo_run: Path) 
             with h5py.File(demo_run / f"results/patches/{stain}/{slide}.h5") as h5:
                 assert h5.attrs["complete"]
                 images = h5["images"]
-                assert images.shape[1:] == (256, 256, 3)
+                assert images.shape[1:] == (128, 128, 3)
                 assert set(h5["masks"]) == {"ssa", "wsa", "ea", "truth"}
                 assert h5["masks/truth"].shape[:3] == images.shape[:3]
                 assert h5["masks/truth"].shape[3] == 3
@@ -72,6 +85,46 @@ def test_workflow_macenko_store_differs_from_raw_but_keeps_geometry(demo_run: Pa
 
 
 @pytest.mark.slow
+def test_workflow_writes_table2_with_every_stain_arch_and_reference(demo_run: Path) -> None:
+    table = pd.read_csv(demo_run / "results/tables/table2.csv")
+    assert set(zip(table["stain"], table["arch"], table["reference"], strict=True)) == {
+        (stain, arch, reference)
+        for stain in ("raw", "macenko")
+        for arch in ("unet", "unetplusplus")
+        for reference in ("ssa", "truth")
+    }
+    metrics = table[["accuracy", "precision", "recall", "dice", "iou"]].to_numpy()
+    assert ((metrics >= 0) & (metrics <= 1)).all()
+    assert "| stain" in (demo_run / "results/tables/table2.md").read_text()
+    for stain in ("raw", "macenko"):
+        selected = json.loads((demo_run / f"results/segmentation/{stain}/selected.json").read_text())
+        rows = table[(table["stain"] == stain) & (table["reference"] == "ssa")].set_index("arch")
+        assert selected["arch"] == rows["dice"].idxmax()
+        history = pd.read_csv(demo_run / f"results/segmentation/{stain}/unet/history.csv")
+        assert list(history["epoch"]) == [1, 2]
+
+
+@pytest.mark.slow
+def test_workflow_segments_every_fragment_and_compares_with_qupath(demo_run: Path) -> None:
+    with (
+        FragmentStore(demo_run / "results/fragments/raw/demo1.h5") as fragments,
+        h5py.File(demo_run / "results/segmentation/raw/masks/demo1.h5") as predicted,
+    ):
+        assert predicted.attrs["complete"]
+        for fragment in fragments.fragments:
+            mask = predicted[f"fragments/{fragment.name}/level0"]
+            assert mask.shape == fragments.level(fragment, 0).shape[:2]
+            assert set(np.unique(mask[:])) <= {0, 1}
+    figure = pd.read_csv(demo_run / "results/tables/figure4.csv")
+    assert set(figure["comparison"]) == {"model vs ssa", "model vs truth", "ssa vs truth"}
+    assert set(figure["stain"]) == {"raw", "macenko"}
+    assert (figure["slides"] == 2).all()
+    # SSA is the truth with jittered borders and 5% missed nuclei: it must agree well with it.
+    assert (figure.loc[figure["comparison"] == "ssa vs truth", "dice"] > 0.7).all()
+    assert (demo_run / "results/report/figure4.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
 def test_workflow_writes_a_log_and_benchmark_per_job(demo_run: Path) -> None:
     for rule in ("generate_demo_slide", "extract_fragments", "normalize_stain", "rasterize_annotations"):
         assert (demo_run / f"logs/{rule}/demo0.log").exists(), rule
@@ -90,7 +143,17 @@ def test_dry_run_of_default_config_plans_every_preprocessing_rule(tmp_path: Path
         [sys.executable, "-m", "snakemake", "--dry-run", "--cores", "1"], cwd=REPO, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    for rule in ("generate_demo_slide", "extract_fragments", "normalize_stain", "rasterize_annotations", "cut_patches"):
+    for rule in (
+        "generate_demo_slide",
+        "extract_fragments",
+        "normalize_stain",
+        "rasterize_annotations",
+        "cut_patches",
+        "train_segmentation",
+        "segment_slide",
+        "tabulate_segmentation",
+        "compare_with_qupath",
+    ):
         assert rule in result.stdout
 
 

@@ -30,3 +30,10 @@ def progress(items: Iterable[T], desc: str, total: int | None = None) -> Iterato
     )
     # mininterval keeps the log readable: a rule log gets a line every few seconds, not thousands.
     yield from tqdm(items, desc=desc, total=total, file=stream, mininterval=5.0, ascii=True)
+
+
+def limit_threads(threads: int) -> None:
+    """Make torch use the cores the rule was given (Snakemake ``threads:``), not every core of the node."""
+    import torch
+
+    torch.set_num_threads(max(1, int(threads)))

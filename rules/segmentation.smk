@@ -1,0 +1,146 @@
+rule train_segmentation:
+    input:
+        patches=get_segmentation_patch_stores,
+    output:
+        model="results/segmentation/{stain}/{arch}/model.pt",
+        history="results/segmentation/{stain}/{arch}/history.csv",
+    log:
+        "logs/train_segmentation/{stain}/{arch}.log",
+    benchmark:
+        "benchmarks/train_segmentation/{stain}/{arch}.tsv"
+    conda:
+        "../envs/cellkd.yaml"
+    threads: 2
+    resources:
+        mem_mb=mem_mb_by_attempt(8000),
+        runtime=240,
+        gpu=1,
+    params:
+        train=get_segmentation_train_params,
+    script:
+        "../scripts/train_segmentation.py"
+
+
+rule evaluate_segmentation:
+    input:
+        model="results/segmentation/{stain}/{arch}/model.pt",
+        patches=get_segmentation_patch_stores,
+    output:
+        "results/segmentation/{stain}/{arch}/metrics.csv",
+    log:
+        "logs/evaluate_segmentation/{stain}/{arch}.log",
+    benchmark:
+        "benchmarks/evaluate_segmentation/{stain}/{arch}.tsv"
+    conda:
+        "../envs/cellkd.yaml"
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    params:
+        references=get_segmentation_references,
+    script:
+        "../scripts/evaluate_segmentation.py"
+
+
+rule select_segmentation:
+    input:
+        metrics=expand(
+            "results/segmentation/{{stain}}/{arch}/metrics.csv",
+            arch=config["segmentation"]["archs"],
+        ),
+    output:
+        "results/segmentation/{stain}/selected.json",
+    log:
+        "logs/select_segmentation/{stain}.log",
+    conda:
+        "../envs/cellkd.yaml"
+    params:
+        archs=config["segmentation"]["archs"],
+        reference=config["segmentation"]["mask_set"],
+    script:
+        "../scripts/select_segmentation.py"
+
+
+rule tabulate_segmentation:
+    input:
+        metrics=expand(
+            "results/segmentation/{stain}/{arch}/metrics.csv",
+            stain=STAINS,
+            arch=config["segmentation"]["archs"],
+        ),
+    output:
+        csv=report(
+            "results/tables/table2.csv",
+            caption="../report/table2.rst",
+            category="Phase I: segmentation",
+        ),
+        md="results/tables/table2.md",
+    log:
+        "logs/tabulate_segmentation.log",
+    conda:
+        "../envs/cellkd.yaml"
+    params:
+        stains=STAINS,
+        archs=config["segmentation"]["archs"],
+    script:
+        "../scripts/tabulate_segmentation.py"
+
+
+rule segment_slide:
+    input:
+        selected="results/segmentation/{stain}/selected.json",
+        models=expand(
+            "results/segmentation/{{stain}}/{arch}/model.pt",
+            arch=config["segmentation"]["archs"],
+        ),
+        fragments="results/fragments/{stain}/{slide}.h5",
+    output:
+        "results/segmentation/{stain}/masks/{slide}.h5",
+    log:
+        "logs/segment_slide/{stain}/{slide}.log",
+    benchmark:
+        "benchmarks/segment_slide/{stain}/{slide}.tsv"
+    conda:
+        "../envs/cellkd.yaml"
+    threads: 2
+    resources:
+        mem_mb=mem_mb_by_attempt(4000),
+        runtime=120,
+        gpu=1,
+    params:
+        inference=config["segmentation"]["inference"],
+    script:
+        "../scripts/segment_slide.py"
+
+
+rule compare_with_qupath:
+    input:
+        predicted=expand(
+            "results/segmentation/{stain}/masks/{slide}.h5", stain=STAINS, slide=SLIDES
+        ),
+        masks=expand("results/masks/{slide}.h5", slide=SLIDES),
+    output:
+        csv="results/tables/figure4.csv",
+        md="results/tables/figure4.md",
+        png=report(
+            "results/report/figure4.png",
+            caption="../report/figure4.rst",
+            category="Phase I: segmentation",
+        ),
+    log:
+        "logs/compare_with_qupath.log",
+    benchmark:
+        "benchmarks/compare_with_qupath.tsv"
+    conda:
+        "../envs/cellkd.yaml"
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    params:
+        stains=STAINS,
+        slides=list(SLIDES),
+        references=[config["segmentation"]["mask_set"], "truth"],
+        level=config["segmentation"]["inference"]["level"],
+    script:
+        "../scripts/compare_with_qupath.py"

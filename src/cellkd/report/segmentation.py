@@ -1,0 +1,170 @@
+"""Phase I results: per-architecture test metrics, architecture selection, Table 2 and the QuPath comparison.
+
+The comparison (the paper's Figure 4) measures, per slide and stain, how well two nucleus
+segmentations agree at level 0: the model against the QuPath (SSA) segmentation, and on
+synthetic data also the model and QuPath each against the truth.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+
+from cellkd.errors import StoreError
+from cellkd.metrics import PIXEL_METRICS, PixelCounts, pixel_counts, pixel_metrics
+from cellkd.report.tables import write_table
+from cellkd.store.atomic import atomic_path, atomic_write_text, require_complete
+from cellkd.training.segmentation import evaluate_segmentation
+
+logger = logging.getLogger(__name__)
+PathLike = str | os.PathLike[str]
+
+SELECTION_METRIC = "dice"
+ROW_STRIP = 256
+"""Rows compared at a time, so a large fragment never sits whole in memory."""
+
+
+def evaluate_architecture(
+    model_path: PathLike, patch_stores: Sequence[PathLike], mask_sets: Sequence[str], out_csv: PathLike
+) -> pd.DataFrame:
+    """Test-split pixel metrics of one trained model against each of ``mask_sets`` -> ``out_csv``.
+
+    Columns: reference (annotation set), accuracy, precision, recall, dice, iou, patches.
+    """
+    rows = []
+    for mask_set in mask_sets:
+        metrics = evaluate_segmentation(model_path, patch_stores, split="test", mask_set=mask_set)
+        rows.append({"reference": mask_set, **metrics})
+        logger.info("%s vs %s: %s", model_path, mask_set, metrics)
+    table = pd.DataFrame(rows)
+    with atomic_path(out_csv) as tmp:
+        table.to_csv(tmp, index=False)
+    return table
+
+
+def select_architecture(metrics_csvs: Mapping[str, PathLike], reference: str, out_json: PathLike) -> str:
+    """Pick the architecture with the best test Dice against ``reference``; write ``{"arch": ...}``.
+
+    Ties go to the first architecture in ``metrics_csvs`` order (the config's order).
+    """
+    scores = {}
+    for arch, path in metrics_csvs.items():
+        table = pd.read_csv(path).set_index("reference")
+        scores[arch] = float(table.loc[reference, SELECTION_METRIC])
+    best = max(scores, key=lambda arch: scores[arch])
+    payload = {"arch": best, "metric": SELECTION_METRIC, "reference": reference, "scores": scores}
+    atomic_write_text(out_json, json.dumps(payload, indent=2) + "\n")
+    logger.info("selected %s by test %s against %s: %s", best, SELECTION_METRIC, reference, scores)
+    return best
+
+
+def write_table2(
+    metrics_csvs: Mapping[tuple[str, str], PathLike], csv_path: PathLike, md_path: PathLike
+) -> pd.DataFrame:
+    """Table 2: test metrics per stain and architecture (keys ``(stain, arch)``), one row per reference set."""
+    frames = []
+    for (stain, arch), path in metrics_csvs.items():
+        frame = pd.read_csv(path)
+        frame.insert(0, "arch", arch)
+        frame.insert(0, "stain", stain)
+        frames.append(frame)
+    table = pd.concat(frames, ignore_index=True)[["stain", "arch", "reference", *PIXEL_METRICS, "patches"]]
+    write_table(table, csv_path, md_path, "Table 2: nucleus segmentation on the test split")
+    return table
+
+
+def _nucleus_mask(group: h5py.Group, rows: slice) -> np.ndarray:
+    """Any class channel of a (H, W, C) mask dataset -> bool (h, W) for the given rows."""
+    return np.asarray(group[rows]).any(axis=-1)
+
+
+def compare_segmentations(
+    predicted_store: PathLike, mask_store: PathLike, references: Sequence[str], level: int = 0
+) -> pd.DataFrame:
+    """Agreement of the predicted nuclei with each annotation set, and of the annotation sets with ``truth``.
+
+    Returns one row per comparison (``model vs ssa``, ``model vs truth``, ``ssa vs truth``, ...) with
+    the pixel metrics accumulated over all fragments of the slide at ``level``. Sets the mask store
+    does not hold are skipped.
+    """
+    with h5py.File(predicted_store, "r") as predicted, h5py.File(mask_store, "r") as masks:
+        require_complete(predicted)
+        require_complete(masks)
+        available = [s for s in references if s in set(masks.attrs["annotation_sets"])]
+        pairs = [("model", s) for s in available]
+        if "truth" in available:
+            pairs += [(s, "truth") for s in available if s != "truth"]
+        counts = {pair: PixelCounts() for pair in pairs}
+        for name, group in predicted["fragments"].items():
+            prediction = group[f"level{level}"]
+            if f"fragments/{name}" not in masks:
+                raise StoreError(f"{mask_store}: has no fragment {name!r} of {predicted_store}; rerun both rules")
+            height = prediction.shape[0]
+            for y in range(0, height, ROW_STRIP):
+                rows = slice(y, min(y + ROW_STRIP, height))
+                layers = {"model": np.asarray(prediction[rows]).astype(bool)}
+                for s in available:
+                    layers[s] = _nucleus_mask(masks[f"fragments/{name}/{s}/level{level}"], rows)
+                for a, b in pairs:
+                    counts[(a, b)] += pixel_counts(layers[a], layers[b])
+    return pd.DataFrame([{"comparison": f"{a} vs {b}", **pixel_metrics(c)} for (a, b), c in counts.items()])
+
+
+def write_qupath_comparison(
+    comparisons: Mapping[tuple[str, str], pd.DataFrame], csv_path: PathLike, md_path: PathLike, png_path: PathLike
+) -> pd.DataFrame:
+    """Figure 4: Dice and IoU per comparison, raw vs Macenko (keys ``(stain, slide)``), as table and bar plot."""
+    frames = []
+    for (stain, slide), frame in comparisons.items():
+        frame = frame.copy()
+        frame.insert(0, "slide", slide)
+        frame.insert(0, "stain", stain)
+        frames.append(frame)
+    per_slide = pd.concat(frames, ignore_index=True)
+    table = per_slide.groupby(["stain", "comparison"], as_index=False, sort=False)[["dice", "iou"]].mean()
+    table["slides"] = per_slide.groupby(["stain", "comparison"], sort=False).size().to_numpy()
+    write_table(table, csv_path, md_path, "Figure 4: model vs QuPath segmentation (mean over slides)")
+    _plot_comparison(table, png_path)
+    return table
+
+
+def _plot_comparison(table: pd.DataFrame, png_path: PathLike) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    comparisons = list(dict.fromkeys(table["comparison"]))
+    stains = list(dict.fromkeys(table["stain"]))
+    width = 0.8 / len(stains)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, metric in zip(axes, ("dice", "iou"), strict=True):
+        for i, stain in enumerate(stains):
+            values = table[table["stain"] == stain].set_index("comparison").reindex(comparisons)[metric]
+            positions = np.arange(len(comparisons)) + (i - (len(stains) - 1) / 2) * width
+            bars = ax.bar(positions, values.to_numpy(), width, label=stain)
+            ax.bar_label(bars, fmt="%.2f", fontsize=8)
+        ax.set_xticks(np.arange(len(comparisons)), comparisons, rotation=15)
+        ax.set_title(metric.upper() if metric == "iou" else metric.capitalize())
+        ax.set_ylim(0, 1.05)
+    axes[0].set_ylabel("agreement (mean over slides)")
+    axes[1].legend(title="stain")
+    fig.suptitle("Nucleus segmentation: model vs QuPath (and truth, where known)")
+    fig.tight_layout()
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+
+
+def selected_model_path(selected_json: PathLike) -> str:
+    """``model.pt`` of the architecture named in ``selected.json`` (it sits beside the json, in ``{arch}/``)."""
+    selected = Path(selected_json)
+    arch = json.loads(selected.read_text(encoding="utf-8"))["arch"]
+    return str(selected.parent / arch / "model.pt")
