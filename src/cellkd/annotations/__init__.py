@@ -1,8 +1,19 @@
-"""Nucleus annotations: QuPath GeoJSON in and out, and rasterization to per-class masks.
+"""Nucleus annotations: QuPath GeoJSON in and out, rasterization to per-class masks, public datasets.
 
 Geometries are always in level-0 slide pixels (QuPath's image coordinates).
 """
 
+from cellkd.annotations.public import (
+    PUBLIC_KINDS,
+    PublicKind,
+    find_pairs,
+    import_public_dataset,
+    instance_masks,
+    polygon_masks,
+    read_lizard_mat,
+    read_monuseg_xml,
+    write_image_stores,
+)
 from cellkd.annotations.qupath import (
     check_annotations_fit,
     class_lookup,
@@ -12,10 +23,19 @@ from cellkd.annotations.qupath import (
 from cellkd.annotations.rasterize import rasterize_fragment, write_mask_store
 
 __all__ = [
+    "PUBLIC_KINDS",
+    "PublicKind",
     "check_annotations_fit",
     "class_lookup",
+    "find_pairs",
+    "import_public_dataset",
+    "instance_masks",
+    "polygon_masks",
     "rasterize_fragment",
+    "read_lizard_mat",
+    "read_monuseg_xml",
     "read_qupath_geojson",
+    "write_image_stores",
     "write_mask_store",
     "write_qupath_geojson",
 ]
