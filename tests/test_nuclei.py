@@ -1,0 +1,443 @@
+"""Tests for cellkd.nuclei: instances from predicted masks, crops, per-set labels, the split and the store."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import shapely
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import ndimage
+
+from cellkd.annotations import write_qupath_geojson
+from cellkd.classes import DEFAULT_CLASSES
+from cellkd.errors import AnnotationError, ConfigError, StoreError
+from cellkd.nuclei import UNLABELLED, NucleiParams, NucleiStore, extract_nuclei, find_instances
+from cellkd.store.atomic import atomic_h5
+from cellkd.store.fragments import Fragment, FragmentStoreWriter, fragment_name
+from cellkd.store.patches import split_counts
+from cellkd.types import DOWNSAMPLES
+
+CLASSES = DEFAULT_CLASSES  # other 0, immune 1, muscle 2; background 3
+BACKGROUND = len(CLASSES)
+OTHER, IMMUNE, MUSCLE = 0, 1, 2
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def coordinate_image(height: int, width: int) -> np.ndarray:
+    """uint8 (H, W, 3): red = column, green = row (mod 256), blue = 255, so zero padding is (0, 0, 0)."""
+    rows, cols = np.mgrid[0:height, 0:width]
+    return np.stack([cols % 256, rows % 256, np.full_like(rows, 255)], axis=-1).astype(np.uint8)
+
+
+def disc(shape: tuple[int, int], cy: float, cx: float, radius: float) -> np.ndarray:
+    """bool (H, W): pixels whose index (row, col) lies within ``radius`` of (cy, cx)."""
+    rows, cols = np.mgrid[0 : shape[0], 0 : shape[1]]
+    return (rows - cy) ** 2 + (cols - cx) ** 2 <= radius**2
+
+
+def write_fragment_store(path: Path, fragments: Sequence[Fragment], slide: str = "s1") -> Path:
+    """Fragment store whose every level image is ``coordinate_image`` of that level's (H_k, W_k)."""
+    with FragmentStoreWriter(
+        path, slide=slide, source=f"{slide}.tiff", stain="raw", mpp=0.5, slide_size=(1000, 500)
+    ) as w:
+        for fragment in fragments:
+            for level in range(len(DOWNSAMPLES)):
+                w.create_level(fragment, level)[:] = coordinate_image(*fragment.shape_at(level))
+    return path
+
+
+def write_predicted(
+    path: Path, fragments: Sequence[Fragment], masks: Mapping[str, np.ndarray], level: int = 0, slide: str = "s1"
+) -> Path:
+    """Predicted mask store (layout of ``segment_fragment_store``) with ``masks[name]`` at ``level``."""
+    with atomic_h5(path) as h5:
+        h5.attrs.update({"slide": slide, "stain": "raw", "level": level})
+        for fragment in fragments:
+            group = h5.require_group(f"fragments/{fragment.name}")
+            group.attrs.update({"x": fragment.x, "y": fragment.y, "width": fragment.width, "height": fragment.height})
+            group[f"level{level}"] = masks[fragment.name].astype(np.uint8)
+    return path
+
+
+def write_geojson(path: Path, boxes: Sequence[tuple[float, float, float, float]], labels: Sequence[int]) -> Path:
+    """QuPath GeoJSON of axis-aligned nuclei ``boxes`` (x0, y0, x1, y1, level-0 slide px) with classes ``labels``."""
+    write_qupath_geojson(path, [shapely.box(*b) for b in boxes], np.asarray(labels, dtype=np.int64), CLASSES)
+    return path
+
+
+F0 = Fragment(fragment_name(0), 100, 50, 64, 48)
+"""Fragment f000: level-0 box x 100..164, y 50..98."""
+F1 = Fragment(fragment_name(1), 300, 50, 40, 40)
+"""Fragment f001: level-0 box x 300..340, y 50..90."""
+
+
+@pytest.fixture
+def slide(tmp_path: Path) -> dict[str, Path]:
+    """Slide s1 with fragments F0, F1 and four predicted nuclei (all squares, fragment px rows x cols):
+
+    - A: f000 rows 20..25, cols 20..25 (6x6); ssa: immune (exact box), ea: muscle (exact box)
+    - B: f000 rows 30..35, cols 40..45 (6x6); in no annotation -> ssa background, ea -1
+    - C: f000 rows 0..3, cols 0..3 (4x4) at the fragment corner; ssa: other
+    - D: f001 rows 10..13, cols 20..23 (4x4); ssa: muscle; plus a 2x2 speck at rows 30..31 (dropped)
+    """
+    m0 = np.zeros((48, 64), dtype=np.uint8)
+    m0[20:26, 20:26] = 1
+    m0[30:36, 40:46] = 1
+    m0[0:4, 0:4] = 1
+    m1 = np.zeros((40, 40), dtype=np.uint8)
+    m1[10:14, 20:24] = 1
+    m1[30:32, 30:32] = 1
+    ssa_boxes = [(120, 70, 126, 76), (100, 50, 104, 54), (320, 60, 324, 64)]
+    return {
+        "fragments": write_fragment_store(tmp_path / "s1.frag.h5", [F0, F1]),
+        "predicted": write_predicted(tmp_path / "s1.pred.h5", [F0, F1], {F0.name: m0, F1.name: m1}),
+        "ssa": write_geojson(tmp_path / "s1.ssa.geojson", ssa_boxes, [IMMUNE, OTHER, MUSCLE]),
+        "ea": write_geojson(tmp_path / "s1.ea.geojson", [(120, 70, 126, 76)], [MUSCLE]),
+        "out": tmp_path / "nuclei" / "s1.h5",
+    }
+
+
+def extract(slide: dict[str, Path], params: NucleiParams | None = None, sets: Sequence[str] = ("ssa", "ea")) -> int:
+    return extract_nuclei(
+        slide["predicted"], slide["fragments"], {s: slide[s] for s in sets}, CLASSES, slide["out"], params
+    )
+
+
+def reference_crop(image: np.ndarray, row: int, col: int, size: int) -> np.ndarray:
+    """Pixel by pixel: image[row - size//2 + i, col - size//2 + j], zero outside the image."""
+    out = np.zeros((size, size, 3), dtype=np.uint8)
+    for i in range(size):
+        for j in range(size):
+            r, c = row - size // 2 + i, col - size // 2 + j
+            if 0 <= r < image.shape[0] and 0 <= c < image.shape[1]:
+                out[i, j] = image[r, c]
+    return out
+
+
+# --------------------------------------------------------------------------- instances
+
+
+def test_find_instances_splits_touching_discs_only_when_asked() -> None:
+    mask = disc((40, 50), 20, 16, 7) | disc((40, 50), 20, 29, 7)  # centres 13 px apart: one blob with a waist
+    assert ndimage.label(mask)[1] == 1
+    split = find_instances(mask, NucleiParams(split_touching=True))
+    merged = find_instances(mask, NucleiParams(split_touching=False))
+    assert split.dtype == np.int32
+    assert split.max() == 2
+    assert merged.max() == 1
+    assert np.array_equal(split > 0, mask)
+    # Each part holds one disc centre, and the cut runs between them.
+    assert split[20, 16] != split[20, 29]
+    areas = np.bincount(split.ravel())[1:]
+    assert abs(int(areas[0]) - int(areas[1])) <= 0.05 * mask.sum()
+
+
+def test_find_instances_keeps_a_single_elongated_nucleus_whole() -> None:
+    rows, cols = np.mgrid[0:30, 0:60]
+    ellipse = ((rows - 15) / 5) ** 2 + ((cols - 30) / 20) ** 2 <= 1  # muscle-like nucleus, no waist
+    assert find_instances(ellipse, NucleiParams()).max() == 1
+
+
+def test_find_instances_drops_specks_below_min_area() -> None:
+    mask = np.zeros((20, 20), dtype=np.uint8)
+    mask[2:4, 2:4] = 1  # 4 px
+    mask[10:13, 10:13] = 1  # 9 px
+    labels = find_instances(mask, NucleiParams(min_area=8))
+    assert labels.max() == 1
+    assert np.array_equal(labels > 0, np.pad(np.ones((3, 3), bool), ((10, 7), (10, 7))))
+    # At downsample 2 a mask pixel is 4 level-0 px: the 2x2 speck is 16 level-0 px and stays.
+    assert find_instances(mask, NucleiParams(min_area=8), downsample=2).max() == 2
+
+
+def test_find_instances_of_an_empty_mask_is_all_background() -> None:
+    labels = find_instances(np.zeros((16, 24), dtype=bool))
+    assert labels.shape == (16, 24)
+    assert labels.max() == 0
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 30), st.integers(0, 30), st.integers(1, 7)), max_size=6),
+    st.booleans(),
+    st.integers(1, 20),
+)
+def test_find_instances_labels_are_consecutive_and_inside_the_mask(
+    discs: list[tuple[int, int, int]], split_touching: bool, min_area: int
+) -> None:
+    mask = np.zeros((32, 32), dtype=bool)
+    for cy, cx, r in discs:
+        mask |= disc(mask.shape, cy, cx, r)
+    labels = find_instances(mask, NucleiParams(split_touching=split_touching, min_area=min_area))
+    present = np.unique(labels[labels > 0])
+    assert np.array_equal(present, np.arange(1, present.size + 1))
+    assert not (labels > 0)[~mask].any()
+    assert np.all(np.bincount(labels.ravel())[1:] >= min_area)
+    # Splitting never loses pixels: every component large enough to be kept is covered entirely.
+    components, n = ndimage.label(mask, structure=np.ones((3, 3)))
+    big = np.flatnonzero(np.bincount(components.ravel(), minlength=n + 1)[1:] >= 2 * min_area) + 1
+    assert (labels[np.isin(components, big)] > 0).all()
+
+
+# --------------------------------------------------------------------------- labels
+
+
+def test_extract_assigns_matched_class_background_for_ssa_and_unlabelled_for_ea(slide: dict[str, Path]) -> None:
+    assert extract(slide) == 4
+    with NucleiStore(slide["out"]) as store:
+        table = store.table()
+    # Rows: fragment f000 by centroid (y, x): C (y 52), A (y 73), B (y 83); then f001: D.
+    assert table["fragment"].tolist() == ["f000", "f000", "f000", "f001"]
+    assert table["label_ssa"].tolist() == [OTHER, IMMUNE, BACKGROUND, MUSCLE]
+    assert table["label_ea"].tolist() == [UNLABELLED, MUSCLE, UNLABELLED, UNLABELLED]
+    assert UNLABELLED == -1
+
+
+def test_extract_centroid_in_slide_coordinates_with_bbox_and_area(slide: dict[str, Path]) -> None:
+    extract(slide)
+    with NucleiStore(slide["out"]) as store:
+        row = store.table().iloc[3]  # D: f001 rows 10..13, cols 20..23 -> slide x 320..324, y 60..64
+    assert (row["centroid_x"], row["centroid_y"]) == (322.0, 62.0)
+    assert (row["x0"], row["y0"], row["x1"], row["y1"]) == (320, 60, 324, 64)
+    assert row["area"] == 16
+
+
+@pytest.mark.parametrize(
+    ("annotation", "iou_label", "centroid_label"),
+    [
+        # A 30x30 box around the 6x6 nucleus A: contains its centroid, IoU 36/900 < 0.1.
+        ((108, 58, 138, 88), BACKGROUND, IMMUNE),
+        # The nucleus box shifted 4 px right: IoU 12/60 = 0.2, but the centroid (123, 73) lies outside.
+        ((124, 70, 130, 76), IMMUNE, BACKGROUND),
+    ],
+)
+def test_match_by_iou_or_by_centroid(
+    slide: dict[str, Path], annotation: tuple[int, int, int, int], iou_label: int, centroid_label: int
+) -> None:
+    write_geojson(slide["ssa"], [annotation], [IMMUNE])
+    labels = {}
+    for match in ("iou", "centroid"):
+        extract(slide, NucleiParams(match=match), sets=["ssa"])
+        with NucleiStore(slide["out"]) as store:
+            labels[match] = int(store.labels("ssa")[1])  # row 1 = nucleus A
+    assert labels == {"iou": iou_label, "centroid": centroid_label}
+
+
+def test_min_iou_threshold_decides_the_match(slide: dict[str, Path]) -> None:
+    write_geojson(slide["ssa"], [(124, 70, 130, 76)], [IMMUNE])  # IoU 0.2 with nucleus A
+    results = []
+    for min_iou in (0.19, 0.21):
+        extract(slide, NucleiParams(min_iou=min_iou), sets=["ssa"])
+        with NucleiStore(slide["out"]) as store:
+            results.append(int(store.labels("ssa")[1]))
+    assert results == [IMMUNE, BACKGROUND]
+
+
+@pytest.mark.parametrize("match", ["iou", "centroid"])
+def test_overlapping_annotations_later_feature_wins(slide: dict[str, Path], match: str) -> None:
+    write_geojson(slide["ssa"], [(120, 70, 126, 76), (120, 70, 126, 76)], [OTHER, MUSCLE])
+    extract(slide, NucleiParams(match=match), sets=["ssa"])
+    with NucleiStore(slide["out"]) as store:
+        assert int(store.labels("ssa")[1]) == MUSCLE
+
+
+# --------------------------------------------------------------------------- crops
+
+
+def test_crops_are_centred_on_the_centroid_and_zero_padded_at_every_level(slide: dict[str, Path]) -> None:
+    params = NucleiParams(crop_size=12, multiscale_size=8)
+    extract(slide, params)
+    fragments = {F0.name: F0, F1.name: F1}
+    with NucleiStore(slide["out"]) as store:
+        table = store.table()
+        for level, size in ((0, 12), (1, 8), (2, 8)):
+            crops = store.crops(level)[:]
+            assert crops.shape == (4, size, size, 3)
+            d = DOWNSAMPLES[level]
+            for i, row in table.iterrows():
+                fragment = fragments[row["fragment"]]
+                image = coordinate_image(*fragment.shape_at(level))
+                r = int(np.floor((row["centroid_y"] - fragment.y) / d))
+                c = int(np.floor((row["centroid_x"] - fragment.x) / d))
+                assert np.array_equal(crops[i], reference_crop(image, r, c, size)), (level, i)
+
+
+def test_crop_of_a_nucleus_at_the_fragment_corner(slide: dict[str, Path]) -> None:
+    extract(slide)
+    with NucleiStore(slide["out"]) as store:
+        crop = store.crops(0)[0]  # C: rows 0..3, cols 0..3 -> centroid (2.0, 2.0) in fragment px
+        level1 = store.crops(1)[0]
+    # Pixel (2, 2) sits at crop index 16: red = column, green = row, blue = 255 inside the fragment.
+    assert tuple(crop[16, 16]) == (2, 2, 255)
+    assert tuple(crop[14, 14]) == (0, 0, 255)  # the fragment's corner pixel
+    assert not crop[:14].any() and not crop[:, :14].any()  # zero above and left of the fragment
+    assert (crop[14:, 14:, 2] == 255).all()
+    # Level 1 (16x16): centroid / 2 = (1.0, 1.0) -> level-1 pixel (1, 1) at index 8.
+    assert tuple(level1[8, 8]) == (1, 1, 255)
+    assert not level1[:7].any() and (level1[7:, 7:, 2] == 255).all()
+
+
+def test_multiscale_crops_centred_at_centroid_over_2_and_4(slide: dict[str, Path]) -> None:
+    extract(slide)
+    with NucleiStore(slide["out"]) as store:
+        # A: rows/cols 20..25 -> centroid 23.0 in fragment px; level 1: 11.5 -> pixel 11; level 2: 5.75 -> 5.
+        centres = [tuple(store.crops(level)[1][size // 2, size // 2]) for level, size in ((0, 32), (1, 16), (2, 16))]
+    assert centres == [(23, 23, 255), (11, 11, 255), (5, 5, 255)]
+
+
+def test_masks_segmented_at_level_1_give_level_0_geometry(tmp_path: Path) -> None:
+    fragment = Fragment("f000", 40, 20, 32, 32)
+    mask = np.zeros((16, 16), dtype=np.uint8)
+    mask[5:7, 7:9] = 1  # 2x2 level-1 px = 4x4 level-0 px: x 54..58, y 30..34
+    paths = {
+        "fragments": write_fragment_store(tmp_path / "f.h5", [fragment]),
+        "predicted": write_predicted(tmp_path / "p.h5", [fragment], {"f000": mask}, level=1),
+    }
+    assert extract_nuclei(paths["predicted"], paths["fragments"], {}, CLASSES, tmp_path / "n.h5") == 1
+    with NucleiStore(tmp_path / "n.h5") as store:
+        row = store.table().iloc[0]
+        assert store.label_sets == []
+    assert (row["centroid_x"], row["centroid_y"], row["area"]) == (56.0, 32.0, 16)
+    assert (row["x0"], row["y0"], row["x1"], row["y1"]) == (54, 30, 58, 34)
+
+
+# --------------------------------------------------------------------------- split
+
+
+@pytest.fixture
+def many_nuclei(tmp_path: Path) -> dict[str, Path]:
+    """Slide s1 with 6 fragments of 48x48 px, each holding a 4x4 grid of 16 separate 4x4 nuclei (96 in all)."""
+    fragments = [Fragment(fragment_name(i), 60 * i, 0, 48, 48) for i in range(6)]
+    mask = np.zeros((48, 48), dtype=np.uint8)
+    for r in range(4):
+        for c in range(4):
+            mask[2 + 12 * r : 6 + 12 * r, 2 + 12 * c : 6 + 12 * c] = 1
+    return {
+        "fragments": write_fragment_store(tmp_path / "f.h5", fragments),
+        "predicted": write_predicted(tmp_path / "p.h5", fragments, {f.name: mask for f in fragments}),
+        "out": tmp_path / "n.h5",
+    }
+
+
+def test_split_by_nucleus_follows_ratios_and_is_deterministic(many_nuclei: dict[str, Path]) -> None:
+    splits = []
+    for seed in (0, 0, 1):
+        assert extract(many_nuclei, NucleiParams(seed=seed), sets=()) == 96
+        with NucleiStore(many_nuclei["out"]) as store:
+            splits.append(store.split)
+            assert np.array_equal(store.split_indices("test"), np.flatnonzero(store.split == 2))
+    assert tuple(np.bincount(splits[0], minlength=3)) == split_counts(96, (0.70, 0.15, 0.15))
+    assert np.array_equal(splits[0], splits[1])
+    assert not np.array_equal(splits[0], splits[2])
+
+
+def test_split_by_fragment_puts_whole_fragments_in_one_split(many_nuclei: dict[str, Path]) -> None:
+    extract(many_nuclei, NucleiParams(split_by="fragment"), sets=())
+    with NucleiStore(many_nuclei["out"]) as store:
+        table = store.table()
+    per_fragment = table.groupby("fragment")["split"].nunique()
+    assert (per_fragment == 1).all()
+    codes = table.groupby("fragment")["split"].first()
+    assert tuple(np.bincount(codes, minlength=3)) == split_counts(6, (0.70, 0.15, 0.15))
+
+
+# --------------------------------------------------------------------------- store
+
+
+def test_empty_mask_writes_a_valid_store_with_no_nuclei(tmp_path: Path) -> None:
+    empty = np.zeros((48, 64), dtype=np.uint8)
+    fragments = write_fragment_store(tmp_path / "f.h5", [F0])
+    predicted = write_predicted(tmp_path / "p.h5", [F0], {F0.name: empty})
+    ssa = write_geojson(tmp_path / "ssa.geojson", [(120, 70, 126, 76)], [IMMUNE])
+    assert extract_nuclei(predicted, fragments, {"ssa": ssa}, CLASSES, tmp_path / "n.h5") == 0
+    with NucleiStore(tmp_path / "n.h5") as store:
+        assert len(store) == 0
+        assert store.crops(0).shape == (0, 32, 32, 3)
+        assert store.crops(2).shape == (0, 16, 16, 3)
+        assert store.labels("ssa").shape == (0,)
+        assert len(store.table()) == 0
+
+
+def test_store_round_trip(slide: dict[str, Path]) -> None:
+    extract(slide, NucleiParams(crop_size=20, multiscale_size=10, match="centroid"))
+    with NucleiStore(slide["out"]) as store:
+        assert len(store) == 4
+        assert store.slide == "s1" and store.stain == "raw"
+        assert store.classes == ["other", "immune", "muscle", "background"]
+        assert store.label_sets == ["ssa", "ea"]
+        assert (store.crop_size, store.multiscale_size) == (20, 10)
+        assert store.split_names == ["train", "val", "test"]
+        assert store.crops(1).shape == (4, 10, 10, 3) and store.crops(1).dtype == np.uint8
+        assert store.labels("ssa").dtype == np.int8
+        assert list(store.table().columns) == [
+            "fragment", "centroid_x", "centroid_y", "area", "x0", "y0", "x1", "y1", "split", "label_ssa", "label_ea"
+        ]  # fmt: skip
+        with pytest.raises(StoreError, match="no labels from annotation set 'wsa'"):
+            store.labels("wsa")
+        with pytest.raises(StoreError, match="no crops at level 3"):
+            store.crops(3)
+    with h5py.File(slide["out"], "r") as h5:
+        assert h5.attrs["complete"]
+        assert h5.attrs["match"] == "centroid"
+        assert h5["centroid_x"].dtype == np.float32 and h5["bbox"].dtype == np.int32
+        assert h5["crops/level0"].chunks[0] == 1024 and h5["crops/level0"].compression == "lzf"
+
+
+def test_no_partial_file_when_extraction_fails(slide: dict[str, Path], tmp_path: Path) -> None:
+    bad = tmp_path / "bad.geojson"
+    bad.write_text("not json", encoding="utf-8")
+    with pytest.raises(AnnotationError, match="not valid JSON"):
+        extract_nuclei(slide["predicted"], slide["fragments"], {"ssa": bad}, CLASSES, slide["out"])
+    assert not slide["out"].parent.exists() or not any(slide["out"].parent.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("predicted_fragments", "message"),
+    [
+        ([Fragment("f000", 100, 50, 64, 48), Fragment("f001", 300, 52, 40, 40)], "fragment f001 has box"),
+        ([Fragment("f000", 100, 50, 64, 48)], r"fragments \['f000'\] do not match"),
+    ],
+)
+def test_predicted_store_not_matching_fragment_store_raises(
+    slide: dict[str, Path], tmp_path: Path, predicted_fragments: list[Fragment], message: str
+) -> None:
+    masks = {f.name: np.zeros((f.height, f.width), dtype=np.uint8) for f in predicted_fragments}
+    predicted = write_predicted(tmp_path / "other.pred.h5", predicted_fragments, masks)
+    with pytest.raises(StoreError, match=message) as info:
+        extract_nuclei(predicted, slide["fragments"], {}, CLASSES, slide["out"])
+    assert "other.pred.h5" in str(info.value) and "s1.frag.h5" in str(info.value)
+    assert not slide["out"].exists()
+
+
+def test_predicted_store_of_another_slide_raises(slide: dict[str, Path], tmp_path: Path) -> None:
+    masks = {f.name: np.zeros((f.height, f.width), dtype=np.uint8) for f in (F0, F1)}
+    predicted = write_predicted(tmp_path / "s2.pred.h5", [F0, F1], masks, slide="s2")
+    with pytest.raises(StoreError, match="slide 's2' differs from slide 's1'"):
+        extract_nuclei(predicted, slide["fragments"], {}, CLASSES, slide["out"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"match": "area"}, "match='area'"),
+        ({"split": (0.5, 0.5, 0.5)}, "split="),
+        ({"split_by": "slide"}, "split_by='slide'"),
+        ({"min_iou": 0.0}, "min_iou=0.0"),
+        ({"crop_size": 1}, "crop_size=1"),
+        ({"min_area": 0}, "min_area=0"),
+    ],
+)
+def test_invalid_params_raise_config_error(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        NucleiParams(**kwargs)  # type: ignore[arg-type]
+
+
+def test_missing_predicted_store_raises(slide: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="missing.h5: cannot open the predicted mask store"):
+        extract_nuclei(tmp_path / "missing.h5", slide["fragments"], {}, CLASSES, slide["out"])
