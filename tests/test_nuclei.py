@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from tempfile import TemporaryDirectory
 
 import h5py
 import numpy as np
@@ -11,8 +12,11 @@ import pytest
 import shapely
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from rasterio.features import rasterize
+from rasterio.transform import Affine
 from scipy import ndimage
 
+from cellkd import nuclei as nuclei_module
 from cellkd.annotations import write_qupath_geojson
 from cellkd.classes import DEFAULT_CLASSES
 from cellkd.errors import AnnotationError, ConfigError, StoreError
@@ -303,8 +307,117 @@ def test_masks_segmented_at_level_1_give_level_0_geometry(tmp_path: Path) -> Non
     with NucleiStore(tmp_path / "n.h5") as store:
         row = store.table().iloc[0]
         assert store.label_sets == []
+        (outline,) = store.geometries()
     assert (row["centroid_x"], row["centroid_y"], row["area"]) == (56.0, 32.0, 16)
     assert (row["x0"], row["y0"], row["x1"], row["y1"]) == (54, 30, 58, 34)
+    assert outline.area == 16.0 and outline.bounds == (54.0, 30.0, 58.0, 34.0)
+    assert outline.equals(shapely.box(54, 30, 58, 34))
+
+
+# --------------------------------------------------------------------------- outlines
+
+
+def test_outlines_of_square_instances_are_their_boxes_in_slide_coordinates(slide: dict[str, Path]) -> None:
+    extract(slide)
+    with NucleiStore(slide["out"]) as store:
+        outlines = store.geometries()
+        areas = store.table()["area"].tolist()
+    # Rows C, A, B (f000 at x 100, y 50) and D (f001 at x 300, y 50); fragment px rows x cols -> slide boxes.
+    expected = [(100, 50, 104, 54), (120, 70, 126, 76), (140, 80, 146, 86), (320, 60, 324, 64)]
+    assert [g.geom_type for g in outlines] == ["Polygon"] * 4
+    assert [g.bounds for g in outlines] == [tuple(float(v) for v in box) for box in expected]
+    assert [g.area for g in outlines] == [float(a) for a in areas] == [16.0, 36.0, 36.0, 16.0]
+    assert all(g.equals(shapely.box(*box)) for g, box in zip(outlines, expected, strict=True))
+    assert all(len(g.exterior.coords) == 5 for g in outlines)  # the corners only: collinear points merged
+
+
+@pytest.mark.parametrize("band_rows", [None, 5])
+def test_outline_rows_follow_the_centroid_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, band_rows: int | None
+) -> None:
+    """Discs of different radii in one fragment: each row's outline has that row's centroid and area.
+
+    With 5-row bands every disc spans several bands, so each must still be traced whole, exactly once.
+    """
+    if band_rows is not None:
+        monkeypatch.setattr(nuclei_module, "BAND_PIXELS", band_rows * 64)
+    fragment = Fragment("f000", 30, 20, 64, 64)
+    mask = np.zeros((64, 64), dtype=bool)
+    for cy, cx, radius in ((50, 10, 5.5), (12, 40, 3.2), (30, 30, 6.8), (12, 12, 4.1), (52, 45, 2.5)):
+        mask |= disc(mask.shape, cy, cx, radius)
+    paths = {
+        "fragments": write_fragment_store(tmp_path / "f.h5", [fragment]),
+        "predicted": write_predicted(tmp_path / "p.h5", [fragment], {"f000": mask}),
+    }
+    assert extract_nuclei(paths["predicted"], paths["fragments"], {}, CLASSES, tmp_path / "n.h5") == 5
+    with NucleiStore(tmp_path / "n.h5") as store:
+        table = store.table()
+        outlines = np.asarray(store.geometries(), dtype=object)
+    centroids = shapely.centroid(outlines)
+    # The centroid of a union of unit squares is the mean of their centres: the stored pixel centroid.
+    np.testing.assert_allclose(shapely.get_x(centroids), table["centroid_x"], atol=1e-4)
+    np.testing.assert_allclose(shapely.get_y(centroids), table["centroid_y"], atol=1e-4)
+    np.testing.assert_array_equal(shapely.area(outlines), table["area"])
+    assert table["area"].nunique() == 5  # distinct areas: a row mix-up could not go unnoticed
+
+
+def test_outline_keeps_holes_and_splits_diagonal_touches_keeping_the_largest_piece(tmp_path: Path) -> None:
+    """A ring (8x8 with a 2x2 hole) and two squares (4x4 and 3x3) touching at one corner."""
+    fragment = Fragment("f000", 10, 20, 48, 32)
+    mask = np.zeros((32, 48), dtype=np.uint8)
+    mask[2:10, 2:10] = 1
+    mask[5:7, 5:7] = 0  # the hole
+    mask[20:24, 20:24] = 1
+    mask[24:27, 24:27] = 1  # meets the 4x4 square only diagonally, at pixel corner (24, 24)
+    paths = {
+        "fragments": write_fragment_store(tmp_path / "f.h5", [fragment]),
+        "predicted": write_predicted(tmp_path / "p.h5", [fragment], {"f000": mask}),
+    }
+    params = NucleiParams(split_touching=False)  # keep the pinched pair one instance
+    extract_nuclei(paths["predicted"], paths["fragments"], {}, CLASSES, tmp_path / "n.h5", params)
+    with NucleiStore(tmp_path / "n.h5") as store:
+        ring, pair = store.geometries()
+        areas = store.table()["area"].tolist()
+    assert areas == [60, 25]
+    assert ring.is_valid and len(ring.interiors) == 1 and ring.area == 60.0
+    assert shapely.Polygon(ring.interiors[0]).equals(shapely.box(15, 25, 17, 27))
+    # GDAL traces the pair as one self-touching ring; the valid outline is the larger square alone.
+    assert pair.is_valid and pair.geom_type == "Polygon"
+    assert pair.equals(shapely.box(30, 40, 34, 44))
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 19), st.integers(0, 19)), min_size=1, max_size=120))
+def test_outlines_are_valid_polygons_covering_only_their_instance(pixels: list[tuple[int, int]]) -> None:
+    """Random 20x20 masks segmented at level 1: each outline, rasterized back, lies inside its own instance."""
+    mask = np.zeros((20, 20), dtype=np.uint8)
+    mask[tuple(np.array(pixels).T)] = 1
+    fragment = Fragment("f000", 6, 4, 40, 40)
+    with TemporaryDirectory() as folder:
+        tmp = Path(folder)
+        paths = {
+            "fragments": write_fragment_store(tmp / "f.h5", [fragment]),
+            "predicted": write_predicted(tmp / "p.h5", [fragment], {"f000": mask}, level=1),
+        }
+        n = extract_nuclei(paths["predicted"], paths["fragments"], {}, CLASSES, tmp / "n.h5", NucleiParams(min_area=1))
+        with NucleiStore(tmp / "n.h5") as store:
+            outlines = store.geometries()
+            table = store.table()
+    instances = find_instances(mask, NucleiParams(min_area=1), downsample=2)
+    assert len(outlines) == n == instances.max()
+    for outline, area in zip(outlines, table["area"], strict=True):
+        assert outline.geom_type == "Polygon" and outline.is_valid and 0 < outline.area <= area
+        covered = rasterize([outline], out_shape=mask.shape, transform=Affine(2, 0, 6, 0, 2, 4)).astype(bool)
+        assert covered.sum() * 4 == outline.area  # pixel-aligned: the outline is a union of whole mask pixels
+        assert len(np.unique(instances[covered])) == 1 and instances[covered][0] > 0
+
+
+def test_geometries_of_a_store_without_outlines_raises(slide: dict[str, Path]) -> None:
+    extract(slide)
+    with h5py.File(slide["out"], "a") as h5:
+        del h5["geometry"]
+    with NucleiStore(slide["out"]) as store, pytest.raises(StoreError, match="has no outlines.*rerun extract_nuclei"):
+        store.geometries()
 
 
 # --------------------------------------------------------------------------- split
@@ -362,6 +475,10 @@ def test_empty_mask_writes_a_valid_store_with_no_nuclei(tmp_path: Path) -> None:
         assert store.crops(2).shape == (0, 16, 16, 3)
         assert store.labels("ssa").shape == (0,)
         assert len(store.table()) == 0
+        assert store.geometries() == []
+    with h5py.File(tmp_path / "n.h5", "r") as h5:
+        assert h5["geometry"].shape == (0,)
+        assert h5.get("geometry", getclass=True) is h5py.Dataset
 
 
 def test_store_round_trip(slide: dict[str, Path]) -> None:

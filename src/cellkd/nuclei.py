@@ -15,6 +15,8 @@ Nuclei store ``results/nuclei/{stain}/{slide}.h5`` (written atomically)
     ``crops/level0`` (N, crop_size, crop_size, 3) uint8; ``crops/level1``, ``crops/level2``
         (N, multiscale_size, multiscale_size, 3) uint8; chunked (``CROP_CHUNK`` rows), lzf
     ``labels/{set}`` int8 (N,): class index of the matched annotated nucleus (see below)
+    ``geometry`` (N,) variable-length uint8: WKB of the nucleus outline, a shapely Polygon in level-0
+        slide px (see Outlines); chunked (``CROP_CHUNK`` rows); read with ``NucleiStore.geometries``
 
 Rows run fragment by fragment (sorted names), and within a fragment by centroid (y, x).
 
@@ -33,12 +35,20 @@ instance is a nucleus the annotation does not have: **background** for complete 
 truth), but **-1** (unlabelled, never background) for partial sets (``NucleiParams.partial_sets``,
 default ``("ea",)``), where an expert labelled only a subset of the nuclei.
 
+Outlines: the instance's pixels at the segmentation level, vectorized by ``rasterio.features.shapes``
+(8-connectivity, holes kept) and scaled to level 0, so a square instance of k x k mask pixels at
+downsample d has an outline of area ``(d k)^2`` with integer vertices on pixel corners. GDAL joins
+pixels that touch only diagonally into one ring that touches itself, which is not a valid polygon
+(OGC); such an outline is split at the touching corners (``shapely.make_valid``) and its largest
+piece kept, as for an instance that vectorizes into several pieces. The outline's area is then
+smaller than ``area`` (which always counts every pixel); otherwise the two are equal.
+
 IoU is measured on the raster of the segmentation level, inside the fragment (annotated nuclei
 that cross the fragment edge count only their part inside it).
 
 Memory: each fragment's predicted mask is labelled as a whole, so a fragment needs about
 5 bytes per segmentation-level pixel (uint8 mask + int32 labels): 2 GB for a 20k x 20k fragment.
-Everything else (annotation id maps, statistics, crops) runs in row bands of bounded size.
+Everything else (annotation id maps, statistics, outlines, crops) runs in row bands of bounded size.
 """
 
 from __future__ import annotations
@@ -57,6 +67,7 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 import shapely
+import shapely.geometry
 from rasterio import features as rio_features
 from rasterio.transform import Affine
 from scipy import ndimage
@@ -339,6 +350,63 @@ def _match_centroid(frame: gpd.GeoDataFrame, x: npt.NDArray[np.float64], y: npt.
     return matched
 
 
+# ----------------------------------------------------------------------------- outlines
+
+
+def _largest_polygon(geometry: shapely.Geometry) -> shapely.Polygon:
+    """The largest-area Polygon among the parts of ``geometry`` (empty Polygon when it has none)."""
+    parts = shapely.get_parts(shapely.get_parts(geometry))  # twice: make_valid may nest multipolygons
+    polygons = [p for p in parts if p.geom_type == "Polygon" and not p.is_empty]
+    if not polygons:
+        return shapely.Polygon()
+    return max(polygons, key=lambda p: p.area)
+
+
+def _outlines(labels: LabelImage, stats: _Instances, fragment: Fragment, down: int) -> npt.NDArray[np.object_]:
+    """(n,) valid shapely Polygons of labels 1..n (label order), level-0 slide px; layout in the module docstring.
+
+    Vectorized in row bands: a band takes the instances whose top row lies in it, extended down to
+    their lowest row, with every other instance masked out, so each instance is traced whole once.
+    """
+    n = stats.area.size
+    out = np.empty(n, dtype=object)
+    if n == 0:
+        return out
+    top = np.array([b[0].start for b in stats.boxes], dtype=np.int64)
+    bottom = np.array([b[0].stop for b in stats.boxes], dtype=np.int64)
+    band_rows = max(1, BAND_PIXELS // max(1, labels.shape[1]))
+    selected = np.zeros(n + 1, dtype=bool)
+    best_area = np.full(n, -1.0)
+    for r0 in range(0, int(top.max()) + 1, band_rows):
+        members = np.flatnonzero((top >= r0) & (top < r0 + band_rows))
+        if members.size == 0:
+            continue
+        window = labels[r0 : int(bottom[members].max())]
+        selected[:] = False
+        selected[members + 1] = True
+        transform = Affine(down, 0, fragment.x, 0, down, fragment.y + down * r0)
+        for geojson, value in rio_features.shapes(window, mask=selected[window], connectivity=8, transform=transform):
+            polygon = shapely.geometry.shape(geojson)
+            i = int(value) - 1
+            # Several pieces of one id (not 8-connected): keep the largest.
+            if polygon.area > best_area[i]:
+                out[i], best_area[i] = polygon, polygon.area
+    invalid = np.flatnonzero(~shapely.is_valid(out))
+    if invalid.size:
+        out[invalid] = [_largest_polygon(g) for g in shapely.make_valid(out[invalid])]
+        logger.debug(
+            "%s: %d outlines touched themselves at a corner; kept their largest piece", fragment.name, invalid.size
+        )
+    return out
+
+
+def _wkb_rows(polygons: npt.NDArray[np.object_]) -> npt.NDArray[np.object_]:
+    """(n,) object array of uint8 WKB arrays, the form an h5py variable-length uint8 dataset stores."""
+    rows = np.empty(polygons.size, dtype=object)
+    rows[:] = [np.frombuffer(b, dtype=np.uint8) for b in shapely.to_wkb(polygons)]
+    return rows
+
+
 # ----------------------------------------------------------------------------- crops
 
 
@@ -476,6 +544,7 @@ class _FragmentNuclei:
     area: npt.NDArray[np.int64]  # level-0 px
     bbox: npt.NDArray[np.int64]  # (n, 4) x0, y0, x1, y1, level-0 slide px, half-open
     labels: dict[str, npt.NDArray[np.int64]]
+    outline: npt.NDArray[np.object_]  # (n,) shapely Polygons, level-0 slide px
 
 
 def _fragment_nuclei(
@@ -511,6 +580,7 @@ def _fragment_nuclei(
         area=stats.area[order] * down * down,
         bbox=boxes.reshape(-1, 4)[order] * down + origin,
         labels=matched,
+        outline=_outlines(labels, stats, fragment, down)[order],
     )
 
 
@@ -565,6 +635,14 @@ def extract_nuclei(
                 )
                 for k, size in enumerate(sizes)
             ]
+            # Appended fragment by fragment, so that the outlines of a whole slide are never all in memory.
+            geometry = h5.create_dataset(
+                "geometry",
+                shape=(0,),
+                maxshape=(None,),
+                dtype=h5py.vlen_dtype(np.uint8),
+                chunks=(CROP_CHUNK,),
+            )
             parts: list[_FragmentNuclei] = []
             names: list[str] = []
             for fragment in progress(store.fragments, desc=f"nuclei {store.slide}", total=len(store.fragments)):
@@ -576,6 +654,12 @@ def extract_nuclei(
                     row = np.floor((nuclei.centroid_y - fragment.y) / d).astype(np.int64)
                     col = np.floor((nuclei.centroid_x - fragment.x) / d).astype(np.int64)
                     crops[k].append(_cut_crops(store.level(fragment, k), row, col, size))
+                start = geometry.shape[0]
+                geometry.resize(start + nuclei.area.size, axis=0)
+                if nuclei.area.size:
+                    # write_direct: h5py's __setitem__ stacks equal-length vlen rows into 2-D and fails.
+                    geometry.write_direct(_wkb_rows(nuclei.outline), dest_sel=np.s_[start:])
+                nuclei.outline = np.empty(0, dtype=object)
                 parts.append(nuclei)
                 names.extend([fragment.name] * nuclei.area.size)
                 matched = "".join(
@@ -692,6 +776,16 @@ class NucleiStore:
                 raise StoreError(f"{self.path}: unknown split {split!r}; expected one of {self.split_names}")
             split = self.split_names.index(split)
         return np.flatnonzero(self.split == split).astype(np.int64)
+
+    def geometries(self) -> list[shapely.Polygon]:
+        """The (N,) nucleus outlines as shapely Polygons in level-0 slide px, in row order."""
+        if "geometry" not in self._h5:
+            msg = f"{self.path}: the nuclei store has no outlines (written by an older cellkd); rerun extract_nuclei"
+            raise StoreError(msg)
+        rows = self._h5["geometry"][:]
+        wkb = np.empty(rows.size, dtype=object)
+        wkb[:] = [row.tobytes() for row in rows]
+        return list(shapely.from_wkb(wkb))
 
     def table(self) -> pd.DataFrame:
         """One row per nucleus: fragment, centroid_x, centroid_y, area, x0, y0, x1, y1, split, label_{set}."""

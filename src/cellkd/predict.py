@@ -1,0 +1,146 @@
+"""Classified nuclei back to QuPath: one GeoJSON detection per nucleus, with its class and probabilities.
+
+``results/predict/{slide}.geojson`` is a QuPath-importable FeatureCollection (File > Import objects,
+or drag the file onto the viewer). Each feature is::
+
+    {"type": "Feature",
+     "geometry": {"type": "Polygon", ...},          # the nucleus outline, level-0 slide px
+     "properties": {"objectType": "detection",
+                    "classification": {"name": <qupath_name>, "color": [r, g, b]},
+                    "measurements": {"Area px": ..., "Class probability": ...,
+                                     "P(<qupath_name>)": ..., ..., "P(Background)": ...}}}
+
+``Area px`` is the nucleus area in level-0 pixels (the nuclei store's ``area``: every pixel of the
+instance, so it can exceed the polygon's area where the outline dropped a diagonally attached part);
+the microns-per-pixel is not always known (QuPath's Analyze > Calculate features > Add shape
+features adds areas in µm² where the image has a pixel size).
+``Class probability`` is the probability of the predicted class; ``P(...)`` one per class, QuPath
+names, background last.
+
+An expert can correct the classes in QuPath, export the detections again as GeoJSON and use that
+file as the slide's EA annotation: ``read_qupath_geojson(path, classes)`` reads it back with the same
+polygons and class indices. Nuclei predicted as background are left out unless ``include_background``;
+those then carry the classification ``"Background"`` (``BACKGROUND_CLASS``, grey), which QuPath does
+not have by default (it adds the class on import) and which ``read_qupath_geojson`` rejects as an
+unknown class unless ``BACKGROUND_CLASS`` is appended to the classes: reclassify or delete them before
+using the file as an annotation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+
+from cellkd.annotations.qupath import class_lookup, write_qupath_geojson
+from cellkd.classes import ClassSpec
+from cellkd.errors import ConfigError
+from cellkd.nuclei import NucleiStore
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+logger = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike[str]
+
+BACKGROUND_CLASS = ClassSpec("background", "Background", (128, 128, 128))
+"""QuPath classification of nuclei predicted as background (exported only with ``include_background``)."""
+AREA_MEASUREMENT = "Area px"
+"""Measurement name of the nucleus area in level-0 pixels."""
+PROBABILITY_MEASUREMENT = "Class probability"
+"""Measurement name of the probability of the predicted class."""
+
+
+def probability_measurement(spec: ClassSpec) -> str:
+    """Measurement name of the probability of class ``spec``: ``"P(<qupath_name>)"``."""
+    return f"P({spec.qupath_name})"
+
+
+@contextlib.contextmanager
+def _opened(nuclei_store: PathLike | NucleiStore) -> Iterator[NucleiStore]:
+    """``nuclei_store`` itself when already open (left open), else the store at that path (closed after)."""
+    if isinstance(nuclei_store, NucleiStore):
+        yield nuclei_store
+    else:
+        with NucleiStore(nuclei_store) as store:
+            yield store
+
+
+def export_predictions(
+    nuclei_store: PathLike | NucleiStore,
+    probabilities: npt.ArrayLike,
+    classes: Sequence[ClassSpec],
+    out_path: PathLike,
+    *,
+    include_background: bool = False,
+) -> int:
+    """Write the nuclei of ``nuclei_store`` with their predicted classes as QuPath GeoJSON detections (atomic).
+
+    ``probabilities``: float (N, K), row i for nucleus row i of the store, K = len(classes) + 1
+    (background last), e.g. a classifier's softmax. The predicted class is the argmax (ties: the lower
+    index). Polygons are the store's outlines in level-0 slide px; the file layout and measurements
+    are in the module docstring. Nuclei predicted as background are written (as ``"Background"``)
+    only with ``include_background``. Returns the number of features written (0 gives an empty
+    FeatureCollection, which ``read_qupath_geojson`` rejects with "no features").
+
+    Raises ``ValueError`` when ``probabilities`` is not a finite (N, K) array, ``ConfigError`` when
+    ``classes`` are not the classes the store was extracted with, ``StoreError`` for a bad store.
+    """
+    specs = tuple(classes)
+    k = len(specs) + 1
+    written = (*specs, BACKGROUND_CLASS) if include_background else specs
+    try:
+        class_lookup(written)  # a class already named "Background" would make the file ambiguous
+    except ValueError as err:
+        raise ConfigError(f"cannot export predictions to {out_path}: {err}") from err
+    with _opened(nuclei_store) as store:
+        n = len(store)
+        expected = [spec.name for spec in specs] + ["background"]
+        if store.classes != expected:
+            msg = (
+                f"{store.path}: the nuclei store has classes {store.classes}, but the classes given are {expected}; "
+                "pass the classes of workflow_config.yaml that the store was extracted with, or rerun extract_nuclei"
+            )
+            raise ConfigError(msg)
+        probs = np.asarray(probabilities, dtype=np.float64)
+        if probs.shape != (n, k):
+            msg = (
+                f"probabilities must have shape (N, K) = ({n}, {k}): one row per nucleus of {store.path} and one "
+                f"column per class ({len(specs)} classes + background, last); got shape {probs.shape}"
+            )
+            raise ValueError(msg)
+        if not np.isfinite(probs).all():
+            bad = np.flatnonzero(~np.isfinite(probs).all(axis=1))
+            raise ValueError(f"probabilities has non-finite values in rows {bad[:10].tolist()}; expected a softmax")
+        predicted = probs.argmax(axis=1)
+        keep = np.ones(n, dtype=bool) if include_background else predicted < len(specs)
+        rows = np.flatnonzero(keep)
+        geometries = np.asarray(store.geometries(), dtype=object)[rows]
+        area = store.table()["area"].to_numpy()[rows]
+
+    measurements: dict[str, npt.ArrayLike] = {
+        AREA_MEASUREMENT: area,
+        PROBABILITY_MEASUREMENT: probs[rows, predicted[rows]],
+    }
+    for j, spec in enumerate((*specs, BACKGROUND_CLASS)):
+        measurements[probability_measurement(spec)] = probs[rows, j]
+    write_qupath_geojson(out_path, geometries, predicted[rows], written, measurements)
+    counts = np.bincount(predicted, minlength=k)
+    summary = ", ".join(f"{spec.name} {c}" for spec, c in zip((*specs, BACKGROUND_CLASS), counts, strict=True))
+    logger.info("%s: exported %d of %d nuclei (%s) -> %s", store.slide, rows.size, n, summary, out_path)
+    return int(rows.size)
+
+
+__all__ = [
+    "AREA_MEASUREMENT",
+    "BACKGROUND_CLASS",
+    "PROBABILITY_MEASUREMENT",
+    "export_predictions",
+    "probability_measurement",
+]
