@@ -1,8 +1,9 @@
 """Model factory: one registry mapping a name from workflow_config.yaml to a constructor.
 
-Segmentation networks ("unet", "unetplusplus") are registered here; classifier modules add
-theirs with :func:`register_model` (e.g. ``register_model("resnet18", create_resnet18)``) and must
-be imported below so that the registration runs on ``import cellkd.models``.
+Segmentation networks ("unet", "unetplusplus") and nucleus classifiers ("resnet18", "resnet16",
+"vgg4", "xception", "rccnet", see :mod:`cellkd.models.classifiers`) are registered here; further
+modules add theirs with :func:`register_model` (e.g. ``register_model("resnet18", create_resnet18)``)
+and must be imported below so that the registration runs on ``import cellkd.models``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,13 @@ from functools import partial
 
 from torch import nn
 
+from cellkd.models.classifiers import (
+    CLASSIFIER_ARCHS,
+    CLASSIFIER_CONSTRUCTORS,
+    INPUT_SHAPES,
+    InputKind,
+    classifier_input,
+)
 from cellkd.models.segmentation import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -45,12 +53,18 @@ def create_model(name: str, **kwargs: object) -> nn.Module:
 
 for _arch in SEGMENTATION_ARCHS:
     register_model(_arch, partial(create_segmentation_model, _arch))
+for _arch, _constructor in CLASSIFIER_CONSTRUCTORS.items():
+    register_model(_arch, _constructor)
 
 __all__ = [
+    "CLASSIFIER_ARCHS",
+    "INPUT_SHAPES",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "MODEL_REGISTRY",
     "SEGMENTATION_ARCHS",
+    "InputKind",
+    "classifier_input",
     "count_parameters",
     "create_model",
     "create_segmentation_model",

@@ -9,12 +9,8 @@ rule's output, is written only once training has finished, so its presence means
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import math
-import os
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
@@ -31,7 +27,21 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampl
 from cellkd.errors import ConfigError, StoreError
 from cellkd.metrics import PixelCounts, pixel_counts, pixel_metrics
 from cellkd.models.segmentation import SEGMENTATION_ARCHS, create_segmentation_model, preprocess
-from cellkd.store.atomic import atomic_path, atomic_write_text
+from cellkd.store.atomic import atomic_write_text
+from cellkd.training.common import (
+    PathLike,
+    data_fingerprint,
+    epoch_seed,
+    history_csv,
+    load_resume_state,
+    publish_model,
+    resolve_device,
+    restore_rng_state,
+    rng_devices,
+    rng_state,
+    torch_load,
+    torch_save_atomic,
+)
 from cellkd.workflow import progress
 
 logger = logging.getLogger(__name__)
@@ -46,8 +56,6 @@ HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_dice", "seconds")
 # more epochs extends training, and the worker count does not change the numbers (augmentation
 # is seeded per patch, see PatchDataset).
 _RESUMABLE_CHANGES = frozenset({"epochs", "num_workers"})
-
-PathLike = str | os.PathLike[str]
 
 
 @dataclass(frozen=True)
@@ -106,13 +114,6 @@ class SegmentationTrainParams:
         if unknown:
             raise ConfigError(f"unknown segmentation training parameter(s) {unknown}; expected some of {sorted(known)}")
         return cls(**values)
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``device``, or CUDA when available and CPU otherwise when None."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 class PatchDataset(Dataset):
@@ -228,10 +229,6 @@ def _loader(
     )
 
 
-def _epoch_seed(seed: int, epoch: int) -> int:
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
 def _batch_to_device(images: torch.Tensor, masks: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]:
     # Normalize on the device: uint8 crosses the bus, 4x less than float32.
     x = preprocess(images.to(device, non_blocking=True))
@@ -317,21 +314,12 @@ def save_segmentation_model(
     criterion: str = "val_loss",
 ) -> Path:
     """Write ``model`` (built by ``create_segmentation_model`` from ``params``) atomically as a model.pt."""
-    with atomic_path(path) as tmp:
-        torch.save(_model_checkpoint(model, params, epoch=epoch, val_loss=val_loss, criterion=criterion), tmp)
-    return Path(path)
+    checkpoint = _model_checkpoint(model, params, epoch=epoch, val_loss=val_loss, criterion=criterion)
+    return torch_save_atomic(checkpoint, path)
 
 
 def _torch_load(path: PathLike) -> dict[str, Any]:
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as err:
-        raise StoreError(f"{path}: no such model checkpoint; run the train_segmentation rule first") from err
-    except Exception as err:  # a truncated / foreign file: torch raises several unrelated types
-        raise StoreError(f"{path}: cannot read model checkpoint ({err}); delete it and retrain") from err
-    if not isinstance(checkpoint, dict):
-        raise StoreError(f"{path}: not a cellkd checkpoint (got {type(checkpoint).__name__}); delete it and retrain")
-    return checkpoint
+    return torch_load(path, rule="the train_segmentation rule")
 
 
 def load_segmentation_model(model_path: PathLike, device: str | torch.device | None = None) -> nn.Module:
@@ -358,55 +346,6 @@ def _model_from_checkpoint(
     )
     model.load_state_dict(checkpoint["state_dict"])
     return model.to(resolve_device(device)).eval()
-
-
-def _history_csv(history: list[dict[str, float]]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(history)
-    return buffer.getvalue()
-
-
-def _resume_key(params: dict[str, Any]) -> dict[str, Any]:
-    key = {k: v for k, v in params.items() if k not in _RESUMABLE_CHANGES}
-    if key.get("decoder_channels") is not None:
-        key["decoder_channels"] = tuple(key["decoder_channels"])
-    return key
-
-
-def _data_fingerprint(patch_stores: Sequence[PathLike]) -> list[tuple[str, int, int]]:
-    """(file name, size, mtime ns) of each store: a rewritten store (new data) must not resume an old run."""
-    stats = [(Path(p).name, os.stat(p)) for p in patch_stores]
-    return [(name, int(st.st_size), int(st.st_mtime_ns)) for name, st in stats]
-
-
-def _load_resume_state(
-    last: Path, best: Path, params: SegmentationTrainParams, data: list[tuple[str, int, int]]
-) -> dict[str, Any] | None:
-    """The state in ``last.pt`` when it can continue a run with ``params`` on ``data``; None (fresh start) otherwise."""
-    if not last.exists():
-        return None
-    try:
-        state = _torch_load(last)
-    except StoreError as err:
-        logger.warning("ignoring unreadable %s (%s); training from scratch", last, err)
-        return None
-    if _resume_key(state.get("params", {})) != _resume_key(asdict(params)):
-        logger.warning("%s was written with other parameters; training from scratch", last)
-        return None
-    if [tuple(item) for item in state.get("data", [])] != data:
-        logger.warning("%s was trained on other patch stores (or they were rewritten); training from scratch", last)
-        return None
-    if state["epoch"] > params.epochs:
-        logger.warning(
-            "%s has %d epochs, more than epochs=%d; training from scratch", last, state["epoch"], params.epochs
-        )
-        return None
-    if not best.exists():
-        logger.warning("%s exists but %s is missing; training from scratch", last, best)
-        return None
-    return state
 
 
 def train_segmentation(
@@ -445,14 +384,13 @@ def train_segmentation(
         "training %s/%s on %s: %d train, %d val patches", params.arch, params.encoder, dev, len(train_set), len(val_set)
     )
 
-    data = _data_fingerprint(patch_stores)
+    data = data_fingerprint(patch_stores)
     generator = torch.Generator()
     train_loader = _loader(train_set, params, dev, generator=generator)
     val_loader = _loader(val_set, params, dev)
     loss_fn = DiceLoss(mode="binary", from_logits=True)
-    fork_devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
 
-    with torch.random.fork_rng(devices=fork_devices):
+    with torch.random.fork_rng(devices=rng_devices(dev)):
         torch.manual_seed(params.seed)
         model = create_segmentation_model(
             params.arch,
@@ -464,23 +402,29 @@ def train_segmentation(
         optimizer = torch.optim.Adam(model.parameters(), lr=params.lr)
         scaler = torch.amp.GradScaler(dev.type, enabled=use_amp)
         start, best_loss, history = 0, math.inf, []
-        state = _load_resume_state(last_path, best_path, params, data)
+        state = load_resume_state(
+            last_path,
+            best_path,
+            asdict(params),
+            data,
+            epochs=params.epochs,
+            resumable=_RESUMABLE_CHANGES,
+            data_name="patch stores",
+        )
         if state is None:
             best_path.unlink(missing_ok=True)  # a stale best.pt from another run must never become model.pt
         else:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scaler.load_state_dict(state["scaler"])
-            torch.set_rng_state(state["torch_rng"])
-            if dev.type == "cuda" and state.get("cuda_rng") is not None:
-                torch.cuda.set_rng_state(state["cuda_rng"], dev)
+            restore_rng_state(state, dev)
             start, best_loss, history = state["epoch"], state["best_loss"], list(state["history"])
             logger.info("resuming from %s after epoch %d (best %s %.4f)", last_path, start, criterion, best_loss)
 
         for epoch in range(start + 1, params.epochs + 1):
             began = time.perf_counter()
             train_set.set_epoch(epoch)
-            generator.manual_seed(_epoch_seed(params.seed, epoch))
+            generator.manual_seed(epoch_seed(params.seed, epoch))
             desc = f"epoch {epoch}/{params.epochs}"
             train_loss = _train_epoch(model, train_loader, dev, optimizer, scaler, loss_fn, amp=use_amp, desc=desc)
             val_loss, val_dice = math.nan, math.nan
@@ -511,17 +455,15 @@ def train_segmentation(
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
+                **rng_state(dev),
             }
-            with atomic_path(last_path) as tmp:
-                torch.save(resume_state, tmp)
-            atomic_write_text(out / "history.csv", _history_csv(history))
+            torch_save_atomic(resume_state, last_path)
+            atomic_write_text(out / "history.csv", history_csv(history, HISTORY_COLUMNS))
 
     train_set.close()
     val_set.close()
     # Also after a resume that had nothing left to do: Snakemake deletes a failed job's outputs.
-    atomic_write_text(out / "history.csv", _history_csv(history))
+    atomic_write_text(out / "history.csv", history_csv(history, HISTORY_COLUMNS))
     if not best_path.exists():
         msg = (
             f"{out}: training diverged ({criterion} is NaN in every epoch, see history.csv); "
@@ -529,8 +471,7 @@ def train_segmentation(
         )
         raise ConfigError(msg)
     # Last step: model.pt is the rule's output and must appear only when training is complete.
-    with atomic_path(model_path) as tmp:
-        shutil.copyfile(best_path, tmp)
+    publish_model(best_path, model_path)
     logger.info("wrote %s (best %s %.4f)", model_path, criterion, best_loss)
     return model_path
 

@@ -1,0 +1,161 @@
+"""Helpers shared by the trainers (segmentation, classifiers): devices, seeds, checkpoints, resume state.
+
+Resume protocol (both trainers): after every epoch the trainer writes ``best.pt`` (when the epoch
+improved the selection criterion) and then ``last.pt`` (model, optimizer, RNG states, history,
+parameters, data fingerprint) atomically; ``model.pt``, the rule's output, is copied from
+``best.pt`` only once training has finished (:func:`publish_model`). :func:`load_resume_state`
+decides whether a ``last.pt`` may continue a run.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+import shutil
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cellkd.errors import StoreError
+from cellkd.store.atomic import atomic_path
+
+logger = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike[str]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device``, or CUDA when available and CPU otherwise when None."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A 63-bit seed for epoch ``epoch`` of a run seeded with ``seed`` (independent streams per epoch)."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def rng_devices(device: torch.device) -> list[int]:
+    """CUDA devices whose RNG ``torch.random.fork_rng`` must save for a run on ``device`` (none on CPU)."""
+    if device.type != "cuda":
+        return []
+    return [device.index if device.index is not None else torch.cuda.current_device()]
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """The torch RNG states (CPU, and ``device``'s when CUDA) to store in a resume checkpoint."""
+    return {
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }
+
+
+def restore_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Undo :func:`rng_state`: continue the random streams (dropout, ...) exactly where a killed run stopped."""
+    torch.set_rng_state(state["torch_rng"])
+    if device.type == "cuda" and state.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+
+
+def torch_load(path: PathLike, *, rule: str = "the training rule") -> dict[str, Any]:
+    """Load a cellkd checkpoint dict (CPU tensors, ``weights_only``); ``StoreError`` naming ``rule`` otherwise."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as err:
+        raise StoreError(f"{path}: no such model checkpoint; run {rule} first") from err
+    except Exception as err:  # a truncated / foreign file: torch raises several unrelated types
+        raise StoreError(f"{path}: cannot read model checkpoint ({err}); delete it and retrain") from err
+    if not isinstance(checkpoint, dict):
+        raise StoreError(f"{path}: not a cellkd checkpoint (got {type(checkpoint).__name__}); delete it and retrain")
+    return checkpoint
+
+
+def torch_save_atomic(obj: Any, path: PathLike) -> Path:
+    """``torch.save(obj, path)`` that never leaves a partial file at ``path``."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
+
+
+def history_csv(history: Iterable[dict[str, float]], columns: Sequence[str]) -> str:
+    """One CSV row per epoch dict, columns in ``columns`` order (the history.csv text)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    return buffer.getvalue()
+
+
+def file_fingerprint(path: PathLike) -> tuple[str, int, int]:
+    """(file name, size, mtime ns): a rewritten input (new data) must not resume an old run."""
+    st = os.stat(path)
+    return Path(path).name, int(st.st_size), int(st.st_mtime_ns)
+
+
+def data_fingerprint(paths: Sequence[PathLike]) -> list[tuple[str, int, int]]:
+    """:func:`file_fingerprint` of each input store, in order."""
+    return [file_fingerprint(p) for p in paths]
+
+
+def _frozen(value: Any) -> Any:
+    """Lists (as config files and torch.load give them) -> tuples, recursively, so that values compare equal."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _frozen(v) for k, v in value.items()}
+    return value
+
+
+def load_resume_state(
+    last: Path,
+    best: Path,
+    params: dict[str, Any],
+    data: Any,
+    *,
+    epochs: int,
+    resumable: frozenset[str],
+    data_name: str = "inputs",
+) -> dict[str, Any] | None:
+    """The state in ``last.pt`` when it can continue a run with ``params`` on ``data``; None (fresh start) otherwise.
+
+    params: ``asdict`` of the run's parameters; keys in ``resumable`` (e.g. epochs, num_workers) may
+    differ from the stored run. data: any picklable fingerprint of the inputs (see
+    :func:`data_fingerprint`), compared after turning lists into tuples. ``epochs``: the run's target;
+    a ``last.pt`` already past it restarts. Each refusal is logged as a warning saying why.
+    """
+    if not last.exists():
+        return None
+    try:
+        state = torch_load(last)
+    except StoreError as err:
+        logger.warning("ignoring unreadable %s (%s); training from scratch", last, err)
+        return None
+
+    def key(values: dict[str, Any]) -> dict[str, Any]:
+        return _frozen({k: v for k, v in values.items() if k not in resumable})
+
+    if key(state.get("params", {})) != key(params):
+        logger.warning("%s was written with other parameters; training from scratch", last)
+        return None
+    if _frozen(state.get("data")) != _frozen(data):
+        logger.warning("%s was trained on other %s (or they were rewritten); training from scratch", last, data_name)
+        return None
+    if state["epoch"] > epochs:
+        logger.warning("%s has %d epochs, more than epochs=%d; training from scratch", last, state["epoch"], epochs)
+        return None
+    if not best.exists():
+        logger.warning("%s exists but %s is missing; training from scratch", last, best)
+        return None
+    return state
+
+
+def publish_model(best: Path, model_path: Path) -> None:
+    """Copy ``best.pt`` to ``model.pt`` atomically: the last step of a run, so model.pt means "done"."""
+    with atomic_path(model_path) as tmp:
+        shutil.copyfile(best, tmp)
