@@ -12,6 +12,8 @@ include: "rules/common.smk"
 include: "rules/demo.smk"
 include: "rules/preprocess.smk"
 include: "rules/segmentation.smk"
+include: "rules/nuclei.smk"
+include: "rules/teacher.smk"
 
 
 rule all:

@@ -18,12 +18,20 @@ else:
     SLIDES = demo_sheet(config["demo"]["slides"])
 
 STAINS = config["stains"]
+DATASETS = {d["name"]: d for d in config["public_datasets"]}
+clashes = sorted(set(DATASETS) & set(SLIDES))
+if clashes:
+    raise ConfigError(
+        f"public_datasets names {clashes} are also slide ids; rename the datasets"
+    )
 
 
 wildcard_constraints:
     slide="|".join(re.escape(s) for s in SLIDES),
     stain="raw|macenko",
-    arch="unet|unetplusplus",
+    dataset="|".join(re.escape(d) for d in DATASETS) or "(?!x)x",
+    arch="[a-z0-9]+",
+    labels="ssa|wsa",
 
 
 def get_slide_path(wildcards):
@@ -49,16 +57,16 @@ def slides_with(annotation_set):
 
 
 def get_segmentation_patch_stores(wildcards):
-    """Patch stores of every slide annotated with the segmentation target set."""
+    """Patch stores of every slide annotated with the segmentation target set, and of the public datasets."""
     mask_set = config["segmentation"]["mask_set"]
-    slides = slides_with(mask_set)
-    if not slides:
+    sources = [*slides_with(mask_set), *DATASETS]
+    if not sources:
         raise ConfigError(
             f"segmentation.mask_set is {mask_set!r}, but no slide in the sheet has a {mask_set} GeoJSON; "
-            "add that column to the sheet or choose another mask_set"
+            "add that column to the sheet, choose another mask_set or add public_datasets"
         )
     return expand(
-        "results/patches/{stain}/{slide}.h5", stain=wildcards.stain, slide=slides
+        "results/patches/{stain}/{source}.h5", stain=wildcards.stain, source=sources
     )
 
 
@@ -83,11 +91,38 @@ def get_segmentation_references(wildcards):
     return [mask_set, *(s for s in extra if s == "truth")]
 
 
+def get_nuclei_inputs(wildcards):
+    """Predicted masks and fragments of the slide, plus one named input per annotation set it has."""
+    return {
+        "predicted": f"results/segmentation/{wildcards.stain}/masks/{wildcards.slide}.h5",
+        "fragments": f"results/fragments/{wildcards.stain}/{wildcards.slide}.h5",
+        **SLIDES[wildcards.slide].annotations,
+    }
+
+
+def get_nuclei_stores(wildcards):
+    """Nuclei stores of every slide that carries the labels a classifier learns from."""
+    return expand(
+        "results/nuclei/{stain}/{slide}.h5",
+        stain=wildcards.stain,
+        slide=slides_with(wildcards.labels),
+    )
+
+
+def get_teacher_train_params(wildcards):
+    settings = {
+        k: v for k, v in config["teacher"].items() if k not in ("archs", "labels")
+    }
+    return {**settings, "arch": wildcards.arch, "seed": config["seed"]}
+
+
 def get_final_outputs(wildcards):
     return [
         *expand("results/patches/{stain}/{slide}.h5", stain=STAINS, slide=SLIDES),
         "results/tables/table2.csv",
         "results/tables/figure4.csv",
+        "results/tables/table3.csv",
+        "results/tables/table4.csv",
         *expand(
             "results/segmentation/{stain}/masks/{slide}.h5", stain=STAINS, slide=SLIDES
         ),
@@ -101,3 +136,11 @@ def mem_mb_by_attempt(base_mb):
         return base_mb * attempt
 
     return mem_mb
+
+
+def get_dataset_path(wildcards):
+    return DATASETS[wildcards.dataset]["path"]
+
+
+def get_dataset_kind(wildcards):
+    return DATASETS[wildcards.dataset]["kind"]

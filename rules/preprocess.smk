@@ -81,3 +81,27 @@ rule cut_patches:
         seed=config["seed"],
     script:
         "../scripts/cut_patches.py"
+
+
+rule import_public_dataset:
+    input:
+        get_dataset_path,
+    output:
+        "results/patches/{stain}/{dataset}.h5",
+    log:
+        "logs/import_public_dataset/{stain}/{dataset}.log",
+    benchmark:
+        "benchmarks/import_public_dataset/{stain}/{dataset}.tsv"
+    conda:
+        "../envs/cellkd.yaml"
+    resources:
+        mem_mb=mem_mb_by_attempt(4000),
+        runtime=120,
+    params:
+        kind=get_dataset_kind,
+        mask_set=config["segmentation"]["mask_set"],
+        patches=config["patches"],
+        macenko=config["macenko"],
+        seed=config["seed"],
+    script:
+        "../scripts/import_public_dataset.py"

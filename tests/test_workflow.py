@@ -34,6 +34,7 @@ TINY = {
         "max_patches_per_epoch": 8,
         "inference": {"tile": 128, "overlap": 32, "batch_size": 4},
     },
+    "teacher": {"archs": ["vgg4"], "labels": ["ssa", "wsa"], "epochs": 2, "batch_size": 64},
 }
 
 
@@ -125,6 +126,40 @@ def test_workflow_segments_every_fragment_and_compares_with_qupath(demo_run: Pat
 
 
 @pytest.mark.slow
+def test_workflow_writes_nuclei_stores_with_labels_from_every_set(demo_run: Path) -> None:
+    with h5py.File(demo_run / "results/nuclei/raw/demo0.h5") as h5:
+        assert h5.attrs["complete"]
+        n = len(h5["split"])
+        assert n > 50  # the demo slide has hundreds of nuclei; the tiny model finds many of them
+        assert h5["crops/level0"].shape == (n, 32, 32, 3)
+        assert h5["crops/level1"].shape == (n, 16, 16, 3)
+        assert set(h5["labels"]) == {"ssa", "wsa", "ea", "truth"}
+        for name in ("ssa", "wsa", "truth"):
+            assert set(np.unique(h5[f"labels/{name}"][:])) <= {0, 1, 2, 3}
+        assert set(np.unique(h5["labels/ea"][:])) <= {-1, 0, 1, 2, 3}
+
+
+@pytest.mark.slow
+def test_workflow_writes_table3_and_table4(demo_run: Path) -> None:
+    table3 = pd.read_csv(demo_run / "results/tables/table3.csv")
+    assert set(zip(table3["labels"], table3["reference"], strict=True)) == {
+        (labels, reference) for labels in ("ssa", "wsa") for reference in ("ea", "truth")
+    }
+    assert ((table3["f1"] >= 0) & (table3["f1"] <= 1)).all()
+    truth = table3[(table3["reference"] == "truth") & (table3["stain"] == "raw")].set_index("labels")
+    # WSA flips more labels than SSA, so it must agree less with the truth.
+    assert truth.loc["wsa", "accuracy"] < truth.loc["ssa", "accuracy"]
+    table4 = pd.read_csv(demo_run / "results/tables/table4.csv")
+    assert set(zip(table4["stain"], table4["labels"], table4["evaluation"], strict=True)) == {
+        (stain, labels, evaluation)
+        for stain in ("raw", "macenko")
+        for labels in ("ssa", "wsa")
+        for evaluation in ("test", "doctor", "truth")
+    }
+    assert (demo_run / "results/teacher/raw/wsa/vgg4/confusion.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
 def test_workflow_writes_a_log_and_benchmark_per_job(demo_run: Path) -> None:
     for rule in ("generate_demo_slide", "extract_fragments", "normalize_stain", "rasterize_annotations"):
         assert (demo_run / f"logs/{rule}/demo0.log").exists(), rule
@@ -185,3 +220,20 @@ def test_bad_config_stops_before_any_job_with_a_named_key(tmp_path: Path, overri
     assert result.returncode != 0
     assert message in result.stdout + result.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_dry_run_with_a_public_dataset_adds_its_patch_store_to_segmentation_training(tmp_path: Path) -> None:
+    dataset = tmp_path / "monuseg"
+    dataset.mkdir()
+    config = {**TINY, "public_datasets": [{"name": "monuseg", "kind": "monuseg", "path": str(dataset)}]}
+    result = run_snakemake(tmp_path, "--dry-run", "--cores", "1", config=config)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "import_public_dataset" in result.stdout
+    assert "results/patches/raw/monuseg.h5" in result.stdout
+
+
+def test_public_dataset_named_like_a_slide_is_rejected(tmp_path: Path) -> None:
+    config = {**TINY, "public_datasets": [{"name": "demo0", "kind": "lizard", "path": str(tmp_path)}]}
+    result = run_snakemake(tmp_path, "--dry-run", "--cores", "1", config=config)
+    assert result.returncode != 0
+    assert "also slide ids" in result.stdout + result.stderr

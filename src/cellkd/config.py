@@ -55,9 +55,17 @@ def validate_config(config: dict[str, Any], schema_path: str | os.PathLike[str],
         duplicates = sorted({v for v in values if values.count(v) > 1})
         if duplicates:
             raise ConfigError(f"{source}: {label} must be unique; repeated: {duplicates}")
-    split = config["patches"]["split"]
-    if not math.isclose(sum(split), 1.0, abs_tol=1e-6):
-        raise ConfigError(f"{source}: patches.split {split} must sum to 1 (train, validation, test fractions)")
+    for section in ("patches", "nuclei"):
+        split = config[section]["split"]
+        if not math.isclose(sum(split), 1.0, abs_tol=1e-6):
+            raise ConfigError(f"{source}: {section}.split {split} must sum to 1 (train, validation, test fractions)")
+    dataset_names = [d["name"] for d in config["public_datasets"]]
+    if len(set(dataset_names)) != len(dataset_names):
+        raise ConfigError(f"{source}: public_datasets names must be unique; got {dataset_names}")
+    for dataset in config["public_datasets"]:
+        if not Path(dataset["path"]).is_dir():
+            msg = f"{source}: public dataset {dataset['name']!r}: folder {dataset['path']} does not exist"
+            raise ConfigError(msg)
     low, high = config["demo"]["fragments"]
     if low > high:
         raise ConfigError(f"{source}: demo.fragments [{low}, {high}] must be [minimum, maximum]")

@@ -19,7 +19,7 @@ import pandas as pd
 
 from cellkd.errors import StoreError
 from cellkd.metrics import PIXEL_METRICS, PixelCounts, pixel_counts, pixel_metrics
-from cellkd.report.tables import write_table
+from cellkd.report.tables import concat_tables, write_table
 from cellkd.store.atomic import atomic_path, atomic_write_text, require_complete
 from cellkd.training.segmentation import evaluate_segmentation
 
@@ -36,17 +36,24 @@ def evaluate_architecture(
 ) -> pd.DataFrame:
     """Test-split pixel metrics of one trained model against each of ``mask_sets`` -> ``out_csv``.
 
-    Columns: reference (annotation set), accuracy, precision, recall, dice, iou, patches.
+    Columns: reference (annotation set), accuracy, precision, recall, dice, iou, patches. Each reference
+    is scored on the stores that hold it (public datasets have only the target set, not ``truth``).
     """
     rows = []
     for mask_set in mask_sets:
-        metrics = evaluate_segmentation(model_path, patch_stores, split="test", mask_set=mask_set)
+        holding = [path for path in patch_stores if _has_mask_set(path, mask_set)]
+        metrics = evaluate_segmentation(model_path, holding, split="test", mask_set=mask_set)
         rows.append({"reference": mask_set, **metrics})
         logger.info("%s vs %s: %s", model_path, mask_set, metrics)
     table = pd.DataFrame(rows)
     with atomic_path(out_csv) as tmp:
         table.to_csv(tmp, index=False)
     return table
+
+
+def _has_mask_set(patch_store: PathLike, mask_set: str) -> bool:
+    with h5py.File(patch_store, "r") as h5:
+        return f"masks/{mask_set}" in h5
 
 
 def select_architecture(metrics_csvs: Mapping[str, PathLike], reference: str, out_json: PathLike) -> str:
@@ -69,13 +76,7 @@ def write_table2(
     metrics_csvs: Mapping[tuple[str, str], PathLike], csv_path: PathLike, md_path: PathLike
 ) -> pd.DataFrame:
     """Table 2: test metrics per stain and architecture (keys ``(stain, arch)``), one row per reference set."""
-    frames = []
-    for (stain, arch), path in metrics_csvs.items():
-        frame = pd.read_csv(path)
-        frame.insert(0, "arch", arch)
-        frame.insert(0, "stain", stain)
-        frames.append(frame)
-    table = pd.concat(frames, ignore_index=True)[["stain", "arch", "reference", *PIXEL_METRICS, "patches"]]
+    table = concat_tables(metrics_csvs, ("stain", "arch"))[["stain", "arch", "reference", *PIXEL_METRICS, "patches"]]
     write_table(table, csv_path, md_path, "Table 2: nucleus segmentation on the test split")
     return table
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -24,12 +25,12 @@ def write_table(
     atomic_write_text(markdown_path, f"# {title}\n\n{markdown}\n")
 
 
-def read_tables(paths: list[str | os.PathLike[str]], **labels: list[str]) -> pd.DataFrame:
-    """Concatenate CSV tables, adding one column per ``labels`` entry (a value per path, in order)."""
+def concat_tables(paths: Mapping[tuple[str, ...], str | os.PathLike[str]], key_names: Sequence[str]) -> pd.DataFrame:
+    """Concatenate CSV tables, prefixing each with its key columns (e.g. ``("raw", "unet")`` -> stain, arch)."""
     frames = []
-    for i, path in enumerate(paths):
+    for key, path in paths.items():
         frame = pd.read_csv(Path(path))
-        for column, values in labels.items():
-            frame.insert(0, column, values[i])
+        for position, (name, value) in enumerate(zip(key_names, key, strict=True)):
+            frame.insert(position, name, value)
         frames.append(frame)
     return pd.concat(frames, ignore_index=True)

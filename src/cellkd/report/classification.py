@@ -1,0 +1,169 @@
+"""Phase II results: agreement of the annotation sets (Table 3) and teacher scores (Table 4), with confusion plots.
+
+Label convention of the nuclei stores: class indices 0..K-2 are nucleus classes, K-1 is background
+(a nucleus the model found that the annotation does not have), and -1 means "not labelled"
+(the expert labelled only a subset).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+
+import h5py
+import numpy as np
+import pandas as pd
+
+from cellkd.metrics.classification import classification_metrics, confusion_matrix
+from cellkd.report.tables import concat_tables, write_table
+from cellkd.store.atomic import atomic_path, require_complete
+
+logger = logging.getLogger(__name__)
+PathLike = str | os.PathLike[str]
+
+SUMMARY_METRICS = ("f1", "accuracy", "precision", "recall")
+
+
+def read_labels(nuclei_stores: Sequence[PathLike]) -> tuple[dict[str, np.ndarray], np.ndarray, list[str]]:
+    """Concatenate ``labels/{set}`` and ``split`` of the stores (in order) -> (labels per set, split, class names).
+
+    A set missing from some store is filled with -1 (unlabelled) there.
+    """
+    columns: list[dict[str, np.ndarray]] = []
+    splits, class_names = [], []
+    for path in nuclei_stores:
+        with h5py.File(path, "r") as h5:
+            require_complete(h5)
+            class_names = [str(c) for c in h5.attrs["classes"]]
+            splits.append(h5["split"][:])
+            columns.append({name: h5[f"labels/{name}"][:] for name in h5["labels"]})
+    names = sorted({name for store in columns for name in store})
+    labels = {
+        name: np.concatenate(
+            [store.get(name, np.full(len(split), -1, np.int8)) for store, split in zip(columns, splits, strict=True)]
+        )
+        for name in names
+    }
+    return labels, np.concatenate(splits) if splits else np.zeros(0, np.int8), class_names
+
+
+def summary_row(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str]) -> dict[str, float]:
+    """Macro F1 / accuracy / precision / recall plus per-class F1 of the rows where both labels are known."""
+    known = (y_true >= 0) & (y_pred >= 0)
+    metrics = classification_metrics(y_true[known], y_pred[known], len(class_names), list(class_names))
+    row = {
+        "f1": metrics["f1"],
+        "accuracy": metrics["accuracy"],
+        "precision": metrics["precision"],
+        "recall": metrics["recall"],
+    }
+    row.update({f"f1_{name}": metrics["per_class"][name]["f1"] for name in class_names})
+    row["nuclei"] = int(known.sum())
+    return row
+
+
+def label_agreement(
+    nuclei_stores: Mapping[str, Sequence[PathLike]], candidates: Sequence[str], references: Sequence[str]
+) -> pd.DataFrame:
+    """Table 3: agreement of each candidate set (ssa, wsa) with each reference (ea, truth), per stain.
+
+    ``nuclei_stores`` maps stain -> that stain's stores; only nuclei labelled in both sets count.
+    """
+    rows = []
+    for stain, stores in nuclei_stores.items():
+        labels, _, class_names = read_labels(stores)
+        for reference in references:
+            for candidate in candidates:
+                if reference not in labels or candidate not in labels:
+                    continue
+                row = summary_row(labels[reference], labels[candidate], class_names)
+                rows.append({"stain": stain, "labels": candidate, "reference": reference, **row})
+    return pd.DataFrame(rows)
+
+
+def write_table3(table: pd.DataFrame, csv_path: PathLike, md_path: PathLike) -> None:
+    write_table(table, csv_path, md_path, "Table 3: agreement of the weak annotations with the expert (and truth)")
+
+
+def plot_confusion(confusion: np.ndarray, class_names: Sequence[str], title: str, png_path: PathLike) -> None:
+    """Row-normalized confusion matrix (rows = reference, columns = prediction) with counts, as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    totals = confusion.sum(axis=1, keepdims=True)
+    fractions = np.divide(confusion, totals, out=np.zeros(confusion.shape, float), where=totals > 0)
+    fig, ax = plt.subplots(figsize=(4.8, 4.2))
+    ax.imshow(fractions, cmap="Blues", vmin=0, vmax=1)
+    for (i, j), count in np.ndenumerate(confusion):
+        color = "white" if fractions[i, j] > 0.6 else "black"
+        ax.text(j, i, f"{fractions[i, j]:.2f}\n({count})", ha="center", va="center", fontsize=7, color=color)
+    ax.set_xticks(range(len(class_names)), class_names, rotation=30)
+    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("reference")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+
+
+def evaluate_predictions(
+    predictions: np.ndarray,
+    labels: Mapping[str, np.ndarray],
+    split: np.ndarray,
+    class_names: Sequence[str],
+    training_labels: str,
+) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """Score a classifier's predictions (one per nucleus) on the test split and on the expert / truth sets.
+
+    Rows: ``test`` (test split vs its training labels), ``doctor`` (every EA-labelled nucleus; EA is
+    never trained on by teacher or student), ``truth`` (test split vs truth, synthetic data only).
+    Returns the table and the confusion matrix of each row.
+    """
+    evaluations = {"test": (labels[training_labels], split == 2)}
+    if "ea" in labels:
+        evaluations["doctor"] = (labels["ea"], labels["ea"] >= 0)
+    if "truth" in labels:
+        evaluations["truth"] = (labels["truth"], split == 2)
+    rows, confusions = [], {}
+    for name, (reference, rows_mask) in evaluations.items():
+        y_true = np.where(rows_mask, reference, -1)
+        rows.append({"evaluation": name, **summary_row(y_true, predictions, class_names)})
+        known = y_true >= 0
+        confusions[name] = confusion_matrix(y_true[known], predictions[known], len(class_names))
+    return pd.DataFrame(rows), confusions
+
+
+def write_table4(metrics_csvs: Mapping[tuple[str, str, str], PathLike], csv_path: PathLike, md_path: PathLike) -> None:
+    """Table 4: teacher scores per stain, training labels and architecture (keys ``(stain, labels, arch)``)."""
+    table = concat_tables(metrics_csvs, ("stain", "labels", "arch"))
+    write_table(table, csv_path, md_path, "Table 4: teachers on the test split, the doctor (EA) set and the truth")
+
+
+def evaluate_classifier_stores(
+    model_path: PathLike,
+    nuclei_stores: Sequence[PathLike],
+    training_labels: str,
+    metrics_csv: PathLike,
+    confusion_png: PathLike,
+) -> pd.DataFrame:
+    """Score a trained classifier (teacher, student or fine-tuned) -> metrics CSV and a confusion-matrix plot.
+
+    The plot shows the doctor (EA) evaluation when there is one, else the test split.
+    """
+    from cellkd.training.classifier import predict_logits
+
+    labels, split, class_names = read_labels(nuclei_stores)
+    predictions = predict_logits(model_path, nuclei_stores).argmax(axis=1)
+    table, confusions = evaluate_predictions(predictions, labels, split, class_names, training_labels)
+    with atomic_path(metrics_csv) as tmp:
+        table.to_csv(tmp, index=False)
+    shown = "doctor" if "doctor" in confusions else "test"
+    title = f"{model_path}\nagainst {'EA (doctor set)' if shown == 'doctor' else training_labels + ' (test split)'}"
+    plot_confusion(confusions[shown], class_names, title, confusion_png)
+    logger.info("%s:\n%s", model_path, table.to_string(index=False))
+    return table
