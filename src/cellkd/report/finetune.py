@@ -1,0 +1,110 @@
+"""Phase IV results: Table 6 (the student before and after fine-tuning on expert labels) and its F1 curve."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+
+import pandas as pd
+
+from cellkd.errors import StoreError
+from cellkd.report.tables import concat_tables, write_table
+from cellkd.store.atomic import atomic_path
+
+logger = logging.getLogger(__name__)
+PathLike = str | os.PathLike[str]
+
+TABLE6_TITLE = "Table 6: the student before and after fine-tuning on expert (EA) labels, on the reserved EA test nuclei"
+_KEY_COUNT = "_requested_count"  # the key's count; metrics.csv has its own "count" column to check it against
+
+
+def table6(metrics_csvs: Mapping[tuple[str, str, int], PathLike]) -> pd.DataFrame:
+    """One row per (stain, labels, count) from the ``metrics.csv`` files of ``finetune_student``.
+
+    Columns: stain, labels, count (requested), effective_count, lr, dropout (of the chosen grid point),
+    f1_before, f1_after, accuracy_before, accuracy_after, nuclei (test rows); sorted by stain, labels, count.
+    """
+    if not metrics_csvs:
+        raise StoreError(
+            "no fine-tuning metrics.csv given; pass results/finetune/{stain}/{labels}/n{count}/metrics.csv"
+        )
+    long = concat_tables(metrics_csvs, ("stain", "labels", _KEY_COUNT))
+    mismatch = long[long[_KEY_COUNT].astype(int) != long["count"].astype(int)]
+    if len(mismatch):
+        first = mismatch.iloc[0]
+        key = (str(first["stain"]), str(first["labels"]), int(first[_KEY_COUNT]))
+        msg = (
+            f"{metrics_csvs[key]}: holds count {int(first['count'])} but was given for {key}; "
+            "pass each metrics.csv under its own (stain, labels, count)"
+        )
+        raise StoreError(msg)
+    rows = []
+    for (stain, labels, count), group in long.groupby(["stain", "labels", "count"], sort=True):
+        phases = group.set_index("phase")
+        missing = sorted({"before", "after"} - set(phases.index))
+        if missing:
+            key = (str(stain), str(labels), int(count))
+            raise StoreError(f"{metrics_csvs[key]}: no {missing} row(s); rerun the fine-tuning rule for {key}")
+        before, after = phases.loc["before"], phases.loc["after"]
+        rows.append(
+            {
+                "stain": stain,
+                "labels": labels,
+                "count": int(count),
+                "effective_count": int(after["effective_count"]),
+                "lr": float(after["lr"]),
+                "dropout": float(after["dropout"]),
+                "f1_before": float(before["f1"]),
+                "f1_after": float(after["f1"]),
+                "accuracy_before": float(before["accuracy"]),
+                "accuracy_after": float(after["accuracy"]),
+                "nuclei": int(after["nuclei"]),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def plot_finetune_curve(table: pd.DataFrame, png_path: PathLike) -> None:
+    """Macro F1 against the effective labels per class, one colour per (stain, labels): solid after, dashed before."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, ax = plt.subplots(figsize=(6.0, 4.2))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, ((stain, labels), group) in enumerate(table.groupby(["stain", "labels"], sort=True)):
+        group = group.sort_values(["effective_count", "count"])
+        colour = colours[i % len(colours)]
+        ax.plot(group["effective_count"], group["f1_after"], "o-", color=colour, label=f"{stain} / {labels}: after")
+        ax.plot(group["effective_count"], group["f1_before"], "x--", color=colour, label=f"{stain} / {labels}: before")
+    counts = table["effective_count"].to_numpy()
+    if len(counts) and counts.min() > 0 and counts.max() / counts.min() >= 10:
+        ax.set_xscale("log")  # counts grow geometrically in the grid (10, 50, 100, 500, ...)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())  # 10, 100 rather than 10^1, 10^2
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("expert labels per class (effective count)")
+    ax.set_ylabel("macro F1 on the reserved EA test nuclei")
+    ax.set_title("Fine-tuning the student on expert labels", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+
+
+def write_table6(
+    metrics_csvs: Mapping[tuple[str, str, int], PathLike], csv_path: PathLike, md_path: PathLike, png_path: PathLike
+) -> pd.DataFrame:
+    """Table 6 from the fine-tuning ``metrics.csv`` files keyed by (stain, labels, count) -> CSV, Markdown and PNG.
+
+    See :func:`table6` for the columns and :func:`plot_finetune_curve` for the plot. Returns the table.
+    """
+    table = table6(metrics_csvs)
+    write_table(table, csv_path, md_path, TABLE6_TITLE)
+    plot_finetune_curve(table, png_path)
+    logger.info("Table 6:\n%s", table.to_string(index=False))
+    return table

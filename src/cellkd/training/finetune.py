@@ -1,0 +1,300 @@
+"""Phase IV (human in the loop): fine-tune the distilled student on the expert's (EA) labels.
+
+The expert labelled only a subset of the nuclei (``labels/ea`` is -1 elsewhere, see
+``cellkd.nuclei``). For a requested number of labels per class, :func:`select_expert_rows` draws
+training and validation rows from the EA-labelled nuclei and reserves a test set that is the same
+for every count, so the F1-against-count curve compares like with like. :func:`finetune_student`
+then runs a grid over learning rate and dropout, each point a ``train_classifier`` run started from
+the student's weights, keeps the point with the best validation macro F1 and scores the student
+before and after on the reserved test rows.
+
+The store's ``split`` dataset is ignored here: the EA rows of every split are eligible, since the
+expert's labels are the scarce resource (the teacher and student never trained on EA labels).
+
+Output folder ``results/finetune/{stain}/{labels}/n{count}/``: ``model.pt`` (the chosen grid point's
+model, same checkpoint format as ``cellkd.training.classifier``), ``metrics.csv`` (before/after
+rows, see :func:`finetune_student`), ``grid.csv`` (one row per grid point) and one sub-folder per grid
+point ``lr{lr}_do{dropout}/`` holding that run's history.csv and resume state.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+import torch
+
+from cellkd.errors import ConfigError, StoreError
+from cellkd.metrics.classification import CLASSIFICATION_METRICS
+from cellkd.report.classification import summary_row
+from cellkd.store.atomic import atomic_path
+from cellkd.training.classifier import (
+    ClassifierTrainParams,
+    _read_checkpoint,
+    _read_rows,
+    predict_logits,
+    train_classifier,
+)
+from cellkd.training.common import PathLike
+
+logger = logging.getLogger(__name__)
+
+EXPERT_SET = "ea"
+"""The label set of the expert's annotations in the nuclei stores."""
+GRID_COLUMNS = ("lr", "dropout", "val_f1", "best_epoch", "train_loss", "selected")
+_SPLIT_STREAM = 0x4541  # "EA": the per-class permutations get their own random stream
+
+
+@dataclass(frozen=True)
+class FinetuneParams:
+    """Fine-tuning grid and data selection (``finetune:`` in workflow_config.yaml).
+
+    lrs, dropouts: the grid (every pair is one ``train_classifier`` run). val_fraction: share of the
+    selected labels per class held out to choose the best epoch and grid point. test_reserve: at
+    least this fraction of each class's EA nuclei is never trained on; those rows are the test set.
+    """
+
+    lrs: tuple[float, ...] = (1e-4,)
+    dropouts: tuple[float, ...] = (0.3,)
+    epochs: int = 10
+    batch_size: int = 64
+    val_fraction: float = 0.2
+    test_reserve: float = 0.3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        # Config files give lists; tuples keep the dataclass hashable and comparable.
+        object.__setattr__(self, "lrs", tuple(float(v) for v in self.lrs))
+        object.__setattr__(self, "dropouts", tuple(float(v) for v in self.dropouts))
+        where = "(see finetune: in workflow_config.yaml)"
+        checks = [
+            (len(self.lrs) >= 1 and all(v > 0 and math.isfinite(v) for v in self.lrs), "lrs", "positive numbers"),
+            (len(self.dropouts) >= 1 and all(0.0 <= v < 1.0 for v in self.dropouts), "dropouts", "numbers in [0, 1)"),
+            (len(set(self.lrs)) == len(self.lrs), "lrs", "distinct values"),
+            (len(set(self.dropouts)) == len(self.dropouts), "dropouts", "distinct values"),
+            (self.epochs >= 1, "epochs", ">= 1"),
+            (self.batch_size >= 2, "batch_size", ">= 2 (BatchNorm needs two samples per batch)"),
+            (0.0 <= self.val_fraction < 1.0, "val_fraction", "in [0, 1)"),
+            (0.0 < self.test_reserve < 1.0, "test_reserve", "in (0, 1)"),
+        ]
+        for ok, name, allowed in checks:
+            if not ok:
+                raise ConfigError(f"finetune parameter {name}={getattr(self, name)!r} must be {allowed} {where}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> FinetuneParams:
+        """Build from a config mapping; unknown keys raise ``ConfigError`` naming them."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown finetune parameter(s) {unknown}; expected some of {sorted(known)}")
+        return cls(**values)
+
+    @property
+    def grid(self) -> list[tuple[float, float]]:
+        """(lr, dropout) pairs in run order: lrs outer, dropouts inner."""
+        return [(lr, dropout) for lr in self.lrs for dropout in self.dropouts]
+
+
+def select_expert_rows(
+    ea_labels: npt.ArrayLike,
+    count: int,
+    params: FinetuneParams,
+    class_names: Sequence[str] | None = None,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64], int]:
+    """Choose the expert-labelled rows for fine-tuning with ``count`` labels per class.
+
+    ea_labels: int (N,) class index per row of the concatenated stores, -1 where the expert did not label.
+    Per class c with n_c EA rows (only classes the expert used; background too if marked): one
+    permutation of its rows, fixed by ``params.seed`` and c alone; the last ``ceil(n_c * test_reserve)``
+    rows of it are the test set, the ``available`` ones before them may be trained on, and the first
+    ``min(count, available)`` of those are taken (a warning names each clipped class). Of the taken
+    rows, ``round(val_fraction * taken)`` (at least 1 when 2 or more are taken and val_fraction > 0,
+    at most taken - 1) go to validation, the rest to training. The test rows depend only on the
+    labels and the seed, never on ``count``; available rows beyond ``count`` are left unused.
+    Returns (train, val, test) sorted int64 row indices, pairwise disjoint, and the effective count
+    ``max_c taken_c`` = ``min(count, max_c available_c)``: two counts with the same effective count
+    select the same rows.
+    """
+    labels = np.asarray(ea_labels)
+    if labels.ndim != 1 or (labels.size and not np.issubdtype(labels.dtype, np.integer)):
+        raise ValueError(f"ea_labels must be 1-D integer class indices, got {labels.dtype} {labels.shape}")
+    labels = labels.astype(np.int64, copy=False)
+    if labels.size and labels.min() < -1:
+        raise ValueError(f"ea_labels holds {labels.min()}; expected class indices >= 0 or -1 (unlabelled)")
+    if isinstance(count, bool) or int(count) != count or count < 1:
+        raise ConfigError(f"labels per class count={count!r} must be an integer >= 1 (see finetune: counts)")
+    classes = np.unique(labels[labels >= 0])
+    if not classes.size:
+        raise StoreError(f"no expert ({EXPERT_SET}) labels among the {labels.size} nuclei; fine-tuning needs some")
+
+    train, val, test, effective = [], [], [], 0
+    for c in classes.tolist():
+        members = np.flatnonzero(labels == c)
+        # One stream per (seed, class): the permutation of a class ignores every other class and the count.
+        rng = np.random.default_rng(np.random.SeedSequence([params.seed, _SPLIT_STREAM, c]))
+        order = members[rng.permutation(len(members))]
+        # ceil(n * reserve), robust to 10 * 0.3 = 3.0000000000000004: at least test_reserve of n is reserved.
+        available = len(members) - math.ceil(len(members) * params.test_reserve - 1e-9)
+        taken = min(int(count), available)
+        if taken < count:
+            name = class_names[c] if class_names is not None and c < len(class_names) else str(c)
+            logger.warning(
+                "count %d clipped to %d for class %s (%d expert labels, %.0f %% reserved for testing)",
+                count,
+                taken,
+                name,
+                len(members),
+                100 * params.test_reserve,
+            )
+        n_val = 0
+        if taken >= 2 and params.val_fraction > 0:
+            n_val = min(max(round(params.val_fraction * taken), 1), taken - 1)
+        train.append(order[: taken - n_val])
+        val.append(order[taken - n_val : taken])
+        test.append(order[available:])
+        effective = max(effective, taken)
+
+    def joined(parts: list[npt.NDArray[np.int64]]) -> npt.NDArray[np.int64]:
+        return np.sort(np.concatenate(parts)).astype(np.int64)
+
+    return joined(train), joined(val), joined(test), effective
+
+
+def _grid_dir(out: Path, lr: float, dropout: float) -> Path:
+    return out / f"lr{lr:g}_do{dropout:g}"
+
+
+def _best_epoch(history_path: Path) -> dict[str, float]:
+    """val_f1, epoch and train_loss of the epoch ``train_classifier`` kept (best val F1, else lowest train loss)."""
+    history = pd.read_csv(history_path)
+    if history["val_f1"].notna().any():
+        best = history.loc[history["val_f1"].idxmax()]  # first maximum, as the trainer keeps the first
+    else:
+        best = history.loc[history["train_loss"].idxmin()]
+    return {"val_f1": float(best["val_f1"]), "best_epoch": int(best["epoch"]), "train_loss": float(best["train_loss"])}
+
+
+def finetune_student(
+    student_model: PathLike,
+    nuclei_stores: Sequence[PathLike],
+    count: int,
+    out_dir: PathLike,
+    params: FinetuneParams,
+    *,
+    device: str | torch.device | None = None,
+) -> pd.DataFrame:
+    """Fine-tune ``student_model`` (a classifier model.pt) on ``count`` expert labels per class; return metrics.
+
+    Rows come from :func:`select_expert_rows` on ``labels/ea`` of the concatenated ``nuclei_stores``.
+    Each (lr, dropout) of ``params.grid`` trains ``out_dir/lr{lr}_do{dropout}/`` from the student's
+    weights (same arch); the point with the best validation macro F1 (ties: the earlier point; without
+    validation rows: the lowest training loss) is copied to ``out_dir/model.pt``. ``grid.csv`` lists
+    every point (lr, dropout, val_f1, best_epoch, train_loss, selected).
+    Returns and writes ``out_dir/metrics.csv``: two rows, phase "before" (the student as is, lr and
+    dropout NaN) and "after" (the chosen model), each scored on the reserved EA test rows, columns
+    count (requested), effective_count, phase, lr, dropout, f1, accuracy, precision, recall (macro),
+    f1_<class> per class, nuclei (test rows).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = _read_checkpoint(student_model)
+    rows = _read_rows(nuclei_stores, EXPERT_SET)
+    classes = list(rows.classes)
+    if int(checkpoint["num_classes"]) != len(classes):
+        msg = (
+            f"{student_model}: the student has {checkpoint['num_classes']} classes but the stores have "
+            f"{len(classes)} {classes}; fine-tune a student trained on these stores"
+        )
+        raise StoreError(msg)
+    try:
+        train_rows, val_rows, test_rows, effective = select_expert_rows(rows.labels, count, params, classes)
+    except StoreError as err:
+        raise StoreError(f"{list(rows.paths)}: {err} (check the ea GeoJSON files in the slide sheet)") from err
+    if len(train_rows) < 2:
+        msg = (
+            f"{list(rows.paths)}: only {len(train_rows)} expert-labelled training rows for count={count}; "
+            "need at least 2 (raise the count, lower test_reserve / val_fraction, or add EA annotations)"
+        )
+        raise StoreError(msg)
+    logger.info(
+        "fine-tuning %s (%s) with %d labels per class (requested %d): %d train, %d val, %d test rows",
+        student_model,
+        checkpoint["arch"],
+        effective,
+        count,
+        len(train_rows),
+        len(val_rows),
+        len(test_rows),
+    )
+
+    grid = []
+    for lr, dropout in params.grid:
+        run_dir = _grid_dir(out, lr, dropout)
+        train_params = ClassifierTrainParams(
+            arch=str(checkpoint["arch"]),
+            epochs=params.epochs,
+            batch_size=params.batch_size,
+            lr=lr,
+            dropout=dropout,
+            seed=params.seed,
+        )
+        model_path = train_classifier(
+            nuclei_stores,
+            EXPERT_SET,
+            run_dir,
+            train_params,
+            init_from=student_model,
+            train_indices=train_rows,
+            val_indices=val_rows,
+            device=device,
+        )
+        best = _best_epoch(run_dir / "history.csv")
+        grid.append({"lr": lr, "dropout": dropout, **best, "selected": False, "model": model_path})
+        logger.info("grid point lr=%g dropout=%g: %s", lr, dropout, best)
+
+    if any(math.isfinite(point["val_f1"]) for point in grid):
+        chosen = max(range(len(grid)), key=lambda i: (_finite_or(grid[i]["val_f1"], -math.inf), -i))
+    else:
+        logger.warning("no validation rows for count=%d; choosing the grid point by training loss", count)
+        chosen = min(range(len(grid)), key=lambda i: (_finite_or(grid[i]["train_loss"], math.inf), i))
+    grid[chosen]["selected"] = True
+    best_model = grid[chosen].pop("model")
+    with atomic_path(out / "model.pt") as tmp:
+        shutil.copyfile(best_model, tmp)
+    grid_table = pd.DataFrame([{k: point[k] for k in GRID_COLUMNS} for point in grid])
+    with atomic_path(out / "grid.csv") as tmp:
+        grid_table.to_csv(tmp, index=False)
+    logger.info("selected lr=%g dropout=%g -> %s", grid[chosen]["lr"], grid[chosen]["dropout"], out / "model.pt")
+
+    # Score only the reserved test rows: -1 elsewhere makes summary_row skip them.
+    y_test = np.full(len(rows.labels), -1, dtype=np.int64)
+    y_test[test_rows] = rows.labels[test_rows]
+    table_rows = []
+    for phase, model_path, lr, dropout in (
+        ("before", student_model, math.nan, math.nan),
+        ("after", out / "model.pt", grid[chosen]["lr"], grid[chosen]["dropout"]),
+    ):
+        predictions = predict_logits(model_path, nuclei_stores, device=device).argmax(axis=1)
+        scores = summary_row(y_test, predictions, classes)
+        table_rows.append(
+            {"count": int(count), "effective_count": effective, "phase": phase, "lr": lr, "dropout": dropout, **scores}
+        )
+    table = pd.DataFrame(table_rows)
+    with atomic_path(out / "metrics.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    summary = ", ".join(f"{m} {table.loc[0, m]:.4f} -> {table.loc[1, m]:.4f}" for m in CLASSIFICATION_METRICS)
+    logger.info("fine-tuning on %d EA test nuclei: %s", len(test_rows), summary)
+    return table
+
+
+def _finite_or(value: float, default: float) -> float:
+    return value if math.isfinite(value) else default

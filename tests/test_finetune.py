@@ -1,0 +1,311 @@
+"""Phase IV: expert-row selection, fine-tuning the student over a small grid, and Table 6."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cellkd.errors import ConfigError, StoreError
+from cellkd.report.finetune import TABLE6_TITLE, write_table6
+from cellkd.training.classifier import ClassifierTrainParams, train_classifier
+from cellkd.training.finetune import FinetuneParams, finetune_student, select_expert_rows
+
+CLASSES = ["other", "immune", "muscle", "background"]
+COLOURS = [(150, 30, 40), (30, 30, 150), (40, 150, 40), (205, 170, 195)]  # background = plain eosin pink
+PER_CLASS = 60
+
+
+def blob_store(path: Path, seed: int, ea_fraction: float = 0.8, with_ea: bool = True) -> Path:
+    """A complete nuclei store of 4 x PER_CLASS rows, separable by colour: class c = a disk of COLOURS[c].
+
+    labels/truth = the class; labels/ssa = a lazy annotator: immune and muscle called "other";
+    labels/ea = the class on a random ``ea_fraction`` of the rows, -1 elsewhere; split 60/20/20 %.
+    """
+    rng = np.random.default_rng(seed)
+    n = 4 * PER_CLASS
+    truth = np.repeat(np.arange(4), PER_CLASS)
+    yy, xx = np.mgrid[:32, :32]
+    disk = (yy - 15.5) ** 2 + (xx - 15.5) ** 2 <= 64
+    level0 = np.empty((n, 32, 32, 3), dtype=np.float64)
+    level0[:] = COLOURS[3]
+    level0[:, disk] = np.asarray(COLOURS)[truth][:, None, :]
+    level0 = np.clip(level0 + rng.normal(0, 15, level0.shape), 0, 255).astype(np.uint8)
+    ssa = np.where((truth == 1) | (truth == 2), 0, truth)
+    ea = np.where(rng.random(n) < ea_fraction, truth, -1)
+    split = rng.permutation(np.repeat([0, 1, 2], [int(0.6 * n), int(0.2 * n), n - int(0.8 * n)]))
+    with h5py.File(path, "w") as h5:
+        h5.attrs.update({"complete": True, "slide": path.stem, "stain": "raw", "classes": CLASSES})
+        h5.create_dataset("crops/level0", data=level0)
+        h5.create_dataset("crops/level1", data=level0[:, ::2, ::2])
+        h5.create_dataset("crops/level2", data=level0[:, ::2, ::2])
+        sets = {"truth": truth, "ssa": ssa, **({"ea": ea} if with_ea else {})}
+        for name, values in sets.items():
+            h5.create_dataset(f"labels/{name}", data=values.astype(np.int8))
+        h5.create_dataset("split", data=split.astype(np.int8))
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Train on one thread: on a busy 2-core machine two OpenMP threads contend and run ~10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two blob stores (seeds 0 and 1) of 240 rows each, about 80 % of them expert-labelled."""
+    folder = tmp_path_factory.mktemp("nuclei")
+    return [blob_store(folder / "a.h5", 0), blob_store(folder / "b.h5", 1)]
+
+
+@pytest.fixture(scope="module")
+def student(stores: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """model.pt of an rccnet trained 1 epoch on the lazy ssa labels: it calls immune and muscle "other"."""
+    out = tmp_path_factory.mktemp("student")
+    params = ClassifierTrainParams(arch="rccnet", epochs=1, batch_size=8, lr=1e-3, max_per_class=40, seed=0)
+    return train_classifier(stores, "ssa", out, params, device="cpu")
+
+
+GRID = FinetuneParams(lrs=(1e-3, 1e-7), dropouts=(0.1,), epochs=4, batch_size=8, seed=5)
+
+
+@pytest.fixture(scope="module")
+def finetuned(stores: list[Path], student: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Output folder of ``finetune_student`` with 20 EA labels per class over GRID (lr 1e-3 or 1e-7)."""
+    out = tmp_path_factory.mktemp("finetune") / "n20"
+    finetune_student(student, stores, 20, out, GRID, device="cpu")
+    return out
+
+
+# --------------------------------------------------------------------------------- select_expert_rows
+
+SMALL = np.array([0] * 10 + [-1] * 5 + [1] * 20 + [3] * 4 + [-1] * 3)
+"""EA labels: 10 rows of class 0, 20 of class 1, 4 of class 3 (none of 2), 8 unlabelled. With test_reserve 0.3
+the available rows are floor(0.7 n): 7, 14 and 2; the test rows 3, 6 and 2."""
+
+
+@pytest.mark.parametrize(
+    ("count", "taken", "val", "effective"),
+    [
+        (1, (1, 1, 1), (0, 0, 0), 1),
+        (5, (5, 5, 2), (1, 1, 1), 5),
+        (10, (7, 10, 2), (1, 2, 1), 10),
+        (99, (7, 14, 2), (1, 3, 1), 14),
+    ],
+)
+def test_select_expert_rows_takes_min_of_count_and_available_per_class(
+    count: int, taken: tuple[int, ...], val: tuple[int, ...], effective: int
+) -> None:
+    train, valid, test, got_effective = select_expert_rows(SMALL, count, FinetuneParams())
+    for c, n_taken, n_val in zip((0, 1, 3), taken, val, strict=True):
+        assert np.sum(SMALL[train] == c) == n_taken - n_val
+        assert np.sum(SMALL[valid] == c) == n_val
+    assert [np.sum(SMALL[test] == c) for c in (0, 1, 2, 3)] == [3, 6, 0, 2]
+    assert got_effective == effective
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    labels=st.lists(st.integers(-1, 4), min_size=1, max_size=200).filter(lambda v: max(v) >= 0),
+    counts=st.lists(st.integers(1, 60), min_size=2, max_size=4),
+    seed=st.integers(0, 2**16),
+)
+def test_select_expert_rows_is_disjoint_and_reserves_the_same_test_rows_for_every_count(
+    labels: list[int], counts: list[int], seed: int
+) -> None:
+    ea = np.asarray(labels)
+    params = FinetuneParams(seed=seed)
+    tests = []
+    for count in counts:
+        train, val, test, effective = select_expert_rows(ea, count, params)
+        parts = [set(train.tolist()), set(val.tolist()), set(test.tolist())]
+        assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+        assert np.all(ea[np.concatenate([train, val, test])] >= 0)
+        for c in np.unique(ea[ea >= 0]):
+            n_c = np.sum(ea == c)
+            assert np.sum(ea[test] == c) >= 0.3 * n_c - 1e-9  # at least test_reserve of each class is never trained on
+            assert np.sum(ea[train] == c) + np.sum(ea[val] == c) <= min(count, effective)
+        tests.append(test)
+    assert all(np.array_equal(tests[0], t) for t in tests[1:])
+
+
+def test_select_expert_rows_is_seeded() -> None:
+    first = select_expert_rows(SMALL, 5, FinetuneParams(seed=1))
+    again = select_expert_rows(SMALL, 5, FinetuneParams(seed=1))
+    other = select_expert_rows(SMALL, 5, FinetuneParams(seed=2))
+    assert all(np.array_equal(a, b) for a, b in zip(first[:3], again[:3], strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(first[:3], other[:3], strict=True))
+
+
+def test_select_expert_rows_logs_each_clipped_class(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="cellkd.training.finetune"):
+        select_expert_rows(SMALL, 10, FinetuneParams(), CLASSES)
+    assert "count 10 clipped to 7 for class other" in caplog.text
+    assert "count 10 clipped to 2 for class background" in caplog.text
+    assert "class immune" not in caplog.text  # 14 available >= 10
+
+
+@pytest.mark.parametrize(
+    ("labels", "count", "error", "match"),
+    [
+        (np.full(5, -1), 3, StoreError, "no expert \\(ea\\) labels among the 5 nuclei"),
+        (SMALL, 0, ConfigError, "count=0 must be an integer >= 1"),
+        (np.array([0, -2]), 3, ValueError, "holds -2"),
+        (np.array([[0, 1]]), 3, ValueError, "must be 1-D"),
+    ],
+)
+def test_select_expert_rows_rejects_bad_input(labels: np.ndarray, count: int, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        select_expert_rows(labels, count, FinetuneParams())
+
+
+@pytest.mark.parametrize(
+    ("values", "match"),
+    [
+        ({"lrs": ()}, "lrs=\\(\\) must be positive numbers"),
+        ({"lrs": (1e-3, -1.0)}, "lrs=.* must be positive numbers"),
+        ({"dropouts": (1.0,)}, "dropouts=.* must be numbers in \\[0, 1\\)"),
+        ({"test_reserve": 0.0}, "test_reserve=0.0 must be in \\(0, 1\\)"),
+        ({"val_fraction": 1.0}, "val_fraction=1.0 must be in \\[0, 1\\)"),
+        ({"batch_size": 1}, "batch_size=1 must be >= 2"),
+    ],
+)
+def test_finetune_params_reject_invalid_values(values: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        FinetuneParams(**values)
+
+
+def test_finetune_params_from_dict_turns_lists_into_tuples_and_names_unknown_keys() -> None:
+    params = FinetuneParams.from_dict({"lrs": [1e-3, 1e-4], "dropouts": [0.2]})
+    assert params.lrs == (1e-3, 1e-4) and params.grid == [(1e-3, 0.2), (1e-4, 0.2)]
+    with pytest.raises(ConfigError, match="unknown finetune parameter\\(s\\) \\['lr'\\]"):
+        FinetuneParams.from_dict({"lr": 1e-3})
+
+
+# ------------------------------------------------------------------------------------ finetune_student
+
+
+def test_finetune_student_keeps_the_grid_point_with_the_best_val_f1(finetuned: Path) -> None:
+    grid = pd.read_csv(finetuned / "grid.csv")
+    assert list(grid[["lr", "dropout"]].itertuples(index=False, name=None)) == [(1e-3, 0.1), (1e-7, 0.1)]
+    assert grid["selected"].sum() == 1
+    chosen = grid.loc[grid["selected"]].iloc[0]
+    assert chosen["val_f1"] == grid["val_f1"].max()
+    assert chosen["lr"] == 1e-3  # lr 1e-7 cannot move the lazy student in 4 epochs
+    history = pd.read_csv(finetuned / "lr0.001_do0.1" / "history.csv")
+    assert chosen["val_f1"] == pytest.approx(history["val_f1"].max())
+    assert (finetuned / "model.pt").read_bytes() == (finetuned / "lr0.001_do0.1" / "model.pt").read_bytes()
+
+
+def test_finetune_student_writes_before_and_after_rows_on_the_reserved_test_rows(
+    finetuned: Path, stores: list[Path]
+) -> None:
+    metrics = pd.read_csv(finetuned / "metrics.csv")
+    expected = ["count", "effective_count", "phase", "lr", "dropout", "f1", "accuracy", "precision", "recall"]
+    assert list(metrics.columns) == [*expected, *(f"f1_{c}" for c in CLASSES), "nuclei"]
+    assert metrics["phase"].tolist() == ["before", "after"]
+    assert metrics["count"].tolist() == [20, 20] and metrics["effective_count"].tolist() == [20, 20]
+    assert np.isnan(metrics.loc[0, "lr"]) and metrics.loc[1, "lr"] == 1e-3
+    ea = np.concatenate([h5py.File(p, "r")["labels/ea"][:] for p in stores])
+    _, _, test, _ = select_expert_rows(ea, 20, GRID)
+    assert metrics["nuclei"].tolist() == [len(test), len(test)]
+
+
+def test_finetune_student_improves_on_the_lazy_student(finetuned: Path) -> None:
+    before, after = pd.read_csv(finetuned / "metrics.csv").set_index("phase")["f1"][["before", "after"]]
+    assert before < 0.75  # the student never saw immune or muscle labels
+    assert after >= before - 1e-6
+    assert after > 0.9  # chance is ~0.25 for 4 balanced classes; the colours separate them perfectly
+
+
+@pytest.mark.slow
+def test_finetune_student_scores_every_count_on_the_same_test_rows(
+    stores: list[Path], student: Path, finetuned: Path, tmp_path: Path
+) -> None:
+    params = FinetuneParams(lrs=(1e-3,), dropouts=(0.1,), epochs=1, batch_size=32, seed=5)
+    small = finetune_student(student, stores, 3, tmp_path / "n3", params, device="cpu")
+    reference = pd.read_csv(finetuned / "metrics.csv")
+    assert small.loc[0, "nuclei"] == reference.loc[0, "nuclei"]
+    assert small.loc[0, "f1"] == pytest.approx(reference.loc[0, "f1"])  # same student, same rows
+
+
+def test_finetune_student_needs_expert_labels(student: Path, tmp_path: Path) -> None:
+    store = blob_store(tmp_path / "no_ea.h5", 2, with_ea=False)
+    with pytest.raises(StoreError, match="no label set 'ea'"):
+        finetune_student(student, [store], 10, tmp_path / "out", GRID, device="cpu")
+    empty = blob_store(tmp_path / "empty_ea.h5", 3, ea_fraction=0.0)
+    with pytest.raises(StoreError, match="no expert \\(ea\\) labels .*check the ea GeoJSON"):
+        finetune_student(student, [empty], 10, tmp_path / "out", GRID, device="cpu")
+    assert not (tmp_path / "out" / "model.pt").exists()
+
+
+# -------------------------------------------------------------------------------------------- Table 6
+
+
+def write_metrics(path: Path, count: int, effective: int, before: float, after: float) -> Path:
+    """A metrics.csv as finetune_student writes it (two classes a, b; 30 test nuclei)."""
+    rows = [
+        {
+            "count": count,
+            "effective_count": effective,
+            "phase": "before",
+            "lr": np.nan,
+            "dropout": np.nan,
+            "f1": before,
+        },
+        {"count": count, "effective_count": effective, "phase": "after", "lr": 1e-4, "dropout": 0.3, "f1": after},
+    ]
+    frame = pd.DataFrame(rows)
+    frame["accuracy"] = frame["f1"] + 0.05
+    frame["precision"] = frame["recall"] = frame["f1_a"] = frame["f1_b"] = frame["f1"]
+    frame["nuclei"] = 30
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(path, index=False)
+    return path
+
+
+def test_write_table6_writes_one_row_per_stain_labels_count_with_a_plot(tmp_path: Path) -> None:
+    inputs = {
+        ("raw", "ssa", 50): write_metrics(tmp_path / "raw/ssa/n50.csv", 50, 50, 0.6, 0.7),
+        ("raw", "ssa", 10): write_metrics(tmp_path / "raw/ssa/n10.csv", 10, 10, 0.6, 0.65),
+        ("raw", "ssa", 500): write_metrics(tmp_path / "raw/ssa/n500.csv", 500, 212, 0.6, 0.8),
+        ("macenko", "wsa", 10): write_metrics(tmp_path / "mac/wsa/n10.csv", 10, 10, 0.5, 0.55),
+    }
+    csv, md, png = tmp_path / "t6.csv", tmp_path / "t6.md", tmp_path / "plots/t6.png"
+    table = write_table6(inputs, csv, md, png)
+    keys = list(table[["stain", "labels", "count"]].itertuples(index=False, name=None))
+    assert keys == [("macenko", "wsa", 10), ("raw", "ssa", 10), ("raw", "ssa", 50), ("raw", "ssa", 500)]
+    assert table["f1_after"].tolist() == [0.55, 0.65, 0.7, 0.8]
+    assert table["f1_before"].tolist() == [0.5, 0.6, 0.6, 0.6]
+    assert table["accuracy_after"].tolist() == pytest.approx([0.6, 0.7, 0.75, 0.85])
+    assert table.loc[3, "effective_count"] == 212 and table.loc[3, "lr"] == 1e-4
+    pd.testing.assert_frame_equal(pd.read_csv(csv), table)
+    assert md.read_text().startswith(f"# {TABLE6_TITLE}\n") and "| macenko" in md.read_text()
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob("**/.*.partial"))
+
+
+def test_write_table6_rejects_a_file_under_the_wrong_count(tmp_path: Path) -> None:
+    path = write_metrics(tmp_path / "n10.csv", 10, 10, 0.5, 0.6)
+    with pytest.raises(StoreError, match="n10.csv: holds count 10 but was given for \\('raw', 'ssa', 20\\)"):
+        write_table6({("raw", "ssa", 20): path}, tmp_path / "t.csv", tmp_path / "t.md", tmp_path / "t.png")
+    assert not (tmp_path / "t.csv").exists()
+
+
+def test_write_table6_needs_both_phases(tmp_path: Path) -> None:
+    path = write_metrics(tmp_path / "n10.csv", 10, 10, 0.5, 0.6)
+    pd.read_csv(path).iloc[:1].to_csv(path, index=False)  # only the "before" row
+    with pytest.raises(StoreError, match="n10.csv: no \\['after'\\] row\\(s\\); rerun the fine-tuning rule"):
+        write_table6({("raw", "ssa", 10): path}, tmp_path / "t.csv", tmp_path / "t.md", tmp_path / "t.png")
