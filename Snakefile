@@ -14,6 +14,9 @@ include: "rules/preprocess.smk"
 include: "rules/segmentation.smk"
 include: "rules/nuclei.smk"
 include: "rules/teacher.smk"
+include: "rules/student.smk"
+include: "rules/finetune.smk"
+include: "rules/predict.smk"
 
 
 rule all:

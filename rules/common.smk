@@ -17,7 +17,28 @@ if config["sheet"]:
 else:
     SLIDES = demo_sheet(config["demo"]["slides"])
 
+# Slides to classify with `snakemake predict`: a sheet of their own, or the first training slide.
+if config["predict_sheet"]:
+    PREDICT_SLIDES = load_sheet(config["predict_sheet"], SCHEMAS / "sheet.schema.yaml")
+else:
+    PREDICT_SLIDES = dict(list(SLIDES.items())[:1])
+reused = sorted(
+    s for s in set(PREDICT_SLIDES) & set(SLIDES) if PREDICT_SLIDES[s] != SLIDES[s]
+)
+if reused:
+    raise ConfigError(
+        f"{config['predict_sheet']}: slide ids {reused} are also in the training sheet with other files; rename them"
+    )
+# Every slide that is preprocessed and segmented; training uses SLIDES only.
+ALL_SLIDES = {**SLIDES, **PREDICT_SLIDES}
+PREDICT = config["predict"]
+PREDICT_COUNT = PREDICT["count"] or max(config["finetune"]["counts"])
+
 STAINS = config["stains"]
+if PREDICT["stain"] not in STAINS:
+    raise ConfigError(
+        f"predict.stain {PREDICT['stain']!r} is not in stains {STAINS}; add it or change predict.stain"
+    )
 DATASETS = {d["name"]: d for d in config["public_datasets"]}
 clashes = sorted(set(DATASETS) & set(SLIDES))
 if clashes:
@@ -27,26 +48,27 @@ if clashes:
 
 
 wildcard_constraints:
-    slide="|".join(re.escape(s) for s in SLIDES),
+    slide="|".join(re.escape(s) for s in ALL_SLIDES),
     stain="raw|macenko",
     dataset="|".join(re.escape(d) for d in DATASETS) or "(?!x)x",
     arch="[a-z0-9]+",
     labels="ssa|wsa",
+    per_class=r"\d+",
 
 
 def get_slide_path(wildcards):
-    return SLIDES[wildcards.slide].path
+    return ALL_SLIDES[wildcards.slide].path
 
 
 def get_slide_mpp(wildcards):
-    return SLIDES[wildcards.slide].mpp
+    return ALL_SLIDES[wildcards.slide].mpp
 
 
 def get_rasterize_inputs(wildcards):
     """The raw fragment store plus one named input per annotation set the slide has."""
     return {
         "fragments": f"results/fragments/raw/{wildcards.slide}.h5",
-        **SLIDES[wildcards.slide].annotations,
+        **ALL_SLIDES[wildcards.slide].annotations,
     }
 
 
@@ -96,7 +118,7 @@ def get_nuclei_inputs(wildcards):
     return {
         "predicted": f"results/segmentation/{wildcards.stain}/masks/{wildcards.slide}.h5",
         "fragments": f"results/fragments/{wildcards.stain}/{wildcards.slide}.h5",
-        **SLIDES[wildcards.slide].annotations,
+        **ALL_SLIDES[wildcards.slide].annotations,
     }
 
 
@@ -116,6 +138,35 @@ def get_teacher_train_params(wildcards):
     return {**settings, "arch": wildcards.arch, "seed": config["seed"]}
 
 
+def get_distilled_teacher(wildcards):
+    """The teacher the student learns from: the first configured teacher architecture."""
+    arch = config["teacher"]["archs"][0]
+    return f"results/teacher/{wildcards.stain}/{wildcards.labels}/{arch}/model.pt"
+
+
+def get_student_train_params(wildcards):
+    settings = {k: v for k, v in config["student"].items() if k != "validate_against"}
+    return {**settings, "seed": config["seed"]}
+
+
+def get_expert_nuclei_stores(wildcards):
+    """Nuclei stores of every slide with expert (EA) labels."""
+    return expand(
+        "results/nuclei/{stain}/{slide}.h5",
+        stain=wildcards.stain,
+        slide=slides_with("ea"),
+    )
+
+
+def get_finetune_params(wildcards):
+    settings = {k: v for k, v in config["finetune"].items() if k != "counts"}
+    return {**settings, "seed": config["seed"]}
+
+
+def get_predict_model(wildcards):
+    return f"results/finetune/{PREDICT['stain']}/{PREDICT['labels']}/n{PREDICT_COUNT}/model.pt"
+
+
 def get_final_outputs(wildcards):
     return [
         *expand("results/patches/{stain}/{slide}.h5", stain=STAINS, slide=SLIDES),
@@ -123,6 +174,9 @@ def get_final_outputs(wildcards):
         "results/tables/figure4.csv",
         "results/tables/table3.csv",
         "results/tables/table4.csv",
+        "results/tables/table5.csv",
+        "results/tables/table6.csv",
+        *expand("results/predict/{slide}.geojson", slide=PREDICT_SLIDES),
         *expand(
             "results/segmentation/{stain}/masks/{slide}.h5", stain=STAINS, slide=SLIDES
         ),

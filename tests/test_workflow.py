@@ -14,6 +14,9 @@ import pandas as pd
 import pytest
 import yaml
 
+from cellkd.annotations import read_qupath_geojson
+from cellkd.classes import DEFAULT_CLASSES
+from cellkd.predict import BACKGROUND_CLASS
 from cellkd.store.fragments import FragmentStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,13 +38,17 @@ TINY = {
         "inference": {"tile": 128, "overlap": 32, "batch_size": 4},
     },
     "teacher": {"archs": ["vgg4"], "labels": ["ssa", "wsa"], "epochs": 2, "batch_size": 64},
+    "student": {"epochs": 2, "batch_size": 64},
+    "finetune": {"counts": [5, 10], "lrs": [1e-3], "epochs": 2, "batch_size": 16},
+    # the tiny models may call everything background: export those too, so every nucleus is checked
+    "predict": {"include_background": True},
 }
 
 
 def run_snakemake(workdir: Path, *args: str, config: dict | None = None) -> subprocess.CompletedProcess[str]:
     configfile = workdir / "config.yaml"
     configfile.write_text(yaml.safe_dump(config or TINY))
-    command = [*SNAKEMAKE, "--directory", str(workdir), "--configfile", str(configfile), *args]
+    command = [*SNAKEMAKE, *args, "--directory", str(workdir), "--configfile", str(configfile)]
     return subprocess.run(command, capture_output=True, text=True, timeout=900)
 
 
@@ -160,6 +167,46 @@ def test_workflow_writes_table3_and_table4(demo_run: Path) -> None:
 
 
 @pytest.mark.slow
+def test_workflow_writes_table5_with_student_and_teacher_speeds(demo_run: Path) -> None:
+    table5 = pd.read_csv(demo_run / "results/tables/table5.csv")
+    assert set(zip(table5["stain"], table5["labels"], table5["evaluation"], strict=True)) == {
+        (stain, labels, evaluation)
+        for stain in ("raw", "macenko")
+        for labels in ("ssa", "wsa")
+        for evaluation in ("test", "doctor", "truth")
+    }
+    assert (table5["student_crops_per_s"] > 0).all()
+    assert (table5["teacher_crops_per_s"] > 0).all()
+    with h5py.File(demo_run / "results/student/raw/wsa/teacher_logits.h5") as h5:
+        assert h5["logits"].shape[1] == 4
+
+
+@pytest.mark.slow
+def test_workflow_writes_table6_and_the_finetune_curve(demo_run: Path) -> None:
+    table6 = pd.read_csv(demo_run / "results/tables/table6.csv")
+    assert len(table6) == 2 * 2 * 2  # stains x labels x counts
+    assert set(table6["count"]) == {5, 10}
+    assert (table6["effective_count"] <= table6["count"]).all()
+    for column in ("f1_before", "f1_after", "accuracy_before", "accuracy_after"):
+        assert table6[column].between(0, 1).all()
+    assert (demo_run / "results/report/finetune_curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_workflow_exports_predictions_that_read_back_as_qupath_annotations(demo_run: Path) -> None:
+    path = demo_run / "results/predict/demo0.geojson"
+    collection = json.loads(path.read_text())
+    assert collection["type"] == "FeatureCollection"
+    with h5py.File(demo_run / "results/nuclei/raw/demo0.h5") as h5:
+        assert len(collection["features"]) == len(h5["split"])  # background included: every nucleus
+    feature = collection["features"][0]
+    assert feature["properties"]["objectType"] == "detection"
+    assert feature["geometry"]["coordinates"][0][0] == feature["geometry"]["coordinates"][0][-1]
+    annotations = read_qupath_geojson(path, (*DEFAULT_CLASSES, BACKGROUND_CLASS))
+    assert len(annotations) == len(collection["features"])
+
+
+@pytest.mark.slow
 def test_workflow_writes_a_log_and_benchmark_per_job(demo_run: Path) -> None:
     for rule in ("generate_demo_slide", "extract_fragments", "normalize_stain", "rasterize_annotations"):
         assert (demo_run / f"logs/{rule}/demo0.log").exists(), rule
@@ -237,3 +284,18 @@ def test_public_dataset_named_like_a_slide_is_rejected(tmp_path: Path) -> None:
     result = run_snakemake(tmp_path, "--dry-run", "--cores", "1", config=config)
     assert result.returncode != 0
     assert "also slide ids" in result.stdout + result.stderr
+
+
+def test_predict_target_plans_segmentation_and_export_for_new_unannotated_slides(tmp_path: Path) -> None:
+    (tmp_path / "new.svs").write_bytes(b"")  # only planned, never read, in a dry run
+    (tmp_path / "new.tsv").write_text("slide\tpath\nnewslide\tnew.svs\n")
+    config = {**TINY, "predict_sheet": str(tmp_path / "new.tsv")}
+    result = run_snakemake(tmp_path, "predict", "--dry-run", "--cores", "1", config=config)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    planned = result.stdout
+    assert "results/predict/newslide.geojson" in planned
+    assert "results/segmentation/raw/masks/newslide.h5" in planned
+    assert "results/nuclei/raw/newslide.h5" in planned
+    # a slide without annotations is never rasterized or used for training
+    assert "results/masks/newslide.h5" not in planned
+    assert "results/patches/raw/newslide.h5" not in planned

@@ -144,3 +144,26 @@ __all__ = [
     "export_predictions",
     "probability_measurement",
 ]
+
+
+def classify_nuclei(
+    model_path: PathLike,
+    nuclei_store: PathLike,
+    classes: Sequence[ClassSpec],
+    out_path: PathLike,
+    *,
+    include_background: bool = False,
+) -> int:
+    """Classify every nucleus of ``nuclei_store`` with a trained classifier and export QuPath GeoJSON.
+
+    Returns the number of exported detections (see ``export_predictions``).
+    """
+    import torch
+
+    from cellkd.training.classifier import predict_logits
+
+    logits = torch.from_numpy(predict_logits(model_path, [nuclei_store]))
+    probabilities = torch.softmax(logits, dim=1).numpy()
+    count = export_predictions(nuclei_store, probabilities, classes, out_path, include_background=include_background)
+    logger.info("%s: exported %d of %d nuclei to %s", nuclei_store, count, len(probabilities), out_path)
+    return count

@@ -150,16 +150,20 @@ def evaluate_classifier_stores(
     training_labels: str,
     metrics_csv: PathLike,
     confusion_png: PathLike,
+    extra_columns: Mapping[str, float] | None = None,
 ) -> pd.DataFrame:
     """Score a trained classifier (teacher, student or fine-tuned) -> metrics CSV and a confusion-matrix plot.
 
-    The plot shows the doctor (EA) evaluation when there is one, else the test split.
+    The plot shows the doctor (EA) evaluation when there is one, else the test split. ``extra_columns``
+    (e.g. measured speeds) are appended to every row.
     """
     from cellkd.training.classifier import predict_logits
 
     labels, split, class_names = read_labels(nuclei_stores)
     predictions = predict_logits(model_path, nuclei_stores).argmax(axis=1)
     table, confusions = evaluate_predictions(predictions, labels, split, class_names, training_labels)
+    for column, value in (extra_columns or {}).items():
+        table[column] = value
     with atomic_path(metrics_csv) as tmp:
         table.to_csv(tmp, index=False)
     shown = "doctor" if "doctor" in confusions else "test"
@@ -167,3 +171,27 @@ def evaluate_classifier_stores(
     plot_confusion(confusions[shown], class_names, title, confusion_png)
     logger.info("%s:\n%s", model_path, table.to_string(index=False))
     return table
+
+
+def measure_throughput(model_path: PathLike, nuclei_stores: Sequence[PathLike], repeats: int = 3) -> float:
+    """Crops per second of a classifier over every nucleus of the stores (best of ``repeats`` full passes).
+
+    Reading crops from HDF5 is part of the measurement, as in the workflow's own prediction path.
+    """
+    import time
+
+    from cellkd.training.classifier import predict_logits
+
+    best = float("inf")
+    rows = 0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        rows = len(predict_logits(model_path, nuclei_stores))
+        best = min(best, time.perf_counter() - start)
+    return rows / best if best > 0 else float("nan")
+
+
+def write_table5(metrics_csvs: Mapping[tuple[str, str], PathLike], csv_path: PathLike, md_path: PathLike) -> None:
+    """Table 5: the distilled student per stain and teacher labels (keys ``(stain, labels)``), with speeds."""
+    table = concat_tables(metrics_csvs, ("stain", "labels"))
+    write_table(table, csv_path, md_path, "Table 5: distilled RCCNet student (test split, doctor set, truth)")

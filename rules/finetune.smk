@@ -1,0 +1,54 @@
+rule finetune_student:
+    input:
+        student="results/student/{stain}/{labels}/model.pt",
+        nuclei=get_expert_nuclei_stores,
+    output:
+        model="results/finetune/{stain}/{labels}/n{per_class}/model.pt",
+        metrics="results/finetune/{stain}/{labels}/n{per_class}/metrics.csv",
+    log:
+        "logs/finetune_student/{stain}/{labels}/n{per_class}.log",
+    benchmark:
+        "benchmarks/finetune_student/{stain}/{labels}/n{per_class}.tsv"
+    conda:
+        "../envs/cellkd.yaml"
+    threads: 2
+    resources:
+        mem_mb=mem_mb_by_attempt(4000),
+        runtime=120,
+        gpu=1,
+    params:
+        finetune=get_finetune_params,
+    script:
+        "../scripts/finetune_student.py"
+
+
+rule tabulate_finetune:
+    input:
+        metrics=expand(
+            "results/finetune/{stain}/{labels}/n{per_class}/metrics.csv",
+            stain=STAINS,
+            labels=config["teacher"]["labels"],
+            per_class=config["finetune"]["counts"],
+        ),
+    output:
+        csv=report(
+            "results/tables/table6.csv",
+            caption="../report/table6.rst",
+            category="Phase IV: human in the loop",
+        ),
+        md="results/tables/table6.md",
+        png=report(
+            "results/report/finetune_curve.png",
+            caption="../report/finetune_curve.rst",
+            category="Phase IV: human in the loop",
+        ),
+    log:
+        "logs/tabulate_finetune.log",
+    conda:
+        "../envs/cellkd.yaml"
+    params:
+        stains=STAINS,
+        labels=config["teacher"]["labels"],
+        counts=config["finetune"]["counts"],
+    script:
+        "../scripts/tabulate_finetune.py"

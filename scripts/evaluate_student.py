@@ -1,0 +1,19 @@
+"""Snakemake adapter: score the student like the teachers, and measure student and teacher speed (crops/s)."""
+
+from cellkd.report.classification import evaluate_classifier_stores, measure_throughput
+from cellkd.workflow import limit_threads, log_to
+
+log_to(snakemake.log[0])
+limit_threads(snakemake.threads)
+speeds = {
+    "student_crops_per_s": measure_throughput(snakemake.input.model, snakemake.input.nuclei),
+    "teacher_crops_per_s": measure_throughput(snakemake.input.teacher, snakemake.input.nuclei),
+}
+evaluate_classifier_stores(
+    snakemake.input.model,
+    snakemake.input.nuclei,
+    snakemake.wildcards.labels,
+    snakemake.output.metrics,
+    snakemake.output.confusion,
+    extra_columns=speeds,
+)

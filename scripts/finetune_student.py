@@ -1,0 +1,16 @@
+"""Snakemake adapter: fine-tune the student on N expert labels per class over the lr x dropout grid."""
+
+from pathlib import Path
+
+from cellkd.training.finetune import FinetuneParams, finetune_student
+from cellkd.workflow import limit_threads, log_to
+
+log_to(snakemake.log[0])
+limit_threads(snakemake.threads)
+finetune_student(
+    snakemake.input.student,
+    snakemake.input.nuclei,
+    int(snakemake.wildcards.per_class),
+    Path(snakemake.output.model).parent,
+    FinetuneParams(**snakemake.params.finetune),
+)

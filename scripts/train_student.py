@@ -1,0 +1,16 @@
+"""Snakemake adapter: distill the teacher (cached logits) into the student, keeping the best epoch on SSA."""
+
+from pathlib import Path
+
+from cellkd.training.classifier import ClassifierTrainParams, train_classifier
+from cellkd.workflow import limit_threads, log_to
+
+log_to(snakemake.log[0])
+limit_threads(snakemake.threads)
+train_classifier(
+    snakemake.input.nuclei,
+    snakemake.params.validate_against,
+    Path(snakemake.output.model).parent,
+    ClassifierTrainParams(**snakemake.params.train),
+    teacher_logits=snakemake.input.logits,
+)
