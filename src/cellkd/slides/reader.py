@@ -42,6 +42,9 @@ PLAIN_SUFFIXES: tuple[str, ...] = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 
 SUPPORTED = ", ".join(sorted(set(OPENSLIDE_SUFFIXES) | set(PLAIN_SUFFIXES)))
 
+REREAD_HINT = "copy the file again from its source and check that it opens in QuPath"
+"""What to do about a damaged slide file: part of every 'corrupt or truncated' message."""
+
 MIN_SLIDE_SIZE = 16
 """Smallest slide side (px) accepted: anything smaller cannot hold a nucleus-scale patch."""
 
@@ -115,7 +118,7 @@ class OpenSlideReader(SlideReader):
             self._slide = openslide.OpenSlide(self.path)
         except openslide.OpenSlideError as err:
             raise SlideError(
-                f"{self.path}: OpenSlide cannot open it ({err}); the file may be corrupt or truncated"
+                f"{self.path}: OpenSlide cannot open it ({err}); the file may be corrupt or truncated: {REREAD_HINT}"
             ) from err
         self.dimensions = tuple(int(v) for v in self._slide.dimensions)  # type: ignore[assignment]
         props = self._slide.properties
@@ -131,7 +134,10 @@ class OpenSlideReader(SlideReader):
         try:
             rgba = np.asarray(self._slide.read_region((int(x), int(y)), 0, (int(width), int(height))))
         except openslide.OpenSlideError as err:
-            msg = f"{self.path}: cannot read region x={x} y={y} {width}x{height} ({err}); the file may be corrupt"
+            msg = (
+                f"{self.path}: cannot read region x={x} y={y} {width}x{height} ({err}); "
+                f"the file may be corrupt: {REREAD_HINT}"
+            )
             raise SlideError(msg) from err
         return _composite_on_white(rgba)
 
@@ -140,7 +146,8 @@ class OpenSlideReader(SlideReader):
             # get_thumbnail reads the best pyramid level and composites on the background colour.
             image = np.asarray(self._slide.get_thumbnail((max_size, max_size)).convert("RGB"))
         except openslide.OpenSlideError as err:
-            raise SlideError(f"{self.path}: cannot read a thumbnail ({err}); the file may be corrupt") from err
+            msg = f"{self.path}: cannot read a thumbnail ({err}); the file may be corrupt: {REREAD_HINT}"
+            raise SlideError(msg) from err
         width, height = self.dimensions
         return image, (width / image.shape[1], height / image.shape[0])
 
@@ -166,7 +173,8 @@ class ImageReader(SlideReader):
         except SlideError:
             raise
         except Exception as err:  # tifffile/PIL raise many types for damaged files
-            raise SlideError(f"{self.path}: cannot read image ({err}); the file may be corrupt or truncated") from err
+            msg = f"{self.path}: cannot read image ({err}); the file may be corrupt or truncated: {REREAD_HINT}"
+            raise SlideError(msg) from err
         self._image = image
         self.dimensions = (int(image.shape[1]), int(image.shape[0]))
         self.mpp = _plausible(mpp, self.path)
@@ -251,9 +259,14 @@ def open_slide(path: str | os.PathLike[str], *, min_size: int = MIN_SLIDE_SIZE) 
         # gets a "corrupt or truncated" error from tifffile.
         reader = ImageReader(p)
     elif suffix in OPENSLIDE_SUFFIXES:
-        raise SlideError(f"{p}: OpenSlide does not recognise this {suffix} file; it may be corrupt or truncated")
+        msg = f"{p}: OpenSlide does not recognise this {suffix} file; it may be corrupt or truncated: {REREAD_HINT}"
+        raise SlideError(msg)
     else:
-        raise SlideError(f"{p}: unsupported slide format {suffix or '(no suffix)'!r}; supported: {SUPPORTED}")
+        msg = (
+            f"{p}: unsupported slide format {suffix or '(no suffix)'!r}; supported: {SUPPORTED}; "
+            "convert the slide to a pyramidal TIFF (e.g. vips tiffsave --tile --pyramid) or fix the sheet's path"
+        )
+        raise SlideError(msg)
     width, height = reader.dimensions
     if min(width, height) < min_size:
         reader.close()

@@ -7,6 +7,7 @@ A job that crashes or is killed never leaves a file at the final path, so Snakem
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import uuid
 from collections.abc import Iterator
@@ -29,6 +30,15 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, final)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        # h5py does not always set errno on a full disk, hence the text check too.
+        if err.errno == errno.ENOSPC or "No space left" in str(err):
+            from cellkd.errors import StoreError
+
+            msg = f"{final}: no space left on device while writing it; free space in {final.parent} and rerun"
+            raise StoreError(msg) from err
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
