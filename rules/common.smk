@@ -167,6 +167,25 @@ def get_predict_model(wildcards):
     return f"results/finetune/{PREDICT['stain']}/{PREDICT['labels']}/n{PREDICT_COUNT}/model.pt"
 
 
+def get_training_histories(wildcards):
+    """Every history.csv the run writes, named "<phase>|<model label>" for the curve plot."""
+    histories = {}
+    for stain in STAINS:
+        for arch in config["segmentation"]["archs"]:
+            histories[f"segmentation|{stain}/{arch}"] = (
+                f"results/segmentation/{stain}/{arch}/history.csv"
+            )
+        for labels in config["teacher"]["labels"]:
+            for arch in config["teacher"]["archs"]:
+                histories[f"teacher|{stain}/{labels}/{arch}"] = (
+                    f"results/teacher/{stain}/{labels}/{arch}/history.csv"
+                )
+            histories[f"student|{stain}/{labels}"] = (
+                f"results/student/{stain}/{labels}/history.csv"
+            )
+    return histories
+
+
 def get_final_outputs(wildcards):
     return [
         *expand("results/patches/{stain}/{slide}.h5", stain=STAINS, slide=SLIDES),
@@ -176,6 +195,7 @@ def get_final_outputs(wildcards):
         "results/tables/table4.csv",
         "results/tables/table5.csv",
         "results/tables/table6.csv",
+        "results/report/training_curves.png",
         *expand("results/predict/{slide}.geojson", slide=PREDICT_SLIDES),
         *expand(
             "results/segmentation/{stain}/masks/{slide}.h5", stain=STAINS, slide=SLIDES

@@ -207,6 +207,11 @@ def test_workflow_exports_predictions_that_read_back_as_qupath_annotations(demo_
 
 
 @pytest.mark.slow
+def test_workflow_plots_training_curves_of_every_model(demo_run: Path) -> None:
+    assert (demo_run / "results/report/training_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
 def test_workflow_writes_a_log_and_benchmark_per_job(demo_run: Path) -> None:
     for rule in ("generate_demo_slide", "extract_fragments", "normalize_stain", "rasterize_annotations"):
         assert (demo_run / f"logs/{rule}/demo0.log").exists(), rule
