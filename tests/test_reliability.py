@@ -563,3 +563,13 @@ def test_writers_never_modify_their_inputs(inputs: dict[str, str], tmp_path: Pat
 
 if __name__ == "__main__" and sys.argv[1:2] == ["child"]:
     _child_main(*sys.argv[2:6])
+
+
+def test_sheet_row_with_missing_trailing_cells_reads_them_as_empty(tmp_path: Path) -> None:
+    (tmp_path / "a.svs").write_bytes(b"")
+    (tmp_path / "a.ssa.geojson").write_text("{}")
+    sheet = tmp_path / "slides.tsv"
+    sheet.write_text("slide\tpath\tssa\twsa\tea\tmpp\na\ta.svs\ta.ssa.geojson\n")
+    entries = load_sheet(sheet, REPO / "schemas" / "sheet.schema.yaml")
+    assert entries["a"].mpp is None
+    assert set(entries["a"].annotations) == {"ssa"}

@@ -101,6 +101,8 @@ def load_sheet(sheet_path: str | os.PathLike[str], schema_path: str | os.PathLik
     if not sheet_path.is_file():
         raise ConfigError(f"{sheet_path}: slide sheet not found; set sheet: in workflow_config.yaml to a TSV file")
     table = pd.read_csv(sheet_path, sep="\t", dtype=str, keep_default_na=False, comment="#")
+    # A row with fewer fields than the header (trailing empty cells dropped by an editor) reads as NaN.
+    table = table.fillna("")
     table.columns = [c.strip() for c in table.columns]
     if table.empty:
         raise ConfigError(f"{sheet_path}: the slide sheet lists no slides")
