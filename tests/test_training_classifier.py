@@ -123,13 +123,7 @@ def make_store(path: Path, seed: int, n: int) -> Path:
     return write_nuclei_store(path, crops, {"ssa": truth, "wsa": wsa}, random_split(seed + 100, n))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Train on one thread: on a busy 2-core machine two OpenMP threads contend and run ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

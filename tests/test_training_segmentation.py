@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import logging
 import math
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -95,13 +94,7 @@ def blob_patches(seed: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return images, ssa, wsa
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Train on one thread: on a busy 2-core machine two OpenMP threads contend and run ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
