@@ -46,6 +46,7 @@ from cellkd.metrics.classification import confusion_matrix, metrics_from_confusi
 from cellkd.models import INPUT_SHAPES, MODEL_REGISTRY, SEGMENTATION_ARCHS, classifier_input, create_model
 from cellkd.store.atomic import atomic_h5, atomic_write_text
 from cellkd.training.common import (
+    SPLITS,
     PathLike,
     data_fingerprint,
     epoch_seed,
@@ -64,8 +65,6 @@ from cellkd.workflow import progress
 
 logger = logging.getLogger(__name__)
 
-SPLITS: dict[str, int] = {"train": 0, "val": 1, "test": 2}
-"""Values of the nuclei store's ``split`` dataset."""
 
 CHECKPOINT_FORMAT = "cellkd.classifier/1"
 LOGITS_FORMAT = "cellkd.teacher_logits/1"

@@ -28,6 +28,9 @@ logger = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]
 
+SPLITS: dict[str, int] = {"train": 0, "val": 1, "test": 2}
+"""Values of the ``split`` dataset of patch and nuclei stores."""
+
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``device``, or CUDA when available and CPU otherwise when None."""

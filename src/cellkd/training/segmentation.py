@@ -29,6 +29,7 @@ from cellkd.metrics import PixelCounts, pixel_counts, pixel_metrics
 from cellkd.models.segmentation import SEGMENTATION_ARCHS, create_segmentation_model, preprocess
 from cellkd.store.atomic import atomic_write_text
 from cellkd.training.common import (
+    SPLITS,
     PathLike,
     data_fingerprint,
     epoch_seed,
@@ -46,8 +47,6 @@ from cellkd.workflow import progress
 
 logger = logging.getLogger(__name__)
 
-SPLITS: dict[str, int] = {"train": 0, "val": 1, "test": 2}
-"""Values of the patch store's ``split`` dataset."""
 
 CHECKPOINT_FORMAT = "cellkd.segmentation/1"
 HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_dice", "seconds")
