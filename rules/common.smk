@@ -197,6 +197,7 @@ def get_final_outputs(wildcards):
         "results/tables/table6.csv",
         "results/report/training_curves.png",
         *expand("results/predict/{slide}.geojson", slide=PREDICT_SLIDES),
+        *expand("results/report/overlays/{slide}.png", slide=PREDICT_SLIDES),
         *expand(
             "results/segmentation/{stain}/masks/{slide}.h5", stain=STAINS, slide=SLIDES
         ),

@@ -242,6 +242,13 @@ def test_read_empty_collection_raises(tmp_path: Path, data: Any) -> None:
         read_qupath_geojson(write_json(tmp_path / "a.geojson", data), CLASSES)
 
 
+@pytest.mark.parametrize("data", [{"type": "FeatureCollection", "features": []}, []])
+def test_read_empty_collection_allowed_gives_an_empty_frame(tmp_path: Path, data: Any) -> None:
+    frame = read_qupath_geojson(write_json(tmp_path / "a.geojson", data), CLASSES, allow_empty=True)
+    assert frame.empty
+    assert list(frame.columns) == ["class_index", "feature_index", "geometry"]
+
+
 def test_read_unknown_class_lists_expected_names_and_fix(tmp_path: Path) -> None:
     features = [feature(square(0, 0, 4)), feature(square(8, 0, 4), "Tumour"), feature(square(16, 0, 4), "Tumour")]
     with pytest.raises(AnnotationError) as info:

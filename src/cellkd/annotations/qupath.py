@@ -93,7 +93,7 @@ def class_lookup(classes: Sequence[ClassSpec]) -> dict[str, int]:
     return lookup
 
 
-def _load_features(path: Path) -> list[Any]:
+def _load_features(path: Path, allow_empty: bool = False) -> list[Any]:
     """The list of features in a QuPath GeoJSON file (FeatureCollection, bare list or single Feature)."""
     try:
         with path.open("rb") as stream:
@@ -118,7 +118,7 @@ def _load_features(path: Path) -> list[Any]:
         found = data.get("type") if isinstance(data, dict) else type(data).__name__
         msg = f"{path}: not GeoJSON: expected a FeatureCollection or a list of Features, found {found!r}; {EXPORT_HINT}"
         raise AnnotationError(msg)
-    if not features:
+    if not features and not allow_empty:
         raise AnnotationError(f"{path}: no features; {EXPORT_HINT}")
     return features
 
@@ -195,7 +195,9 @@ def _build_geometries(path: Path, geometries: list[Mapping[str, Any]], feature_i
     return out
 
 
-def read_qupath_geojson(path: str | os.PathLike[str], classes: Sequence[ClassSpec]) -> gpd.GeoDataFrame:
+def read_qupath_geojson(
+    path: str | os.PathLike[str], classes: Sequence[ClassSpec], *, allow_empty: bool = False
+) -> gpd.GeoDataFrame:
     """Read nucleus polygons and their classes from a QuPath GeoJSON export.
 
     Returns a GeoDataFrame with one row per usable feature: ``geometry`` (shapely Polygon or
@@ -206,10 +208,12 @@ def read_qupath_geojson(path: str | os.PathLike[str], classes: Sequence[ClassSpe
     Features with Point/LineString geometry or no geometry are skipped with a logged warning;
     self-intersecting polygons are repaired with ``shapely.make_valid`` (polygonal parts kept).
     Raises ``AnnotationError`` for a file that is not (QuPath) GeoJSON, has no features, has
-    unclassified or unknown-class features, or has no polygon left after skipping.
+    unclassified or unknown-class features, or has no polygon left after skipping. With
+    ``allow_empty`` (cellkd's own predictions for a slide with no nucleus), a file with no features
+    gives an empty frame instead.
     """
     with gc_paused():
-        return _read_qupath_geojson(Path(path), classes)
+        return _read_qupath_geojson(Path(path), classes, allow_empty)
 
 
 @dataclass
@@ -290,8 +294,11 @@ def _report(path: Path, collected: _Collected, classes: Sequence[ClassSpec]) -> 
             log.warning("%s: " + text, path, len(indices), _indices_text(indices))
 
 
-def _read_qupath_geojson(path: Path, classes: Sequence[ClassSpec]) -> gpd.GeoDataFrame:
-    features = _load_features(path)
+def _read_qupath_geojson(path: Path, classes: Sequence[ClassSpec], allow_empty: bool) -> gpd.GeoDataFrame:
+    features = _load_features(path, allow_empty)
+    if not features:
+        empty = np.zeros(0, dtype=np.int64)
+        return gpd.GeoDataFrame({"class_index": empty, "feature_index": empty}, geometry=gpd.GeoSeries([]))
     collected = _collect(path, features, class_lookup(classes))
     _report(path, collected, classes)
     feature_index = np.asarray(collected.feature_index, dtype=np.int64)
