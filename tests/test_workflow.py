@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -20,6 +25,7 @@ from cellkd.predict import BACKGROUND_CLASS
 from cellkd.store.fragments import FragmentStore
 
 REPO = Path(__file__).resolve().parents[1]
+STAIN_LABELS = [(stain, labels) for stain in ("raw", "macenko") for labels in ("ssa", "wsa")]
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile")]
 
 TINY = {
@@ -223,6 +229,122 @@ def test_workflow_rerun_has_nothing_to_do(demo_run: Path) -> None:
     result = run_snakemake(demo_run, "--cores", "1", "--dry-run")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def planned_jobs(dry_run_output: str) -> dict[str, int]:
+    """Rule -> job count from the "Job stats" table of `snakemake --dry-run`."""
+    lines = dry_run_output.split("Job stats:", 1)[1].splitlines()
+    counts = {}
+    for line in lines[3:]:
+        if not line.strip():
+            break
+        rule, count = line.split()
+        counts[rule] = int(count)
+    return counts
+
+
+@pytest.mark.slow
+def test_changing_a_student_parameter_reruns_only_the_rules_that_depend_on_it(demo_run: Path) -> None:
+    config = {**TINY, "student": {**TINY["student"], "epochs": TINY["student"]["epochs"] + 1}}
+    result = run_snakemake(demo_run, "--dry-run", "--cores", "1", config=config)
+    assert result.returncode == 0, result.stderr[-2000:]
+    planned = planned_jobs(result.stdout)
+    assert planned.pop("total") == sum(planned.values())
+    assert planned == {
+        "train_student": 4,  # 2 stains x 2 label sets
+        "evaluate_student": 4,
+        "tabulate_students": 1,
+        "finetune_student": 8,  # starts from the student
+        "tabulate_finetune": 1,
+        "classify_slide": 1,
+        "plot_prediction_overlay": 1,
+        "plot_training_curves": 1,
+        "all": 1,
+    }
+    # Snakemake sees the parameter itself change on the student, and everything else only follows from it
+    assert result.stdout.count("Params have changed since last execution") == planned["train_student"]
+
+
+def embedded_json(html: str, variable: str) -> dict:
+    """The object that the Snakemake report's page script assigns to ``var <variable> = {...}``."""
+    decoder = json.JSONDecoder()
+    for match in re.finditer(rf"var {variable} = ", html):
+        with contextlib.suppress(json.JSONDecodeError):
+            value, _ = decoder.raw_decode(html, match.end())
+            if isinstance(value, dict):
+                return value
+    raise AssertionError(f"no `var {variable} = {{...}}` object in the report")
+
+
+@pytest.mark.slow
+def test_report_holds_every_table_and_plot_with_a_caption(demo_run: Path) -> None:
+    result = run_snakemake(demo_run, "--cores", "1", "--report", "report.html")
+    assert result.returncode == 0, result.stderr[-2000:]
+    html = (demo_run / "report.html").read_text()
+    categories, results = embedded_json(html, "categories"), embedded_json(html, "results")
+    entries = {
+        path: category
+        for category, subcategories in categories.items()
+        for paths in subcategories.values()
+        for path in paths
+    }
+    expected = {
+        **{f"results/tables/table{n}.csv": None for n in range(2, 7)},
+        "results/report/figure4.png": "Phase I: segmentation",
+        "results/report/training_curves.png": "Training curves",
+        "results/report/finetune_curve.png": "Phase IV: human in the loop",
+        "results/report/overlays/demo0.png": "Phase IV: human in the loop",
+        **{f"results/teacher/{s}/{lab}/vgg4/confusion.png": "Phase II: labels and teachers" for s, lab in STAIN_LABELS},
+        **{f"results/student/{s}/{lab}/confusion.png": "Phase III: student" for s, lab in STAIN_LABELS},
+    }
+    assert set(entries) == set(expected)
+    for path, category in expected.items():
+        assert category is None or entries[path] == category, path
+        # every entry is embedded with its caption, so the report reads without the results folder
+        assert results[path]["data_uri"].startswith("data:"), path
+        assert len(results[path]["caption"]) > 40, path
+
+
+@pytest.mark.slow
+def test_killed_training_rule_resumes_from_its_last_epoch(tmp_path: Path) -> None:
+    epochs = 30
+    config = {
+        **TINY,
+        "stains": ["raw"],
+        "segmentation": {**TINY["segmentation"], "archs": ["unet"], "epochs": epochs, "max_patches_per_epoch": 16},
+    }
+    target = "results/segmentation/raw/unet/model.pt"
+    checkpoint = tmp_path / "results/segmentation/raw/unet/last.pt"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    command = [*SNAKEMAKE, target, "--cores", "2", "--directory", str(tmp_path), "--configfile", "config.yaml"]
+
+    # Ctrl-C while it trains: SIGINT to snakemake and its job, as a terminal sends it to the foreground group
+    # (SIGTERM would let snakemake finish the running job first)
+    run = subprocess.Popen(
+        command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    deadline = time.monotonic() + 600
+    while not checkpoint.exists() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)  # a few more epochs
+    assert run.poll() is None, "training finished before it could be interrupted: raise `epochs`"
+    os.killpg(run.pid, signal.SIGINT)
+    stderr = run.communicate(timeout=120)[1]
+    assert run.returncode != 0
+    assert not (tmp_path / target).exists(), "an interrupted training rule left its model behind"
+    assert checkpoint.exists(), stderr[-2000:]
+
+    rerun = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    log = (tmp_path / "logs/train_segmentation/raw/unet.log").read_text()
+    resumed = re.search(r"resuming from .*last\.pt after epoch (\d+)", log)
+    assert resumed, log[-2000:]
+    done_before = int(resumed.group(1))
+    assert 1 <= done_before < epochs
+    # the rerun trained only the epochs that were left
+    assert len(re.findall(rf"epoch \d+/{epochs}: train loss", log)) == epochs - done_before
+    history = pd.read_csv(tmp_path / "results/segmentation/raw/unet/history.csv")
+    assert history["epoch"].tolist() == list(range(1, epochs + 1))
 
 
 def test_dry_run_of_default_config_plans_every_preprocessing_rule(tmp_path: Path) -> None:
