@@ -468,7 +468,7 @@ def bench_inference(ctx: Context) -> list[Row]:
     import h5py
     import torch
 
-    from cellkd.inference import _read_window, predict_fragment
+    from cellkd.inference import predict_fragment, read_window
     from cellkd.models import create_segmentation_model, preprocess
     from cellkd.store.fragments import CHUNK, FragmentStore
 
@@ -498,9 +498,7 @@ def bench_inference(ctx: Context) -> list[Row]:
     origins = [(y, x) for y in range(0, side, stride) for x in range(0, side, stride)]
     n_tiles = len(origins)
     batches = [
-        preprocess(
-            np.stack([_read_window(image, y - margin, x - margin, tile) for y, x in origins[s : s + batch_size]])
-        )
+        preprocess(np.stack([read_window(image, y - margin, x - margin, tile) for y, x in origins[s : s + batch_size]]))
         for s in range(0, n_tiles, batch_size)
     ]
     with torch.inference_mode():
@@ -580,7 +578,7 @@ def bench_distill(ctx: Context) -> list[Row]:
     from cellkd.models import classifier_input, create_model
     from cellkd.training.classifier import (
         ClassifierTrainParams,
-        _augment,  # the trainer's own augmentation, so that both loops do the same work
+        augment_dihedral,  # the trainer's own augmentation, so that both loops do the same work
         cache_teacher_logits,
         distillation_loss,
         load_classifier,
@@ -631,7 +629,7 @@ def bench_distill(ctx: Context) -> list[Row]:
         rot, flip = rng.integers(4, size=len(crops)), rng.integers(2, size=len(crops))
         for batch in np.array_split(order, math.ceil(len(crops) / params.batch_size)):
             index = torch.from_numpy(batch)
-            x = classifier_input(_augment(crops[index], rot[batch], flip[batch]))
+            x = classifier_input(augment_dihedral(crops[index], rot[batch], flip[batch]))
             teacher_began = time.perf_counter()
             with torch.inference_mode():
                 soft = teacher_model(x).float()

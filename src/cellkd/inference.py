@@ -43,7 +43,7 @@ def _check_tiling(tile: int, overlap: int, batch_size: int) -> None:
         raise ConfigError(f"batch_size={batch_size} must be >= 1")
 
 
-def _read_window(image: ArrayLike, y: int, x: int, tile: int) -> np.ndarray:
+def read_window(image: ArrayLike, y: int, x: int, tile: int) -> np.ndarray:
     """uint8 (tile, tile, 3) window of ``image`` with origin (y, x) (may be negative); zeros outside."""
     height, width = image.shape[:2]
     window = np.zeros((tile, tile, 3), dtype=np.uint8)
@@ -100,7 +100,7 @@ def predict_fragment(
     rows: dict[int, tuple[np.ndarray, int]] = {}  # block row y -> (strip buffer, blocks still missing)
 
     def load(batch: list[tuple[int, int]]) -> torch.Tensor:
-        windows = np.stack([_read_window(image, y - margin, x - margin, tile) for y, x in batch])
+        windows = np.stack([read_window(image, y - margin, x - margin, tile) for y, x in batch])
         return preprocess(windows)
 
     def store(y: int, x: int, prob: np.ndarray) -> None:

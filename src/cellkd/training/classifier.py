@@ -169,7 +169,7 @@ def distillation_loss(
 
 
 @dataclass(frozen=True)
-class _Rows:
+class NucleusRows:
     """Concatenated stores: rows per store, stains, class names, split (N,) and labels (N,) of one set (-1 = none)."""
 
     paths: tuple[str, ...]
@@ -203,7 +203,7 @@ def _open_nuclei_store(path: PathLike) -> h5py.File:
     return h5
 
 
-def _read_rows(nuclei_stores: Sequence[PathLike], label_set: str | None) -> _Rows:
+def read_nucleus_rows(nuclei_stores: Sequence[PathLike], label_set: str | None) -> NucleusRows:
     """Metadata of the concatenated stores; ``label_set`` None reads no labels (all -1)."""
     if not nuclei_stores:
         raise StoreError("no nuclei stores given; pass at least one results/nuclei/{stain}/{slide}.h5")
@@ -240,7 +240,7 @@ def _read_rows(nuclei_stores: Sequence[PathLike], label_set: str | None) -> _Row
             f"{len(classes)} classes {list(classes)}; rebuild the stores"
         )
     paths = tuple(str(p) for p in nuclei_stores)
-    return _Rows(paths, tuple(sizes), tuple(stains), classes, np.concatenate(splits), all_labels)
+    return NucleusRows(paths, tuple(sizes), tuple(stains), classes, np.concatenate(splits), all_labels)
 
 
 def _crop_chunk(h5: h5py.File, input_kind: str, start: int, stop: int) -> npt.NDArray[np.uint8]:
@@ -255,7 +255,7 @@ def _crop_chunk(h5: h5py.File, input_kind: str, start: int, stop: int) -> npt.ND
     raise ValueError(f"input_kind {input_kind!r} is unknown; expected 'level0' or 'multiscale'")
 
 
-def _iter_store_chunks(rows: _Rows, input_kind: str, chunk: int) -> Iterator[tuple[int, npt.NDArray[np.uint8]]]:
+def _iter_store_chunks(rows: NucleusRows, input_kind: str, chunk: int) -> Iterator[tuple[int, npt.NDArray[np.uint8]]]:
     """(first global row, crops uint8 (n, S, S, C)) for consecutive chunks of every store, in order."""
     for path, offset in zip(rows.paths, rows.offsets[:-1], strict=True):
         with _open_nuclei_store(path) as h5:
@@ -264,7 +264,7 @@ def _iter_store_chunks(rows: _Rows, input_kind: str, chunk: int) -> Iterator[tup
                 yield int(offset) + start, _crop_chunk(h5, input_kind, start, min(start + chunk, n))
 
 
-def _load_crops(rows: _Rows, selected: npt.NDArray[np.int64], input_kind: str) -> torch.Tensor:
+def _load_crops(rows: NucleusRows, selected: npt.NDArray[np.int64], input_kind: str) -> torch.Tensor:
     """uint8 (len(selected), S, S, C) crops of the global rows ``selected`` (any order), read chunk by chunk."""
     order = np.argsort(selected, kind="stable")
     ordered = selected[order]
@@ -305,7 +305,7 @@ def cache_teacher_logits(
     that logits never meet the wrong rows (e.g. raw-stain logits with the macenko stores of the same slides).
     """
     logits = predict_logits(model_path, nuclei_stores, batch_size=batch_size, device=device)
-    rows = _read_rows(nuclei_stores, None)
+    rows = read_nucleus_rows(nuclei_stores, None)
     with atomic_h5(out_path) as h5:
         h5.attrs.update(
             {
@@ -340,7 +340,7 @@ def load_teacher_logits(path: PathLike, nuclei_stores: Sequence[PathLike]) -> np
             )
         )
         logits = h5["logits"][:].astype(np.float32, copy=False)
-    rows = _read_rows(nuclei_stores, None)
+    rows = read_nucleus_rows(nuclei_stores, None)
     expected = list(zip([Path(p).name for p in rows.paths], rows.stains, rows.sizes, strict=True))
     if cached != expected:
         msg = (
@@ -360,7 +360,7 @@ def load_teacher_logits(path: PathLike, nuclei_stores: Sequence[PathLike]) -> np
 def _checkpoint(
     model: nn.Module,
     params: ClassifierTrainParams,
-    rows: _Rows,
+    rows: NucleusRows,
     label_set: str,
     *,
     epoch: int,
@@ -387,7 +387,8 @@ def _checkpoint(
     }
 
 
-def _read_checkpoint(model_path: PathLike) -> dict[str, Any]:
+def read_classifier_checkpoint(model_path: PathLike) -> dict[str, Any]:
+    """The checkpoint dict of a classifier ``model.pt`` (arch, state dict, classes, ...); checks its format."""
     checkpoint = torch_load(model_path, rule="the classifier training rule")
     if checkpoint.get("format") != CHECKPOINT_FORMAT:
         msg = (
@@ -403,7 +404,7 @@ def load_classifier(model_path: PathLike, device: str | torch.device | None = No
 
     The model maps ``classifier_input(crops)`` to logits (B, K) and has ``input_kind``.
     """
-    return _model_from_checkpoint(_read_checkpoint(model_path), device)
+    return _model_from_checkpoint(read_classifier_checkpoint(model_path), device)
 
 
 def _model_from_checkpoint(checkpoint: dict[str, Any], device: str | torch.device | None) -> nn.Module:
@@ -415,7 +416,7 @@ def _model_from_checkpoint(checkpoint: dict[str, Any], device: str | torch.devic
 # --------------------------------------------------------------------------------------- training
 
 
-def _augment(crops: torch.Tensor, rot: npt.NDArray[np.int64], flip: npt.NDArray[np.int64]) -> torch.Tensor:
+def augment_dihedral(crops: torch.Tensor, rot: npt.NDArray[np.int64], flip: npt.NDArray[np.int64]) -> torch.Tensor:
     """Rotate crop i (B, S, S, C) by ``rot[i]`` x 90 degrees, then mirror it when ``flip[i]``: the dihedral group."""
     out = torch.empty_like(crops)
     for k in range(4):
@@ -505,7 +506,7 @@ def _train_epoch(
     total = 0.0
     for batch in progress(batches, desc=f"epoch {epoch}/{params.epochs}", total=len(batches)):
         index = torch.from_numpy(batch).to(crops.device)
-        x = classifier_input(_augment(crops[index], rot[batch], flip[batch]))
+        x = classifier_input(augment_dihedral(crops[index], rot[batch], flip[batch]))
         logits = model(x)
         teacher = None if soft is None else soft[index]
         loss = distillation_loss(
@@ -519,7 +520,7 @@ def _train_epoch(
 
 
 def _init_weights(model: nn.Module, init_from: PathLike, params: ClassifierTrainParams, num_classes: int) -> None:
-    checkpoint = _read_checkpoint(init_from)
+    checkpoint = read_classifier_checkpoint(init_from)
     if checkpoint["arch"] != params.arch or checkpoint["num_classes"] != num_classes:
         msg = (
             f"{init_from}: init_from holds a {checkpoint['arch']} with {checkpoint['num_classes']} classes, but this "
@@ -561,7 +562,7 @@ def train_classifier(
     if params.w_kd > 0 and teacher_logits is None:
         raise ConfigError(f"w_kd={params.w_kd} needs teacher_logits (soft targets); pass them or set w_kd=0")
 
-    rows = _read_rows(nuclei_stores, label_set)
+    rows = read_nucleus_rows(nuclei_stores, label_set)
     num_classes, total = len(rows.classes), len(rows.labels)
     soft_all = None if teacher_logits is None else load_teacher_logits(teacher_logits, nuclei_stores)
     targets_all = rows.labels if soft_all is None else soft_all.argmax(axis=1).astype(np.int64)
@@ -720,9 +721,9 @@ def predict_logits(
 ) -> npt.NDArray[np.float32]:
     """float32 (N_total, K) logits of every row of ``nuclei_stores`` (store order), crops streamed from disk."""
     dev = resolve_device(device)
-    checkpoint = _read_checkpoint(model_path)
+    checkpoint = read_classifier_checkpoint(model_path)
     model = _model_from_checkpoint(checkpoint, dev)
-    rows = _read_rows(nuclei_stores, None)
+    rows = read_nucleus_rows(nuclei_stores, None)
     num_classes = int(checkpoint["num_classes"])
     if num_classes != len(rows.classes):
         raise StoreError(
@@ -757,7 +758,7 @@ def evaluate_classifier(
     """
     if split not in SPLITS:
         raise ConfigError(f"split {split!r} is unknown; expected one of {list(SPLITS)}")
-    rows = _read_rows(nuclei_stores, label_set)
+    rows = read_nucleus_rows(nuclei_stores, label_set)
     if logits is None:
         logits = predict_logits(model_path, nuclei_stores, batch_size=batch_size, device=device)
     logits = np.asarray(logits)

@@ -38,9 +38,9 @@ from cellkd.report.classification import summary_row
 from cellkd.store.atomic import atomic_path
 from cellkd.training.classifier import (
     ClassifierTrainParams,
-    _read_checkpoint,
-    _read_rows,
     predict_logits,
+    read_classifier_checkpoint,
+    read_nucleus_rows,
     train_classifier,
 )
 from cellkd.training.common import PathLike
@@ -206,8 +206,8 @@ def finetune_student(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    checkpoint = _read_checkpoint(student_model)
-    rows = _read_rows(nuclei_stores, EXPERT_SET)
+    checkpoint = read_classifier_checkpoint(student_model)
+    rows = read_nucleus_rows(nuclei_stores, EXPERT_SET)
     classes = list(rows.classes)
     if int(checkpoint["num_classes"]) != len(classes):
         msg = (
