@@ -173,7 +173,10 @@ def test_segment_fragment_store_writes_one_mask_per_fragment(
     model_path: Path, fragment_store: Path, tmp_path: Path, level: int
 ) -> None:
     out = tmp_path / "masks" / "s1.h5"
-    segment_fragment_store(model_path, fragment_store, out, level=level, threshold=0.5, tile=TILE, overlap=16)
+    # on the CPU both ways give bit-identical masks; CUDA vs CPU is checked, with a tolerance, below
+    segment_fragment_store(
+        model_path, fragment_store, out, level=level, threshold=0.5, tile=TILE, overlap=16, device="cpu"
+    )
     model = load_segmentation_model(model_path, "cpu")
     with h5py.File(out) as h5, h5py.File(fragment_store) as source:
         assert h5.attrs["complete"] and h5.attrs["slide"] == "s1" and h5.attrs["threshold"] == 0.5
@@ -194,6 +197,25 @@ def test_segment_fragment_store_writes_one_mask_per_fragment(
             expected = predict_fragment(model, image, tile=TILE, overlap=16, threshold=0.5)
             assert np.array_equal(mask, expected)
     assert not list(out.parent.glob("*.partial"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: run it on a GPU machine")
+def test_segmentation_on_cuda_agrees_with_the_cpu(model_path: Path, fragment_store: Path, tmp_path: Path) -> None:
+    """cuDNN's convolutions (TF32 where allowed) round differently: probabilities agree closely, not bitwise."""
+    with h5py.File(fragment_store) as source:
+        image = source["fragments/f000/level0"][:]
+    on_cpu = predict_fragment(load_segmentation_model(model_path, "cpu"), image, tile=TILE, overlap=16)
+    on_cuda = predict_fragment(load_segmentation_model(model_path, "cuda"), image, tile=TILE, overlap=16)
+    assert on_cuda.shape == on_cpu.shape
+    assert np.abs(on_cuda - on_cpu).max() < 1e-2
+
+    masks = {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / f"{device}.h5"
+        segment_fragment_store(model_path, fragment_store, out, tile=TILE, overlap=16, device=device)
+        with h5py.File(out) as h5:
+            masks[device] = np.concatenate([h5[f"fragments/{f.name}/level0"][:].ravel() for f in FRAGMENTS])
+    assert (masks["cpu"] == masks["cuda"]).mean() > 0.99
 
 
 def test_segment_fragment_store_missing_model_leaves_no_output(fragment_store: Path, tmp_path: Path) -> None:
