@@ -85,14 +85,13 @@ def plot_prediction_overlay(
     whole_ax.set_title(f"{fragment.name}: {len(centroids)} nuclei (box: right panel)")
 
     detail_ax.imshow(detail, extent=(x0, x0 + detail.shape[1], y0 + detail.shape[0], y0))
-    in_window = [
-        i for i, (x, y) in enumerate(centroids) if x0 <= x < x0 + detail.shape[1] and y0 <= y < y0 + detail.shape[0]
-    ]
+    x, y = centroids[:, 0], centroids[:, 1]
+    in_window = np.flatnonzero((x >= x0) & (x < x0 + detail.shape[1]) & (y >= y0) & (y < y0 + detail.shape[0]))
     detail_ax.add_collection(
         PolyCollection(
             [outlines[i] for i in in_window],
             facecolors="none",
-            edgecolors=colours[class_index[in_window]] if in_window else "none",
+            edgecolors=colours[class_index[in_window]] if len(in_window) else "none",
             linewidths=1.2,
         )
     )
