@@ -22,6 +22,7 @@ Writes ``benchmarks/results.csv`` (one row per table row, plus a notes column).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import math
@@ -67,8 +68,16 @@ def _met(ok: bool | None) -> str:
 
 
 def _rss_mib() -> float:
-    """Peak RSS of this process in MiB (ru_maxrss is KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """Peak RSS of this process in MiB.
+
+    VmHWM, not ru_maxrss: Linux keeps ru_maxrss across fork + exec, so a child started by this (torch-sized)
+    parent would report the parent's peak instead of its own.
+    """
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux, a fallback elsewhere
 
 
 def _cpu_seconds() -> float:
@@ -79,7 +88,7 @@ def _cpu_seconds() -> float:
 def _child(step: str, **kwargs: object) -> dict:
     """Run ``step`` in a fresh interpreter (this file with --child) and return its JSON result.
 
-    A fresh process per measurement makes ``ru_maxrss`` the peak of that step alone.
+    A fresh process per measurement makes its peak RSS (VmHWM) that of the step alone.
     """
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", step, json.dumps(kwargs)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -344,7 +353,7 @@ def bench_preprocess(ctx: Context) -> list[Row]:
                 "-",
                 "< 2048, flat",
                 _met(result["rss_mib"] < 2048 and result["rss_mib"] <= 1.25 * rss[0]),
-                f"fresh process per size (ru_maxrss of RUSAGE_SELF); {result['imports_rss_mib']:.0f} MiB of it "
+                f"fresh process per size (VmHWM); {result['imports_rss_mib']:.0f} MiB of it "
                 "before the step (interpreter + imports)",
             )
         )

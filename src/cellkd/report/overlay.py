@@ -45,6 +45,7 @@ def plot_prediction_overlay(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import patheffects
     from matplotlib.collections import PolyCollection
     from matplotlib.patches import Patch
 
@@ -68,9 +69,10 @@ def plot_prediction_overlay(
         whole_ax.scatter(
             centroids[:, 0] * thumbnail_scale,
             centroids[:, 1] * thumbnail_scale,
-            s=6,
+            s=9,
             c=colours[class_index],
-            linewidths=0,
+            edgecolors="white",
+            linewidths=0.4,
         )
     whole_ax.add_patch(
         plt.Rectangle(
@@ -92,7 +94,9 @@ def plot_prediction_overlay(
             [outlines[i] for i in in_window],
             facecolors="none",
             edgecolors=colours[class_index[in_window]] if len(in_window) else "none",
-            linewidths=1.2,
+            linewidths=1.4,
+            # a white halo: some QuPath colours (Immune cells' purple) vanish against haematoxylin
+            path_effects=[patheffects.withStroke(linewidth=3.0, foreground="white")],
         )
     )
     detail_ax.set_xlim(x0, x0 + detail.shape[1])
