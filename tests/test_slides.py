@@ -25,6 +25,7 @@ from cellkd.slides import (
     detect_fragments,
     extract_fragments,
     open_slide,
+    reader,
     tissue_mask,
 )
 from cellkd.store.fragments import FragmentStore
@@ -132,8 +133,24 @@ def test_read_region_outside_slide_is_white(slide_path: Path, level0: np.ndarray
 def test_thumbnail_is_bounded_and_reports_downsample(slide_path: Path) -> None:
     with open_slide(slide_path) as slide:
         thumb, (down_x, down_y) = slide.thumbnail(256)
-    assert max(thumb.shape[:2]) == 256 and thumb.dtype == np.uint8 and thumb.shape[2] == 3
+    assert 128 < max(thumb.shape[:2]) <= 256 and thumb.dtype == np.uint8 and thumb.shape[2] == 3
     assert down_x == pytest.approx(WIDTH / thumb.shape[1]) and down_y == pytest.approx(HEIGHT / thumb.shape[0])
+
+
+def test_thumbnail_is_the_block_mean_of_the_nearest_level_read_in_bounded_regions(
+    slide_path: Path, level0: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(reader, "THUMBNAIL_READ_EDGE", 50)  # many regions, with cut ones at the right and bottom
+    with open_slide(slide_path) as slide:
+        reads = []
+        read_region = slide._slide.read_region
+        slide._slide.read_region = lambda location, level, size: (
+            reads.append(size) or read_region(location, level, size)
+        )
+        thumb, _ = slide.thumbnail(256)
+    # 1536 / 256 = 6: the 1/4 level (384 x 256) is the nearest finer one, averaged over 2 x 2 blocks
+    np.testing.assert_array_equal(thumb, block_mean(level0[::4, ::4], 2))
+    assert len(reads) > 1 and max(w * h for w, h in reads) <= 50 * 50
 
 
 def test_missing_mpp_is_none(slide_no_mpp: Path) -> None:
@@ -319,8 +336,8 @@ def test_extract_fragments_rejects_tile_not_multiple_of_four(tmp_path: Path, sli
 
 @settings(max_examples=50, deadline=None)
 @given(
-    image=arrays(np.uint8, st.tuples(st.integers(1, 23), st.integers(1, 23), st.just(3))),
-    factor=st.sampled_from([1, 2, 3, 4, 8]),
+    image=arrays(np.uint8, st.tuples(st.integers(1, 50), st.integers(1, 50), st.just(3))),
+    factor=st.sampled_from([1, 2, 3, 4, 8, 17, 23]),  # above 16 the sums need uint32
 )
 def test_block_mean_is_mean_of_pixels_present(image: np.ndarray, factor: int) -> None:
     np.testing.assert_array_equal(block_mean(image, factor), _reference_block_mean(image, factor))

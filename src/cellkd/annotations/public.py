@@ -41,7 +41,7 @@ from shapely.geometry import GeometryCollection, MultiPolygon, Polygon
 
 from cellkd.annotations.rasterize import rasterize_fragment
 from cellkd.errors import AnnotationError, ConfigError, StoreError
-from cellkd.slides.extract import block_mean
+from cellkd.slides.downsample import block_mean
 from cellkd.slides.reader import open_slide
 from cellkd.store.atomic import atomic_h5
 from cellkd.store.fragments import CHUNK, Fragment, FragmentStoreWriter, fragment_name

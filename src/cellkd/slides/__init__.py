@@ -5,7 +5,8 @@
 >>> extract_fragments("slide.svs", "results/fragments/raw/s1.h5", "s1", TissueParams())
 """
 
-from cellkd.slides.extract import block_mean, extract_fragments
+from cellkd.slides.downsample import block_mean
+from cellkd.slides.extract import extract_fragments
 from cellkd.slides.reader import (
     ImageReader,
     OpenSlideReader,

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 
-import numpy as np
-import numpy.typing as npt
-
+from cellkd.slides.downsample import block_sums, mean_of_sums
 from cellkd.slides.reader import open_slide
 from cellkd.slides.tissue import MPP_FALLBACK, TissueParams, detect_fragments
 from cellkd.store.fragments import Fragment, FragmentStoreWriter, iter_windows
@@ -21,58 +18,14 @@ TILE = 1024
 """Level-0 read tile edge (px); a multiple of every downsample so level-k tiles land on whole pixels."""
 
 
-def _block_sums(image: npt.NDArray[np.integer], factor: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sum ``factor`` x ``factor`` blocks of an (H, W, C) integer image.
-
-    Returns sums (ceil(H/f), ceil(W/f), C) and pixel counts (ceil(H/f), ceil(W/f), 1); blocks cut
-    by the right/bottom edge sum only the pixels present. uint8 input accumulates in uint16
-    (exact for factor <= 16); other input in its own dtype, so the caller keeps it from overflowing.
-    """
-    height, width = image.shape[:2]
-    out_h, out_w = math.ceil(height / factor), math.ceil(width / factor)
-    pad_h, pad_w = out_h * factor - height, out_w * factor - width
-    acc = np.uint16 if image.dtype == np.uint8 else image.dtype
-    src = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0))) if pad_h or pad_w else image
-    # factor² strided adds beat reshape(...).sum(axis=(1, 3)), which numpy runs with poor locality.
-    sums = src[0::factor, 0::factor].astype(acc)
-    for dy in range(factor):
-        for dx in range(factor):
-            if dy or dx:
-                sums += src[dy::factor, dx::factor]
-    rows = np.minimum(factor, height - factor * np.arange(out_h))
-    cols = np.minimum(factor, width - factor * np.arange(out_w))
-    return sums, (rows[:, None] * cols[None, :]).astype(acc)[..., None]
-
-
-def _mean(sums: np.ndarray, counts: np.ndarray) -> RGBImage:
-    """uint8 block means from block sums and counts, rounding half up."""
-    first = int(counts.flat[0])
-    if first & (first - 1) == 0 and (counts == first).all():
-        # Whole blocks of 2^k pixels (every tile but the last in a row/column): a shift, not a division.
-        shift = first.bit_length() - 1
-        return ((sums + (first // 2)) >> shift).astype(np.uint8)
-    return ((sums + counts // 2) // counts).astype(np.uint8)
-
-
-def block_mean(image: RGBImage, factor: int) -> RGBImage:
-    """uint8 (ceil(H/f), ceil(W/f), 3): mean of each ``factor``-block of a uint8 (H, W, 3) image.
-
-    Blocks cut by the right/bottom edge average only the pixels present; rounds half up,
-    ``(sum + count // 2) // count``. ``factor`` is at most 16.
-    """
-    if not 1 <= factor <= 16:
-        raise ValueError(f"factor={factor} must be in 1..16")
-    return _mean(*_block_sums(image, factor))
-
-
 def _pyramid_tiles(tile0: RGBImage) -> tuple[RGBImage, RGBImage]:
     """Level-1 and level-2 tiles of a level-0 tile; level 2 is the exact mean of level-0 pixels."""
-    sums1, counts1 = _block_sums(tile0, 2)
+    sums1, counts1 = block_sums(tile0, 2)
     # Summing level-1 sums (not means) keeps level 2 the exact mean of the level-0 pixels;
     # uint16 holds 16 * 255.
-    sums2, _ = _block_sums(sums1, 2)
-    counts2, _ = _block_sums(counts1, 2)
-    return _mean(sums1, counts1), _mean(sums2, counts2)
+    sums2, _ = block_sums(sums1, 2)
+    counts2, _ = block_sums(counts1, 2)
+    return mean_of_sums(sums1, counts1), mean_of_sums(sums2, counts2)
 
 
 def extract_fragments(

@@ -18,6 +18,7 @@ import tifffile
 from PIL import Image
 
 from cellkd.errors import SlideError
+from cellkd.slides.downsample import block_mean
 from cellkd.types import RGBImage
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,9 @@ OPENSLIDE_SUFFIXES: tuple[str, ...] = (
     ".dcm",
 )
 """File suffixes OpenSlide reads (Aperio, Hamamatsu, Leica, Mirax, Sakura, Ventana, DICOM, generic tiled TIFF)."""
+
+THUMBNAIL_READ_EDGE = 2048
+"""Edge (pyramid-level px) of the regions a thumbnail is built from: bounds its memory whatever the slide."""
 
 PLAIN_SUFFIXES: tuple[str, ...] = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 """Plain (single-resolution) images read whole into memory, e.g. MoNuSeg 1000x1000 tiles."""
@@ -142,13 +146,30 @@ class OpenSlideReader(SlideReader):
         return _composite_on_white(rgba)
 
     def thumbnail(self, max_size: int) -> tuple[RGBImage, tuple[float, float]]:
-        try:
-            # get_thumbnail reads the best pyramid level and composites on the background colour.
-            image = np.asarray(self._slide.get_thumbnail((max_size, max_size)).convert("RGB"))
-        except openslide.OpenSlideError as err:
-            msg = f"{self.path}: cannot read a thumbnail ({err}); the file may be corrupt: {REREAD_HINT}"
-            raise SlideError(msg) from err
+        """Block means of the pyramid level just finer than the thumbnail, read region by region.
+
+        Not OpenSlide's ``get_thumbnail``: that reads the whole level in one piece, which for a slide whose
+        pyramid stops early (a generic TIFF with levels 1, 2, 4) is gigabytes.
+        """
         width, height = self.dimensions
+        level = self._slide.get_best_level_for_downsample(max(width, height) / max_size)
+        level_w, level_h = self._slide.level_dimensions[level]
+        level_down = self._slide.level_downsamples[level]
+        factor = max(1, math.ceil(max(level_w, level_h) / max_size))
+        image = np.empty((math.ceil(level_h / factor), math.ceil(level_w / factor), 3), dtype=np.uint8)
+        step = max(1, THUMBNAIL_READ_EDGE // factor) * factor  # level px per read: whole blocks only
+        for y in range(0, level_h, step):
+            for x in range(0, level_w, step):
+                w, h = min(step, level_w - x), min(step, level_h - y)
+                try:
+                    rgba = np.asarray(
+                        self._slide.read_region((round(x * level_down), round(y * level_down)), level, (w, h))
+                    )
+                except openslide.OpenSlideError as err:
+                    msg = f"{self.path}: cannot read a thumbnail ({err}); the file may be corrupt: {REREAD_HINT}"
+                    raise SlideError(msg) from err
+                block = block_mean(_composite_on_white(rgba), factor)
+                image[y // factor : y // factor + block.shape[0], x // factor : x // factor + block.shape[1]] = block
         return image, (width / image.shape[1], height / image.shape[0])
 
     def close(self) -> None:
