@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -16,6 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 import yaml
 
@@ -306,7 +305,7 @@ def test_report_holds_every_table_and_plot_with_a_caption(demo_run: Path) -> Non
 
 
 @pytest.mark.slow
-def test_killed_training_rule_resumes_from_its_last_epoch(tmp_path: Path) -> None:
+def test_training_job_killed_mid_epoch_resumes_from_its_last_epoch(tmp_path: Path) -> None:
     epochs = 30
     config = {
         **TINY,
@@ -318,17 +317,21 @@ def test_killed_training_rule_resumes_from_its_last_epoch(tmp_path: Path) -> Non
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     command = [*SNAKEMAKE, target, "--cores", "2", "--directory", str(tmp_path), "--configfile", "config.yaml"]
 
-    # Ctrl-C while it trains: SIGINT to snakemake and its job, as a terminal sends it to the foreground group
-    # (SIGTERM would let snakemake finish the running job first)
-    run = subprocess.Popen(
-        command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
+    # kill -9 the training job mid-epoch, as the OOM killer or a cluster's time limit would: no cleanup in the job
+    run = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 600
     while not checkpoint.exists() and run.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     time.sleep(1.0)  # a few more epochs
     assert run.poll() is None, "training finished before it could be interrupted: raise `epochs`"
-    os.killpg(run.pid, signal.SIGINT)
+    jobs = [
+        child
+        for child in psutil.Process(run.pid).children(recursive=True)
+        if any("train_segmentation" in part for part in child.cmdline())
+    ]
+    assert jobs, "no training job process found under snakemake"
+    for job in jobs:
+        job.kill()
     stderr = run.communicate(timeout=120)[1]
     assert run.returncode != 0
     assert not (tmp_path / target).exists(), "an interrupted training rule left its model behind"
