@@ -30,7 +30,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +48,13 @@ from cellkd.store.atomic import atomic_h5, atomic_write_text
 from cellkd.training.common import (
     SPLITS,
     PathLike,
+    check_parameters,
     data_fingerprint,
     epoch_seed,
     file_fingerprint,
     history_csv,
     load_resume_state,
+    params_from_dict,
     publish_model,
     resolve_device,
     restore_rng_state,
@@ -119,18 +121,12 @@ class ClassifierTrainParams:
             (self.num_workers >= 0, "num_workers", ">= 0"),
             (self.max_per_class is None or self.max_per_class >= 1, "max_per_class", ">= 1 or None"),
         ]
-        for ok, name, allowed in checks:
-            if not ok:
-                raise ConfigError(f"classifier training parameter {name}={getattr(self, name)!r} must be {allowed}")
+        check_parameters(self, checks, "classifier training")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ClassifierTrainParams:
         """Build from a config mapping; unknown keys raise ``ConfigError`` naming them."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown classifier training parameter(s) {unknown}; expected some of {sorted(known)}")
-        return cls(**values)
+        return params_from_dict(cls, values, "classifier training")
 
 
 def distillation_loss(

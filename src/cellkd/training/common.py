@@ -14,15 +14,35 @@ import io
 import logging
 import os
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
-from cellkd.errors import StoreError
+from cellkd.errors import ConfigError, StoreError
 from cellkd.store.atomic import atomic_path
+
+ParamsT = TypeVar("ParamsT")
+
+
+def check_parameters(params: object, checks: Iterable[tuple[bool, str, str]], what: str, where: str = "") -> None:
+    """Raise ``ConfigError`` for the first failed ``(ok, name, allowed)`` check, naming the value and the rule."""
+    for ok, name, allowed in checks:
+        if not ok:
+            raise ConfigError(f"{what} parameter {name}={getattr(params, name)!r} must be {allowed}{where}")
+
+
+def params_from_dict(cls: type[ParamsT], values: Mapping[str, Any], what: str) -> ParamsT:
+    """Build the parameter dataclass ``cls`` from a config mapping; unknown keys raise ``ConfigError`` naming them."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown {what} parameter(s) {unknown}; expected some of {sorted(known)}")
+    return cls(**values)
+
 
 logger = logging.getLogger(__name__)
 

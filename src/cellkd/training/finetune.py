@@ -23,7 +23,7 @@ import logging
 import math
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ from cellkd.training.classifier import (
     read_nucleus_rows,
     train_classifier,
 )
-from cellkd.training.common import PathLike
+from cellkd.training.common import PathLike, check_parameters, params_from_dict
 
 logger = logging.getLogger(__name__)
 
@@ -85,18 +85,12 @@ class FinetuneParams:
             (0.0 <= self.val_fraction < 1.0, "val_fraction", "in [0, 1)"),
             (0.0 < self.test_reserve < 1.0, "test_reserve", "in (0, 1)"),
         ]
-        for ok, name, allowed in checks:
-            if not ok:
-                raise ConfigError(f"finetune parameter {name}={getattr(self, name)!r} must be {allowed} {where}")
+        check_parameters(self, checks, "finetune", f" {where}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> FinetuneParams:
         """Build from a config mapping; unknown keys raise ``ConfigError`` naming them."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown finetune parameter(s) {unknown}; expected some of {sorted(known)}")
-        return cls(**values)
+        return params_from_dict(cls, values, "finetune")
 
     @property
     def grid(self) -> list[tuple[float, float]]:

@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +31,12 @@ from cellkd.store.atomic import atomic_write_text
 from cellkd.training.common import (
     SPLITS,
     PathLike,
+    check_parameters,
     data_fingerprint,
     epoch_seed,
     history_csv,
     load_resume_state,
+    params_from_dict,
     publish_model,
     resolve_device,
     restore_rng_state,
@@ -101,18 +103,12 @@ class SegmentationTrainParams:
             (self.num_workers >= 0, "num_workers", ">= 0"),
             (self.max_patches_per_epoch is None or self.max_patches_per_epoch >= 1, "max_patches_per_epoch", ">= 1"),
         ]
-        for ok, name, allowed in checks:
-            if not ok:
-                raise ConfigError(f"segmentation training parameter {name}={getattr(self, name)!r} must be {allowed}")
+        check_parameters(self, checks, "segmentation training")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SegmentationTrainParams:
         """Build from a config mapping; unknown keys raise ``ConfigError`` naming them."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown segmentation training parameter(s) {unknown}; expected some of {sorted(known)}")
-        return cls(**values)
+        return params_from_dict(cls, values, "segmentation training")
 
 
 class PatchDataset(Dataset):
