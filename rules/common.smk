@@ -52,7 +52,7 @@ wildcard_constraints:
     stain="raw|macenko",
     dataset="|".join(re.escape(d) for d in DATASETS) or "(?!x)x",
     arch="[a-z0-9]+",
-    labels="ssa|wsa",
+    weak_set="ssa|wsa",
     per_class=r"\d+",
 
 
@@ -127,7 +127,7 @@ def get_nuclei_stores(wildcards):
     return expand(
         "results/nuclei/{stain}/{slide}.h5",
         stain=wildcards.stain,
-        slide=slides_with(wildcards.labels),
+        slide=slides_with(wildcards.weak_set),
     )
 
 
@@ -141,7 +141,7 @@ def get_teacher_train_params(wildcards):
 def get_distilled_teacher(wildcards):
     """The teacher the student learns from: the first configured teacher architecture."""
     arch = config["teacher"]["archs"][0]
-    return f"results/teacher/{wildcards.stain}/{wildcards.labels}/{arch}/model.pt"
+    return f"results/teacher/{wildcards.stain}/{wildcards.weak_set}/{arch}/model.pt"
 
 
 def get_student_train_params(wildcards):
@@ -175,13 +175,13 @@ def get_training_histories(wildcards):
             histories[f"segmentation|{stain}/{arch}"] = (
                 f"results/segmentation/{stain}/{arch}/history.csv"
             )
-        for labels in config["teacher"]["labels"]:
+        for weak_set in config["teacher"]["labels"]:
             for arch in config["teacher"]["archs"]:
-                histories[f"teacher|{stain}/{labels}/{arch}"] = (
-                    f"results/teacher/{stain}/{labels}/{arch}/history.csv"
+                histories[f"teacher|{stain}/{weak_set}/{arch}"] = (
+                    f"results/teacher/{stain}/{weak_set}/{arch}/history.csv"
                 )
-            histories[f"student|{stain}/{labels}"] = (
-                f"results/student/{stain}/{labels}/history.csv"
+            histories[f"student|{stain}/{weak_set}"] = (
+                f"results/student/{stain}/{weak_set}/history.csv"
             )
     return histories
 

@@ -1,14 +1,14 @@
 rule finetune_student:
     input:
-        student="results/student/{stain}/{labels}/model.pt",
+        student="results/student/{stain}/{weak_set}/model.pt",
         nuclei=get_expert_nuclei_stores,
     output:
-        model="results/finetune/{stain}/{labels}/n{per_class}/model.pt",
-        metrics="results/finetune/{stain}/{labels}/n{per_class}/metrics.csv",
+        model="results/finetune/{stain}/{weak_set}/n{per_class}/model.pt",
+        metrics="results/finetune/{stain}/{weak_set}/n{per_class}/metrics.csv",
     log:
-        "logs/finetune_student/{stain}/{labels}/n{per_class}.log",
+        "logs/finetune_student/{stain}/{weak_set}/n{per_class}.log",
     benchmark:
-        "benchmarks/finetune_student/{stain}/{labels}/n{per_class}.tsv"
+        "benchmarks/finetune_student/{stain}/{weak_set}/n{per_class}.tsv"
     conda:
         "../envs/cellkd.yaml"
     threads: 2
@@ -25,9 +25,9 @@ rule finetune_student:
 rule tabulate_finetune:
     input:
         metrics=expand(
-            "results/finetune/{stain}/{labels}/n{per_class}/metrics.csv",
+            "results/finetune/{stain}/{weak_set}/n{per_class}/metrics.csv",
             stain=STAINS,
-            labels=config["teacher"]["labels"],
+            weak_set=config["teacher"]["labels"],
             per_class=config["finetune"]["counts"],
         ),
     output:
@@ -48,7 +48,7 @@ rule tabulate_finetune:
         "../envs/cellkd.yaml"
     params:
         stains=STAINS,
-        labels=config["teacher"]["labels"],
+        weak_set=config["teacher"]["labels"],
         counts=config["finetune"]["counts"],
     script:
         "../scripts/tabulate_finetune.py"

@@ -3,11 +3,11 @@ rule cache_teacher_logits:
         model=get_distilled_teacher,
         nuclei=get_nuclei_stores,
     output:
-        "results/student/{stain}/{labels}/teacher_logits.h5",
+        "results/student/{stain}/{weak_set}/teacher_logits.h5",
     log:
-        "logs/cache_teacher_logits/{stain}/{labels}.log",
+        "logs/cache_teacher_logits/{stain}/{weak_set}.log",
     benchmark:
-        "benchmarks/cache_teacher_logits/{stain}/{labels}.tsv"
+        "benchmarks/cache_teacher_logits/{stain}/{weak_set}.tsv"
     conda:
         "../envs/cellkd.yaml"
     threads: 2
@@ -21,15 +21,15 @@ rule cache_teacher_logits:
 
 rule train_student:
     input:
-        logits="results/student/{stain}/{labels}/teacher_logits.h5",
+        logits="results/student/{stain}/{weak_set}/teacher_logits.h5",
         nuclei=get_nuclei_stores,
     output:
-        model="results/student/{stain}/{labels}/model.pt",
-        history="results/student/{stain}/{labels}/history.csv",
+        model="results/student/{stain}/{weak_set}/model.pt",
+        history="results/student/{stain}/{weak_set}/history.csv",
     log:
-        "logs/train_student/{stain}/{labels}.log",
+        "logs/train_student/{stain}/{weak_set}.log",
     benchmark:
-        "benchmarks/train_student/{stain}/{labels}.tsv"
+        "benchmarks/train_student/{stain}/{weak_set}.tsv"
     conda:
         "../envs/cellkd.yaml"
     threads: 2
@@ -46,19 +46,19 @@ rule train_student:
 
 rule evaluate_student:
     input:
-        model="results/student/{stain}/{labels}/model.pt",
+        model="results/student/{stain}/{weak_set}/model.pt",
         teacher=get_distilled_teacher,
         nuclei=get_nuclei_stores,
     output:
-        metrics="results/student/{stain}/{labels}/metrics.csv",
+        metrics="results/student/{stain}/{weak_set}/metrics.csv",
         confusion=report(
-            "results/student/{stain}/{labels}/confusion.png",
+            "results/student/{stain}/{weak_set}/confusion.png",
             caption="../report/confusion.rst",
             category="Phase III: student",
-            subcategory="{stain} / {labels}",
+            subcategory="{stain} / {weak_set}",
         ),
     log:
-        "logs/evaluate_student/{stain}/{labels}.log",
+        "logs/evaluate_student/{stain}/{weak_set}.log",
     conda:
         "../envs/cellkd.yaml"
     threads: 2
@@ -72,9 +72,9 @@ rule evaluate_student:
 rule tabulate_students:
     input:
         metrics=expand(
-            "results/student/{stain}/{labels}/metrics.csv",
+            "results/student/{stain}/{weak_set}/metrics.csv",
             stain=STAINS,
-            labels=config["teacher"]["labels"],
+            weak_set=config["teacher"]["labels"],
         ),
     output:
         csv=report(
@@ -89,6 +89,6 @@ rule tabulate_students:
         "../envs/cellkd.yaml"
     params:
         stains=STAINS,
-        labels=config["teacher"]["labels"],
+        weak_set=config["teacher"]["labels"],
     script:
         "../scripts/tabulate_students.py"

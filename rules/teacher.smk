@@ -2,12 +2,12 @@ rule train_teacher:
     input:
         nuclei=get_nuclei_stores,
     output:
-        model="results/teacher/{stain}/{labels}/{arch}/model.pt",
-        history="results/teacher/{stain}/{labels}/{arch}/history.csv",
+        model="results/teacher/{stain}/{weak_set}/{arch}/model.pt",
+        history="results/teacher/{stain}/{weak_set}/{arch}/history.csv",
     log:
-        "logs/train_teacher/{stain}/{labels}/{arch}.log",
+        "logs/train_teacher/{stain}/{weak_set}/{arch}.log",
     benchmark:
-        "benchmarks/train_teacher/{stain}/{labels}/{arch}.tsv"
+        "benchmarks/train_teacher/{stain}/{weak_set}/{arch}.tsv"
     conda:
         "../envs/cellkd.yaml"
     threads: 2
@@ -23,18 +23,18 @@ rule train_teacher:
 
 rule evaluate_teacher:
     input:
-        model="results/teacher/{stain}/{labels}/{arch}/model.pt",
+        model="results/teacher/{stain}/{weak_set}/{arch}/model.pt",
         nuclei=get_nuclei_stores,
     output:
-        metrics="results/teacher/{stain}/{labels}/{arch}/metrics.csv",
+        metrics="results/teacher/{stain}/{weak_set}/{arch}/metrics.csv",
         confusion=report(
-            "results/teacher/{stain}/{labels}/{arch}/confusion.png",
+            "results/teacher/{stain}/{weak_set}/{arch}/confusion.png",
             caption="../report/confusion.rst",
             category="Phase II: labels and teachers",
-            subcategory="{stain} / {labels} / {arch}",
+            subcategory="{stain} / {weak_set} / {arch}",
         ),
     log:
-        "logs/evaluate_teacher/{stain}/{labels}/{arch}.log",
+        "logs/evaluate_teacher/{stain}/{weak_set}/{arch}.log",
     conda:
         "../envs/cellkd.yaml"
     threads: 2
@@ -48,9 +48,9 @@ rule evaluate_teacher:
 rule tabulate_teachers:
     input:
         metrics=expand(
-            "results/teacher/{stain}/{labels}/{arch}/metrics.csv",
+            "results/teacher/{stain}/{weak_set}/{arch}/metrics.csv",
             stain=STAINS,
-            labels=config["teacher"]["labels"],
+            weak_set=config["teacher"]["labels"],
             arch=config["teacher"]["archs"],
         ),
     output:
@@ -66,7 +66,7 @@ rule tabulate_teachers:
         "../envs/cellkd.yaml"
     params:
         stains=STAINS,
-        labels=config["teacher"]["labels"],
+        weak_set=config["teacher"]["labels"],
         archs=config["teacher"]["archs"],
     script:
         "../scripts/tabulate_teachers.py"

@@ -8,7 +8,7 @@ limit_threads(snakemake.threads)
 evaluate_classifier_stores(
     snakemake.input.model,
     snakemake.input.nuclei,
-    snakemake.wildcards.labels,
+    snakemake.wildcards.weak_set,
     snakemake.output.metrics,
     snakemake.output.confusion,
 )

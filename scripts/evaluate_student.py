@@ -12,7 +12,7 @@ speeds = {
 evaluate_classifier_stores(
     snakemake.input.model,
     snakemake.input.nuclei,
-    snakemake.wildcards.labels,
+    snakemake.wildcards.weak_set,
     snakemake.output.metrics,
     snakemake.output.confusion,
     extra_columns=speeds,

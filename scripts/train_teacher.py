@@ -9,7 +9,7 @@ log_to(snakemake.log[0])
 limit_threads(snakemake.threads)
 train_classifier(
     snakemake.input.nuclei,
-    snakemake.wildcards.labels,
+    snakemake.wildcards.weak_set,
     Path(snakemake.output.model).parent,
     ClassifierTrainParams(**snakemake.params.train),
 )

@@ -11,7 +11,6 @@ a background thread while the model runs, and results are written one row of blo
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,11 +25,11 @@ from cellkd.models.segmentation import preprocess
 from cellkd.store.atomic import atomic_h5
 from cellkd.store.fragments import CHUNK, FragmentStore
 from cellkd.training.segmentation import load_segmentation_model, resolve_device
+from cellkd.types import PathLike
 from cellkd.workflow import progress
 
 logger = logging.getLogger(__name__)
 
-PathLike = str | os.PathLike[str]
 ArrayLike = np.ndarray | h5py.Dataset
 
 

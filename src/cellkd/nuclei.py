@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -77,9 +76,10 @@ from skimage.segmentation import watershed
 from cellkd.annotations.qupath import check_annotations_fit, read_qupath_geojson
 from cellkd.errors import ConfigError, StoreError
 from cellkd.store.atomic import atomic_h5, require_complete
+from cellkd.store.attrs import decode_strings
 from cellkd.store.fragments import CHUNK, Fragment, FragmentStore
-from cellkd.store.patches import SPLIT_NAMES, assign_splits
-from cellkd.types import DOWNSAMPLES
+from cellkd.store.patches import assign_splits
+from cellkd.types import DOWNSAMPLES, SPLIT_NAMES, PathLike
 from cellkd.workflow import progress
 
 if TYPE_CHECKING:
@@ -87,7 +87,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-PathLike = str | os.PathLike[str]
 LabelImage = npt.NDArray[np.int32]
 
 UNLABELLED = -1
@@ -477,10 +476,6 @@ class _Appender:
 # ----------------------------------------------------------------------------- the store
 
 
-def _strings(values: object) -> list[str]:
-    return [v.decode() if isinstance(v, bytes) else str(v) for v in np.atleast_1d(np.asarray(values, dtype=object))]
-
-
 def _check_predicted(h5: h5py.File, predicted_path: PathLike, store: FragmentStore) -> int:
     """Raise ``StoreError`` unless the predicted store covers exactly the fragments of ``store``; its level."""
     hint = f"rerun the segmentation of {store.path}"
@@ -735,12 +730,12 @@ class NucleiStore:
             self.path = str(path)
             self.slide: str = str(attrs["slide"])
             self.stain: str = str(attrs["stain"])
-            self.classes: list[str] = _strings(attrs["classes"])
+            self.classes: list[str] = decode_strings(attrs["classes"])
             """Class names, ``"background"`` last (its index is ``len(classes) - 1``)."""
-            self.label_sets: list[str] = _strings(attrs["label_sets"]) if len(attrs["label_sets"]) else []
+            self.label_sets: list[str] = decode_strings(attrs["label_sets"]) if len(attrs["label_sets"]) else []
             self.crop_size: int = int(attrs["crop_size"])
             self.multiscale_size: int = int(attrs["multiscale_size"])
-            self.split_names: list[str] = _strings(attrs["split_names"])
+            self.split_names: list[str] = decode_strings(attrs["split_names"])
         except KeyError as err:
             self._h5.close()
             raise StoreError(f"{path}: not a nuclei store (missing {err}); rerun the extract_nuclei rule") from err

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -41,13 +40,13 @@ from cellkd.annotations.qupath import class_lookup, write_qupath_geojson
 from cellkd.classes import ClassSpec
 from cellkd.errors import ConfigError
 from cellkd.nuclei import NucleiStore
+from cellkd.types import PathLike
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
 logger = logging.getLogger(__name__)
 
-PathLike = str | os.PathLike[str]
 
 BACKGROUND_CLASS = ClassSpec("background", "Background", (128, 128, 128))
 """QuPath classification of nuclei predicted as background (exported only with ``include_background``)."""

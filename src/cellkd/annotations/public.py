@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
@@ -46,7 +45,7 @@ from cellkd.slides.reader import open_slide
 from cellkd.store.atomic import atomic_h5
 from cellkd.store.fragments import CHUNK, Fragment, FragmentStoreWriter, fragment_name
 from cellkd.store.patches import PatchParams, cut_patches
-from cellkd.types import DOWNSAMPLES, ClassMask, RGBImage
+from cellkd.types import DOWNSAMPLES, ClassMask, PathLike, RGBImage
 from cellkd.workflow import progress
 
 logger = logging.getLogger(__name__)
@@ -61,8 +60,6 @@ NUCLEUS_CLASS = "nucleus"
 
 MAX_OUTSIDE_FRACTION = 0.01
 """Share of MoNuSeg nuclei (by centroid) allowed outside their image before the pair is rejected."""
-
-PathLike = str | os.PathLike[str]
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ Label convention of the nuclei stores: class indices 0..K-2 are nucleus classes,
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping, Sequence
 
 import h5py
@@ -18,9 +17,9 @@ import pandas as pd
 from cellkd.metrics.classification import classification_metrics, confusion_matrix
 from cellkd.report.tables import concat_tables, write_table
 from cellkd.store.atomic import atomic_path, require_complete
+from cellkd.types import PathLike
 
 logger = logging.getLogger(__name__)
-PathLike = str | os.PathLike[str]
 
 SUMMARY_METRICS = ("f1", "accuracy", "precision", "recall")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping
 
 import pandas as pd
@@ -11,9 +10,9 @@ import pandas as pd
 from cellkd.errors import StoreError
 from cellkd.report.tables import concat_tables, write_table
 from cellkd.store.atomic import atomic_path
+from cellkd.types import PathLike
 
 logger = logging.getLogger(__name__)
-PathLike = str | os.PathLike[str]
 
 TABLE6_TITLE = "Table 6: the student before and after fine-tuning on expert (EA) labels, on the reserved EA test nuclei"
 _KEY_COUNT = "_requested_count"  # the key's count; metrics.csv has its own "count" column to check it against

@@ -7,7 +7,6 @@ bounded in memory whatever the slide size (a strided read of the coarsest level,
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -18,12 +17,11 @@ from cellkd.annotations.qupath import read_qupath_geojson
 from cellkd.classes import ClassSpec
 from cellkd.store.atomic import atomic_path
 from cellkd.store.fragments import Fragment, FragmentStore
-from cellkd.types import DOWNSAMPLES
+from cellkd.types import DOWNSAMPLES, PathLike
 
 if TYPE_CHECKING:
     import geopandas as gpd
 
-PathLike = str | os.PathLike[str]
 
 THUMBNAIL_EDGE = 1200
 """Longest edge (pixels) of the whole-fragment panel: coarser levels are read with a stride to fit."""

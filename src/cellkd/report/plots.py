@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 
 import pandas as pd
 
 from cellkd.store.atomic import atomic_path
-
-PathLike = str | os.PathLike[str]
+from cellkd.types import PathLike
 
 VALIDATION_SCORE = ("val_dice", "val_f1")
 """The per-epoch validation score a history may carry (segmentation: Dice; classifiers: macro F1)."""

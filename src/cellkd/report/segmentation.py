@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -22,9 +21,9 @@ from cellkd.metrics import PIXEL_METRICS, PixelCounts, pixel_counts, pixel_metri
 from cellkd.report.tables import concat_tables, write_table
 from cellkd.store.atomic import atomic_path, atomic_write_text, require_complete
 from cellkd.training.segmentation import evaluate_segmentation
+from cellkd.types import PathLike
 
 logger = logging.getLogger(__name__)
-PathLike = str | os.PathLike[str]
 
 SELECTION_METRIC = "dice"
 ROW_STRIP = 256

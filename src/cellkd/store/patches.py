@@ -23,15 +23,12 @@ import pandas as pd
 
 from cellkd.errors import ConfigError, StoreError
 from cellkd.store.atomic import atomic_h5, require_complete
+from cellkd.store.attrs import decode_strings
 from cellkd.store.fragments import FragmentStore
+from cellkd.types import SPLIT_NAMES, PathLike
 from cellkd.workflow import progress
 
 logger = logging.getLogger(__name__)
-
-SPLIT_NAMES: tuple[str, str, str] = ("train", "val", "test")
-"""Split codes 0, 1, 2 in the ``split`` dataset."""
-
-PathLike = str | os.PathLike[str]
 
 
 @dataclass(frozen=True)
@@ -101,10 +98,6 @@ def assign_splits(n: int, ratios: Sequence[float], seed: int, source: str) -> np
     return split
 
 
-def _strings(values: object) -> list[str]:
-    return [v.decode() if isinstance(v, bytes) else str(v) for v in np.atleast_1d(np.asarray(values, dtype=object))]
-
-
 @dataclass(frozen=True)
 class _Input:
     """One fragment store (+ optional mask store), checked against each other."""
@@ -132,8 +125,8 @@ def _check_input(fragment_path: PathLike, mask_path: PathLike | None, levels: Se
         raise StoreError(f"{mask_path}: cannot open mask store ({err}); rerun the rasterize rule") from err
     with h5:
         require_complete(h5)
-        classes = tuple(_strings(h5.attrs["classes"]))
-        sets = tuple(_strings(h5.attrs["annotation_sets"]))
+        classes = tuple(decode_strings(h5.attrs["classes"]))
+        sets = tuple(decode_strings(h5.attrs["annotation_sets"]))
         for (name, level), shape in shapes.items():
             for set_name in sets:
                 key = f"fragments/{name}/{set_name}/level{level}"
@@ -311,11 +304,11 @@ class PatchStore:
             self.source: str = str(attrs["source"])
             self.stain: str = str(attrs["stain"])
             self.patch_size: int = int(attrs["patch_size"])
-            self.classes: list[str] = _strings(attrs["classes"]) if len(attrs["classes"]) else []
+            self.classes: list[str] = decode_strings(attrs["classes"]) if len(attrs["classes"]) else []
             self.annotation_sets: list[str] = (
-                _strings(attrs["annotation_sets"]) if len(attrs["annotation_sets"]) else []
+                decode_strings(attrs["annotation_sets"]) if len(attrs["annotation_sets"]) else []
             )
-            self.split_names: list[str] = _strings(attrs["split_names"])
+            self.split_names: list[str] = decode_strings(attrs["split_names"])
         except BaseException:
             self._h5.close()
             raise

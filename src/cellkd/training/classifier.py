@@ -46,8 +46,6 @@ from cellkd.metrics.classification import confusion_matrix, metrics_from_confusi
 from cellkd.models import INPUT_SHAPES, MODEL_REGISTRY, SEGMENTATION_ARCHS, classifier_input, create_model
 from cellkd.store.atomic import atomic_h5, atomic_write_text
 from cellkd.training.common import (
-    SPLITS,
-    PathLike,
     check_parameters,
     data_fingerprint,
     epoch_seed,
@@ -63,6 +61,7 @@ from cellkd.training.common import (
     torch_load,
     torch_save_atomic,
 )
+from cellkd.types import SPLITS, PathLike
 from cellkd.workflow import progress
 
 logger = logging.getLogger(__name__)

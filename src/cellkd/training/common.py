@@ -24,6 +24,7 @@ import torch
 
 from cellkd.errors import ConfigError, StoreError
 from cellkd.store.atomic import atomic_path
+from cellkd.types import PathLike
 
 ParamsT = TypeVar("ParamsT")
 
@@ -45,11 +46,6 @@ def params_from_dict(cls: type[ParamsT], values: Mapping[str, Any], what: str) -
 
 
 logger = logging.getLogger(__name__)
-
-PathLike = str | os.PathLike[str]
-
-SPLITS: dict[str, int] = {"train": 0, "val": 1, "test": 2}
-"""Values of the ``split`` dataset of patch and nuclei stores."""
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -43,7 +43,8 @@ from cellkd.training.classifier import (
     read_nucleus_rows,
     train_classifier,
 )
-from cellkd.training.common import PathLike, check_parameters, params_from_dict
+from cellkd.training.common import check_parameters, params_from_dict
+from cellkd.types import PathLike
 
 logger = logging.getLogger(__name__)
 

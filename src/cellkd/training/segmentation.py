@@ -29,8 +29,6 @@ from cellkd.metrics import PixelCounts, pixel_counts, pixel_metrics
 from cellkd.models.segmentation import SEGMENTATION_ARCHS, create_segmentation_model, preprocess
 from cellkd.store.atomic import atomic_write_text
 from cellkd.training.common import (
-    SPLITS,
-    PathLike,
     check_parameters,
     data_fingerprint,
     epoch_seed,
@@ -45,6 +43,7 @@ from cellkd.training.common import (
     torch_load,
     torch_save_atomic,
 )
+from cellkd.types import SPLITS, PathLike
 from cellkd.workflow import progress
 
 logger = logging.getLogger(__name__)
