@@ -19,3 +19,15 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+SHARED_DATA = REPO.parent / "shared" / "data"
+"""Real public samples beside the clone (see its SOURCES.md); never copied into the repository."""
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data``; the test skips, saying why, where that folder is absent."""
+    if not (SHARED_DATA / "SOURCES.md").is_file():
+        pytest.skip(f"real sample data not found at {SHARED_DATA} (CI keeps ../shared beside the clone)")
+    return SHARED_DATA
