@@ -1,5 +1,6 @@
-"""Evaluation metrics: pixel-wise segmentation metrics (:mod:`cellkd.metrics.pixel`) and nucleus
-classification metrics (:mod:`cellkd.metrics.classification`)."""
+"""Evaluation metrics: pixel-wise segmentation metrics (:mod:`cellkd.metrics.pixel`), instance-level
+nucleus matching (:mod:`cellkd.metrics.instances`) and nucleus classification metrics
+(:mod:`cellkd.metrics.classification`)."""
 
 from cellkd.metrics.classification import (
     CLASSIFICATION_METRICS,
@@ -8,16 +9,20 @@ from cellkd.metrics.classification import (
     confusion_matrix,
     metrics_from_confusion,
 )
+from cellkd.metrics.instances import INSTANCE_METRICS, InstanceCounts, instance_counts
 from cellkd.metrics.pixel import PIXEL_METRICS, BoolMask, PixelCounts, pixel_counts, pixel_metrics
 
 __all__ = [
     "CLASSIFICATION_METRICS",
+    "INSTANCE_METRICS",
     "PER_CLASS_METRICS",
     "PIXEL_METRICS",
     "BoolMask",
+    "InstanceCounts",
     "PixelCounts",
     "classification_metrics",
     "confusion_matrix",
+    "instance_counts",
     "metrics_from_confusion",
     "pixel_counts",
     "pixel_metrics",
