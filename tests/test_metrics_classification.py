@@ -33,7 +33,7 @@ def test_classification_metrics_match_hand_computation(labels: tuple[np.ndarray,
     precision = {"other": 2 / 3, "immune": 1 / 2, "muscle": 2 / 3}
     recall = {"other": 2 / 3, "immune": 1 / 2, "muscle": 2 / 3}
     f1 = {"other": 2 / 3, "immune": 1 / 2, "muscle": 2 / 3}
-    assert list(m) == [*CLASSIFICATION_METRICS, "per_class"]
+    assert list(m) == [*CLASSIFICATION_METRICS, "precision_weighted", "recall_weighted", "f1_weighted", "per_class"]
     assert list(m["per_class"]) == NAMES
     assert m["accuracy"] == pytest.approx(5 / 8)
     for name in precision:
@@ -45,6 +45,15 @@ def test_classification_metrics_match_hand_computation(labels: tuple[np.ndarray,
     assert m["per_class"]["background"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
     assert m["precision"] == pytest.approx((2 / 3 + 1 / 2 + 2 / 3) / 3)
     assert m["f1"] == pytest.approx((2 / 3 + 1 / 2 + 2 / 3) / 3)
+
+
+def test_weighted_averages_weight_classes_by_support_and_weighted_recall_is_accuracy() -> None:
+    # class 0: 4 rows, P 1, R 3/4, F1 6/7; class 1: 1 row, P 1/2, R 1, F1 2/3
+    m = classification_metrics([0, 0, 0, 0, 1], [0, 0, 0, 1, 1], num_classes=2)
+    assert m["f1_weighted"] == pytest.approx((4 * 6 / 7 + 1 * 2 / 3) / 5)
+    assert m["precision_weighted"] == pytest.approx((4 * 1 + 1 * 1 / 2) / 5)
+    assert m["recall_weighted"] == pytest.approx(m["accuracy"]) == pytest.approx(4 / 5)
+    assert m["f1"] == pytest.approx((6 / 7 + 2 / 3) / 2)  # the macro mean differs
 
 
 def test_unequal_precision_and_recall_give_their_harmonic_mean() -> None:

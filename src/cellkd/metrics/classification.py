@@ -10,6 +10,8 @@ Conventions (never NaN):
 - The macro averages run over the classes that occur in ``y_true`` or ``y_pred``; a class absent
   from both has nothing to score (its per-class values are reported as 0.0 but do not drag the
   mean down). This is what scikit-learn does when it infers the labels from the data.
+- The weighted averages (``*_weighted``) weight each class by its support in ``y_true``
+  (scikit-learn's ``average="weighted"``); weighted recall equals accuracy.
 - With no rows at all, every metric is 0.0.
 """
 
@@ -82,6 +84,10 @@ def metrics_from_confusion(
     def macro(values: npt.NDArray[np.float64]) -> float:
         return float(values[active].mean()) if active.any() else 0.0
 
+    def weighted(values: npt.NDArray[np.float64]) -> float:
+        # Support-weighted mean: weighted recall equals accuracy, as in the paper's Table 3.
+        return float((values * support).sum() / support.sum()) if support.sum() else 0.0
+
     per_class = {
         name: {
             "precision": float(precision[i]),
@@ -96,6 +102,9 @@ def metrics_from_confusion(
         "precision": macro(precision),
         "recall": macro(recall),
         "f1": macro(f1),
+        "precision_weighted": weighted(precision),
+        "recall_weighted": weighted(recall),
+        "f1_weighted": weighted(f1),
         "per_class": per_class,
     }
 
@@ -105,8 +114,8 @@ def classification_metrics(
 ) -> dict[str, Any]:
     """Accuracy, macro precision/recall/F1 and per-class precision/recall/F1/support of int (N,) labels.
 
-    Returns ``{"accuracy", "precision", "recall", "f1"}`` floats (macro averages, see the module doc)
-    and ``"per_class"``: ``{name: {"precision", "recall", "f1" (floats), "support" (int, rows of that
+    Returns ``{"accuracy", "precision", "recall", "f1"}`` floats (macro averages, see the module doc),
+    their support-weighted counterparts ``{"precision_weighted", "recall_weighted", "f1_weighted"}``, and ``"per_class"``: ``{name: {"precision", "recall", "f1" (floats), "support" (int, rows of that
     true class)}}`` in class order. ``class_names`` defaults to "0", "1", ...; every float lies in [0, 1].
     """
     return metrics_from_confusion(confusion_matrix(y_true, y_pred, num_classes), class_names)
