@@ -1,4 +1,5 @@
-"""Smoke test of benchmarks/run.py: a quick run of two cheap benchmarks prints a table and writes the CSV."""
+"""benchmarks/run.py: it finds the topic modules in table order, and a quick run of two cheap ones prints a table
+and writes the CSV."""
 
 from __future__ import annotations
 
@@ -10,6 +11,29 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO / "benchmarks"
+
+
+def test_runner_lists_every_topic_module_in_table_order() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "run.py"), "--help"], capture_output=True, text=True, check=True
+    )
+    listed = proc.stdout.split("benchmarks:\n", 1)[1].splitlines()
+    names = [line.split()[0] for line in listed if line.startswith("  ") and not line.startswith("   ")]
+    assert names == ["macenko", "preprocess", "geojson", "inference", "distill", "dag", "gpu"]
+
+
+def test_topic_module_without_run_is_refused_with_its_path(tmp_path: Path) -> None:
+    (tmp_path / "halfdone.py").write_text('NAME = "halfdone"\nORDER = 5\n', encoding="utf-8")
+    (tmp_path / "helper.py").write_text("VALUE = 1  # no NAME: a helper, not a topic\n", encoding="utf-8")
+    code = (
+        f"import sys; from pathlib import Path; sys.path[:0] = [{str(BENCHMARKS)!r}, {str(tmp_path)!r}]; "
+        f"import run; run.find_topics(Path({str(tmp_path)!r}))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert proc.returncode != 0
+    assert "TypeError" in proc.stderr
+    assert str(tmp_path / "halfdone.py") in proc.stderr
 
 
 @pytest.mark.slow
