@@ -115,7 +115,8 @@ def classification_metrics(
     """Accuracy, macro precision/recall/F1 and per-class precision/recall/F1/support of int (N,) labels.
 
     Returns ``{"accuracy", "precision", "recall", "f1"}`` floats (macro averages, see the module doc),
-    their support-weighted counterparts ``{"precision_weighted", "recall_weighted", "f1_weighted"}``, and ``"per_class"``: ``{name: {"precision", "recall", "f1" (floats), "support" (int, rows of that
+    their support-weighted counterparts ``{"precision_weighted", "recall_weighted", "f1_weighted"}``,
+    and ``"per_class"``: ``{name: {"precision", "recall", "f1" (floats), "support" (int, rows of that
     true class)}}`` in class order. ``class_names`` defaults to "0", "1", ...; every float lies in [0, 1].
     """
     return metrics_from_confusion(confusion_matrix(y_true, y_pred, num_classes), class_names)

@@ -12,13 +12,19 @@ precision = 1.0 by the convention, recall = 0.0).
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
-import torch
 
-BoolMask = npt.NDArray[np.bool_] | torch.Tensor
+if TYPE_CHECKING:
+    import torch
+
+# torch is not imported here: the table and figure rules count numpy masks, and importing torch would
+# add seconds to each of those short jobs. A tensor can only reach us once its caller has imported torch.
+BoolMask: TypeAlias = "npt.NDArray[np.bool_] | torch.Tensor"
 """bool masks of any shape (numpy array or torch tensor on any device); True = foreground."""
 
 PIXEL_METRICS: tuple[str, ...] = ("accuracy", "precision", "recall", "dice", "iou")
@@ -60,7 +66,8 @@ def pixel_counts(pred: BoolMask, truth: BoolMask) -> PixelCounts:
     """
     if tuple(pred.shape) != tuple(truth.shape):
         raise ValueError(f"pred shape {tuple(pred.shape)} differs from truth shape {tuple(truth.shape)}")
-    if isinstance(pred, torch.Tensor) and isinstance(truth, torch.Tensor):
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(pred, torch.Tensor) and isinstance(truth, torch.Tensor):
         if pred.dtype != torch.bool or truth.dtype != torch.bool:
             raise TypeError(f"pixel_counts needs bool masks, got {pred.dtype} and {truth.dtype}; threshold first")
         tp = int((pred & truth).sum())
