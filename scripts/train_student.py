@@ -11,6 +11,6 @@ train_classifier(
     snakemake.input.nuclei,
     snakemake.params.validate_against,
     Path(snakemake.output.model).parent,
-    ClassifierTrainParams(**snakemake.params.train),
+    ClassifierTrainParams.from_dict(snakemake.params.train),
     teacher_logits=snakemake.input.logits,
 )

@@ -11,5 +11,5 @@ train_classifier(
     snakemake.input.nuclei,
     snakemake.wildcards.weak_set,
     Path(snakemake.output.model).parent,
-    ClassifierTrainParams(**snakemake.params.train),
+    ClassifierTrainParams.from_dict(snakemake.params.train),
 )
