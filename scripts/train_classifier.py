@@ -1,4 +1,4 @@
-"""Snakemake adapter: distill the teacher (cached logits) into the student, keeping the best epoch on SSA."""
+"""Snakemake adapter: train a teacher on one weak annotation set, or distil a student from cached teacher logits."""
 
 from pathlib import Path
 
@@ -9,8 +9,8 @@ log_to(snakemake.log[0])
 limit_threads(snakemake.threads)
 train_classifier(
     snakemake.input.nuclei,
-    snakemake.params.validate_against,
+    snakemake.params.label_set,
     Path(snakemake.output.model).parent,
     ClassifierTrainParams.from_dict(snakemake.params.train),
-    teacher_logits=snakemake.input.logits,
+    teacher_logits=snakemake.input.get("logits"),  # only train_student has them
 )
