@@ -39,9 +39,9 @@ rule train_student:
         gpu=1,
     params:
         train=get_student_train_params,
-        validate_against=config["student"]["validate_against"],
+        label_set=config["student"]["validate_against"],  # validation labels; the targets are the teacher's
     script:
-        "../scripts/train_student.py"
+        "../scripts/train_classifier.py"
 
 
 rule evaluate_student:
@@ -66,7 +66,7 @@ rule evaluate_student:
         mem_mb=4000,
         runtime=30,
     script:
-        "../scripts/evaluate_student.py"
+        "../scripts/evaluate_classifier.py"
 
 
 rule tabulate_students:

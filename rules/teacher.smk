@@ -17,8 +17,9 @@ rule train_teacher:
         gpu=1,
     params:
         train=get_teacher_train_params,
+        label_set=lambda wildcards: wildcards.weak_set,
     script:
-        "../scripts/train_teacher.py"
+        "../scripts/train_classifier.py"
 
 
 rule evaluate_teacher:

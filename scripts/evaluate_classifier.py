@@ -1,14 +1,25 @@
-"""Snakemake adapter: score a trained classifier on the test split, the doctor (EA) set and the truth."""
+"""Snakemake adapter: score a trained classifier on the test split, the doctor (EA) set and the truth.
 
-from cellkd.report.classification import evaluate_classifier_stores
+For the student, whose rule also names its teacher, the metrics get both speeds (crops/s) for Table 5.
+"""
+
+from cellkd.report.classification import evaluate_classifier_stores, measure_throughput
 from cellkd.workflow import limit_threads, log_to
 
 log_to(snakemake.log[0])
 limit_threads(snakemake.threads)
+teacher = snakemake.input.get("teacher")
+speeds = None
+if teacher is not None:
+    speeds = {
+        "student_crops_per_s": measure_throughput(snakemake.input.model, snakemake.input.nuclei),
+        "teacher_crops_per_s": measure_throughput(teacher, snakemake.input.nuclei),
+    }
 evaluate_classifier_stores(
     snakemake.input.model,
     snakemake.input.nuclei,
     snakemake.wildcards.weak_set,
     snakemake.output.metrics,
     snakemake.output.confusion,
+    extra_columns=speeds,
 )

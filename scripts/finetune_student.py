@@ -12,5 +12,5 @@ finetune_student(
     snakemake.input.nuclei,
     int(snakemake.wildcards.per_class),
     Path(snakemake.output.model).parent,
-    FinetuneParams(**snakemake.params.finetune),
+    FinetuneParams.from_dict(snakemake.params.finetune),
 )

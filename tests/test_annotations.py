@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -28,7 +29,8 @@ from cellkd.classes import DEFAULT_CLASSES, ClassSpec
 from cellkd.errors import AnnotationError
 from cellkd.store.fragments import Fragment, FragmentStoreWriter
 
-CLASSES = DEFAULT_CLASSES  # other (0), immune (1), muscle (2); QuPath names "Other", "Immune cells", "Muscle"
+# other (0), immune (1), muscle (2) with QuPath names "Other", "Immune cells", "Muscle"; immune also as "Lymphocytes"
+CLASSES = (DEFAULT_CLASSES[0], dataclasses.replace(DEFAULT_CLASSES[1], aliases=("Lymphocytes",)), DEFAULT_CLASSES[2])
 
 
 # --------------------------------------------------------------------------- helpers

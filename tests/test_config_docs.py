@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from cellkd.config_docs import DEFAULT_SCHEMA, main, schema_markdown
+from cellkd.config_docs import main, schema_markdown
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA_PATH = REPO / "schemas" / "config.schema.yaml"
@@ -32,9 +33,50 @@ def _leaf_paths(node: Mapping[str, Any], prefix: str) -> Iterator[str]:
         yield prefix
 
 
-def test_default_schema_is_the_repository_schema() -> None:
-    assert DEFAULT_SCHEMA == SCHEMA_PATH
-    assert DEFAULT_SCHEMA.is_file()
+def _nodes(node: Mapping[str, Any], prefix: str) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    """Every key below ``node`` with its schema, named as the reference names it (``a.b``, ``a[].b``)."""
+    for key, child in node.get("properties", {}).items():
+        path = f"{prefix}.{key}" if prefix else key
+        yield path, child
+        yield from _nodes(child, path)
+    items = node.get("items")
+    if isinstance(items, Mapping) and "properties" in items:
+        yield from _nodes(items, f"{prefix}[]")
+
+
+def _default_cells(markdown: str) -> dict[str, str]:
+    """Key path -> default cell of every table row of the reference."""
+    cells = {}
+    for line in markdown.splitlines():
+        if line.startswith("| `"):
+            path, _, default = line.split(" | ")[:3]
+            cells[path.strip("| `")] = default
+    return cells
+
+
+def test_main_without_arguments_documents_the_repository_schema(
+    schema: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([]) == 0
+    assert capsys.readouterr().out == schema_markdown(schema)
+
+
+def test_every_documented_default_is_the_schema_default(schema: dict[str, Any]) -> None:
+    markdown = schema_markdown(schema)
+    cells = _default_cells(markdown)
+    checked = []
+    for path, node in _nodes(schema, ""):
+        if path not in cells or "default" not in node:
+            continue
+        if cells[path] == "see below":  # a long list of objects: a YAML block after the table
+            block = markdown.split(f"Default of `{path}`:\n\n```yaml\n", 1)[1].split("\n```", 1)[0]
+            shown = yaml.safe_load(block)
+        else:
+            shown = json.loads(cells[path].strip("`"))
+        assert shown == node["default"], f"{path}: the reference shows {shown!r}, the schema sets {node['default']!r}"
+        checked.append(path)
+    # Guard the walk: scalars, nested keys, list items and the YAML block are all reached.
+    assert {"seed", "segmentation.inference.tile", "classes[].color", "classes"} <= set(checked)
 
 
 def test_committed_reference_is_up_to_date(schema: dict[str, Any]) -> None:

@@ -65,11 +65,22 @@ def test_classifier_num_classes_sets_the_output_width(arch: str) -> None:
 def test_classifier_dropout_only_acts_in_training_mode(arch: str) -> None:
     torch.manual_seed(0)
     model = create_model(arch, num_classes=4, dropout=0.5)
-    assert any(isinstance(m, nn.Dropout) and m.p == 0.5 for m in model.modules())
+    dropouts = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    assert dropouts and all(m.p == 0.5 for m in dropouts)
     x = batch(model.input_kind)
-    model.eval()
-    with torch.inference_mode():
+    with torch.no_grad():
+        model.train()
+        assert not torch.equal(model(x), model(x))  # a fresh dropout mask per forward
+        for m in dropouts:
+            m.p = 0.0
+        # ... and dropout is the only source of that randomness (BatchNorm uses the same batch statistics)
         assert torch.equal(model(x), model(x))
+        model.eval()
+        without_dropout = model(x)
+        for m in dropouts:
+            m.p = 0.5
+        assert torch.equal(model(x), model(x))
+        assert torch.equal(model(x), without_dropout)  # in eval mode dropout changes nothing
 
 
 def test_rccnet_has_the_papers_parameter_count() -> None:

@@ -45,27 +45,11 @@ class ClassSpec:
 
 
 DEFAULT_CLASSES: tuple[ClassSpec, ...] = (
-    ClassSpec("other", "Other", (0, 160, 0), aliases=("Others", "Other cells")),
-    ClassSpec("immune", "Immune cells", (160, 90, 160), aliases=("Immune", "Immune cell", "Lymphocytes")),
-    ClassSpec("muscle", "Muscle", (200, 0, 0), aliases=("Muscle cells", "Smooth muscle")),
+    ClassSpec("other", "Other", (0, 160, 0)),
+    ClassSpec("immune", "Immune cells", (160, 90, 160)),
+    ClassSpec("muscle", "Muscle", (200, 0, 0)),
 )
-"""other, immune, muscle (indices 0, 1, 2), coloured as in the default workflow_config.yaml."""
-
-
-def qupath_name_lookup(classes: Sequence[ClassSpec] = DEFAULT_CLASSES) -> Mapping[str, int]:
-    """Map every QuPath name and alias of ``classes`` to its class index.
-
-    Raises ``ValueError`` when two classes share a name or alias (the lookup would be ambiguous).
-    """
-    lookup: dict[str, int] = {}
-    for index, spec in enumerate(classes):
-        for qupath_name in spec.qupath_names:
-            if lookup.get(qupath_name, index) != index:
-                other = classes[lookup[qupath_name]].name
-                msg = f"QuPath name {qupath_name!r} is used by classes {other!r} and {spec.name!r}; make it unique"
-                raise ValueError(msg)
-            lookup[qupath_name] = index
-    return lookup
+"""other, immune, muscle (indices 0, 1, 2): the classes of the default workflow_config.yaml (demo and tests)."""
 
 
 def classes_from_config(
@@ -74,7 +58,8 @@ def classes_from_config(
     """Build the class tuple from the config's ``classes:`` list.
 
     Each entry is a mapping with ``name``, ``qupath_name``, ``color`` ([r, g, b]) and optional ``aliases``.
-    Raises ``ConfigError`` naming ``source`` and the bad entry.
+    Names must be unique, and so must QuPath names and aliases ignoring case (the GeoJSON reader matches
+    them case-insensitively). Raises ``ConfigError`` naming ``source`` and the bad entry.
     """
     if not entries:
         raise ConfigError(f"{source}: classes: is empty; list at least one nucleus class")
@@ -95,12 +80,10 @@ def classes_from_config(
                 "expected keys name, qupath_name, color [r, g, b] and optional aliases"
             )
             raise ConfigError(msg) from err
-    try:
-        qupath_name_lookup(specs)
-    except ValueError as err:
-        raise ConfigError(f"{source}: classes: {err}") from err
     names = [s.name for s in specs]
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise ConfigError(f"{source}: classes[].name must be unique; repeated: {repeated}")
+    qupath_names = [n.casefold() for s in specs for n in s.qupath_names]
+    for label, values in (("name", names), ("qupath_name/aliases", qupath_names)):
+        repeated = sorted({v for v in values if values.count(v) > 1})
+        if repeated:
+            raise ConfigError(f"{source}: classes[].{label} must be unique; repeated: {repeated}")
     return tuple(specs)

@@ -19,6 +19,7 @@ import pandas as pd
 import yaml
 from snakemake.utils import validate as snakemake_validate
 
+from cellkd.classes import classes_from_config
 from cellkd.errors import ConfigError
 
 ANNOTATION_SETS: tuple[str, ...] = ("ssa", "wsa", "ea", "truth")
@@ -49,12 +50,7 @@ def validate_config(config: dict[str, Any], schema_path: str | os.PathLike[str],
         raise ConfigError(msg)
     snakemake_validate(config, str(schema_path), set_default=True)
 
-    names = [c["name"] for c in config["classes"]]
-    qupath = [n.lower() for c in config["classes"] for n in (c["qupath_name"], *c.get("aliases", []))]
-    for label, values in (("classes[].name", names), ("classes[].qupath_name/aliases", qupath)):
-        duplicates = sorted({v for v in values if values.count(v) > 1})
-        if duplicates:
-            raise ConfigError(f"{source}: {label} must be unique; repeated: {duplicates}")
+    classes_from_config(config["classes"], source)  # unique names, and QuPath names/aliases ignoring case
     for section in ("patches", "nuclei"):
         split = config[section]["split"]
         if not math.isclose(sum(split), 1.0, abs_tol=1e-6):

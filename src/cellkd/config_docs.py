@@ -60,6 +60,15 @@ def _types(node: Mapping[str, Any]) -> list[str]:
     return [declared] if isinstance(declared, str) else list(declared)
 
 
+def _one_sided(low: Any, high: Any, at_least: str = "≥", at_most: str = "≤") -> str:
+    """``≥ low`` when only ``low`` is set, ``≤ high`` when only ``high`` is; ``""`` when neither is."""
+    if low is not None:
+        return f"{at_least} {low}"
+    if high is not None:
+        return f"{at_most} {high}"
+    return ""
+
+
 def _number_range(node: Mapping[str, Any]) -> str:
     """``≥ 1``, ``< 1``, ``in (0, 1]`` from minimum/maximum and their exclusive forms; ``""`` if unbounded."""
     low, low_open = node.get("minimum"), False
@@ -70,11 +79,12 @@ def _number_range(node: Mapping[str, Any]) -> str:
         high, high_open = node["exclusiveMaximum"], True
     if low is not None and high is not None:
         return f"in {'(' if low_open else '['}{_scalar(low)}, {_scalar(high)}{')' if high_open else ']'}"
-    if low is not None:
-        return f"{'>' if low_open else '≥'} {_scalar(low)}"
-    if high is not None:
-        return f"{'<' if high_open else '≤'} {_scalar(high)}"
-    return ""
+    return _one_sided(
+        None if low is None else _scalar(low),
+        None if high is None else _scalar(high),
+        ">" if low_open else "≥",
+        "<" if high_open else "≤",
+    )
 
 
 def _count(low: int | None, high: int | None, noun: str) -> str:
@@ -84,11 +94,8 @@ def _count(low: int | None, high: int | None, noun: str) -> str:
         return f"{low} {plural}"
     if low is not None and high is not None:
         return f"{low}–{high} {plural}"
-    if low is not None:
-        return f"≥ {low} {plural}"
-    if high is not None:
-        return f"≤ {high} {plural}"
-    return ""
+    bound = _one_sided(low, high)
+    return f"{bound} {plural}" if bound else ""
 
 
 def _string_constraints(node: Mapping[str, Any]) -> list[str]:

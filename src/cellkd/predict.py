@@ -140,6 +140,7 @@ __all__ = [
     "AREA_MEASUREMENT",
     "BACKGROUND_CLASS",
     "PROBABILITY_MEASUREMENT",
+    "classify_nuclei",
     "export_predictions",
     "probability_measurement",
 ]

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from cellkd.metrics.classification import classification_metrics, confusion_matrix
+from cellkd.report.figures import png_figure
 from cellkd.report.tables import concat_tables, write_table
 from cellkd.store.atomic import atomic_path, require_complete
 from cellkd.types import PathLike
@@ -87,27 +88,18 @@ def write_table3(table: pd.DataFrame, csv_path: PathLike, md_path: PathLike) -> 
 
 def plot_confusion(confusion: np.ndarray, class_names: Sequence[str], title: str, png_path: PathLike) -> None:
     """Row-normalized confusion matrix (rows = reference, columns = prediction) with counts, as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     totals = confusion.sum(axis=1, keepdims=True)
     fractions = np.divide(confusion, totals, out=np.zeros(confusion.shape, float), where=totals > 0)
-    fig, ax = plt.subplots(figsize=(4.8, 4.2))
-    ax.imshow(fractions, cmap="Blues", vmin=0, vmax=1)
-    for (i, j), count in np.ndenumerate(confusion):
-        color = "white" if fractions[i, j] > 0.6 else "black"
-        ax.text(j, i, f"{fractions[i, j]:.2f}\n({count})", ha="center", va="center", fontsize=7, color=color)
-    ax.set_xticks(range(len(class_names)), class_names, rotation=30)
-    ax.set_yticks(range(len(class_names)), class_names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("reference")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    with atomic_path(png_path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    with png_figure(png_path, dpi=120, figsize=(4.8, 4.2)) as (_, ax):
+        ax.imshow(fractions, cmap="Blues", vmin=0, vmax=1)
+        for (i, j), count in np.ndenumerate(confusion):
+            color = "white" if fractions[i, j] > 0.6 else "black"
+            ax.text(j, i, f"{fractions[i, j]:.2f}\n({count})", ha="center", va="center", fontsize=7, color=color)
+        ax.set_xticks(range(len(class_names)), class_names, rotation=30)
+        ax.set_yticks(range(len(class_names)), class_names)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("reference")
+        ax.set_title(title, fontsize=9)
 
 
 def evaluate_predictions(

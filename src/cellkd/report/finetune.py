@@ -8,8 +8,8 @@ from collections.abc import Mapping
 import pandas as pd
 
 from cellkd.errors import StoreError
+from cellkd.report.figures import png_figure
 from cellkd.report.tables import concat_tables, write_table
-from cellkd.store.atomic import atomic_path
 from cellkd.types import PathLike
 
 logger = logging.getLogger(__name__)
@@ -67,32 +67,27 @@ def table6(metrics_csvs: Mapping[tuple[str, str, int], PathLike]) -> pd.DataFram
 def plot_finetune_curve(table: pd.DataFrame, png_path: PathLike) -> None:
     """Macro F1 against the effective labels per class, one colour per (stain, labels): solid after, dashed before."""
     import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fig, ax = plt.subplots(figsize=(6.0, 4.2))
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, ((stain, labels), group) in enumerate(table.groupby(["stain", "labels"], sort=True)):
-        group = group.sort_values(["effective_count", "count"])
-        colour = colours[i % len(colours)]
-        ax.plot(group["effective_count"], group["f1_after"], "o-", color=colour, label=f"{stain} / {labels}: after")
-        ax.plot(group["effective_count"], group["f1_before"], "x--", color=colour, label=f"{stain} / {labels}: before")
     counts = table["effective_count"].to_numpy()
-    if len(counts) and counts.min() > 0 and counts.max() / counts.min() >= 10:
-        ax.set_xscale("log")  # counts grow geometrically in the grid (10, 50, 100, 500, ...)
-        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())  # 10, 100 rather than 10^1, 10^2
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("expert labels per class (effective count)")
-    ax.set_ylabel("macro F1 on the reserved EA test nuclei")
-    ax.set_title("Fine-tuning the student on expert labels", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(png_path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    with png_figure(png_path, dpi=120, figsize=(6.0, 4.2)) as (_, ax):
+        colours = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+        for i, ((stain, labels), group) in enumerate(table.groupby(["stain", "labels"], sort=True)):
+            group = group.sort_values(["effective_count", "count"])
+            colour = colours[i % len(colours)]
+            ax.plot(group["effective_count"], group["f1_after"], "o-", color=colour, label=f"{stain} / {labels}: after")
+            ax.plot(
+                group["effective_count"], group["f1_before"], "x--", color=colour, label=f"{stain} / {labels}: before"
+            )
+        if len(counts) and counts.min() > 0 and counts.max() / counts.min() >= 10:
+            ax.set_xscale("log")  # counts grow geometrically in the grid (10, 50, 100, 500, ...)
+            ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())  # 10, 100 rather than 10^1, 10^2
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("expert labels per class (effective count)")
+        ax.set_ylabel("macro F1 on the reserved EA test nuclei")
+        ax.set_title("Fine-tuning the student on expert labels", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
 
 
 def write_table6(

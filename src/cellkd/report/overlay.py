@@ -15,7 +15,7 @@ import numpy.typing as npt
 
 from cellkd.annotations.qupath import read_qupath_geojson
 from cellkd.classes import ClassSpec
-from cellkd.store.atomic import atomic_path
+from cellkd.report.figures import png_figure
 from cellkd.store.fragments import Fragment, FragmentStore
 from cellkd.types import DOWNSAMPLES, PathLike
 
@@ -39,13 +39,9 @@ def plot_prediction_overlay(
     ``classes`` are the classes the predictions may carry (background included where it was exported).
     Returns the number of nuclei per class name on the drawn fragment, which the legend shows too.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib import patheffects
     from matplotlib.collections import PolyCollection
-    from matplotlib.patches import Patch
+    from matplotlib.patches import Patch, Rectangle
 
     # a slide where nothing was predicted still gets its tissue drawn
     nuclei = read_qupath_geojson(predictions_path, classes, allow_empty=True)
@@ -61,57 +57,57 @@ def plot_prediction_overlay(
     colours = np.array([spec.color for spec in classes], dtype=float) / 255
     counts = {spec.name: int((class_index == i).sum()) for i, spec in enumerate(classes)}
 
-    fig, (whole_ax, detail_ax) = plt.subplots(1, 2, figsize=(13, 6.5), layout="constrained")
-    whole_ax.imshow(thumbnail)
-    if len(centroids):
-        whole_ax.scatter(
-            centroids[:, 0] * thumbnail_scale,
-            centroids[:, 1] * thumbnail_scale,
-            s=9,
-            c=colours[class_index],
-            edgecolors="white",
-            linewidths=0.4,
+    figure = png_figure(png_path, dpi=110, nrows=1, ncols=2, figsize=(13, 6.5), layout="constrained")
+    with figure as (fig, (whole_ax, detail_ax)):
+        whole_ax.imshow(thumbnail)
+        if len(centroids):
+            whole_ax.scatter(
+                centroids[:, 0] * thumbnail_scale,
+                centroids[:, 1] * thumbnail_scale,
+                s=9,
+                c=colours[class_index],
+                edgecolors="white",
+                linewidths=0.4,
+            )
+        whole_ax.add_patch(
+            Rectangle(
+                (x0 * thumbnail_scale, y0 * thumbnail_scale),
+                detail.shape[1] * thumbnail_scale,
+                detail.shape[0] * thumbnail_scale,
+                fill=False,
+                edgecolor="black",
+                linewidth=1.2,
+            )
         )
-    whole_ax.add_patch(
-        plt.Rectangle(
-            (x0 * thumbnail_scale, y0 * thumbnail_scale),
-            detail.shape[1] * thumbnail_scale,
-            detail.shape[0] * thumbnail_scale,
-            fill=False,
-            edgecolor="black",
-            linewidth=1.2,
-        )
-    )
-    whole_ax.set_title(f"{fragment.name}: {len(centroids)} nuclei (box: right panel)")
+        whole_ax.set_title(f"{fragment.name}: {len(centroids)} nuclei (box: right panel)")
 
-    detail_ax.imshow(detail, extent=(x0, x0 + detail.shape[1], y0 + detail.shape[0], y0))
-    x, y = centroids[:, 0], centroids[:, 1]
-    in_window = np.flatnonzero((x >= x0) & (x < x0 + detail.shape[1]) & (y >= y0) & (y < y0 + detail.shape[0]))
-    detail_ax.add_collection(
-        PolyCollection(
-            [outlines[i] for i in in_window],
-            facecolors="none",
-            edgecolors=colours[class_index[in_window]] if len(in_window) else "none",
-            linewidths=1.4,
-            # a white halo: some QuPath colours (Immune cells' purple) vanish against haematoxylin
-            path_effects=[patheffects.withStroke(linewidth=3.0, foreground="white")],
+        detail_ax.imshow(detail, extent=(x0, x0 + detail.shape[1], y0 + detail.shape[0], y0))
+        x, y = centroids[:, 0], centroids[:, 1]
+        in_window = np.flatnonzero((x >= x0) & (x < x0 + detail.shape[1]) & (y >= y0) & (y < y0 + detail.shape[0]))
+        detail_ax.add_collection(
+            PolyCollection(
+                [outlines[i] for i in in_window],
+                facecolors="none",
+                edgecolors=colours[class_index[in_window]] if len(in_window) else "none",
+                linewidths=1.4,
+                # a white halo: some QuPath colours (Immune cells' purple) vanish against haematoxylin
+                path_effects=[patheffects.withStroke(linewidth=3.0, foreground="white")],
+            )
         )
-    )
-    detail_ax.set_xlim(x0, x0 + detail.shape[1])
-    detail_ax.set_ylim(y0 + detail.shape[0], y0)
-    detail_ax.set_title(f"full resolution, {len(in_window)} nuclei")
-    for ax in (whole_ax, detail_ax):
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.legend(
-        handles=[Patch(color=colours[i], label=f"{spec.name} ({counts[spec.name]})") for i, spec in enumerate(classes)],
-        loc="outside lower center",
-        ncol=len(classes),
-        frameon=False,
-    )
-    with atomic_path(png_path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+        detail_ax.set_xlim(x0, x0 + detail.shape[1])
+        detail_ax.set_ylim(y0 + detail.shape[0], y0)
+        detail_ax.set_title(f"full resolution, {len(in_window)} nuclei")
+        for ax in (whole_ax, detail_ax):
+            ax.set_xticks([])
+            ax.set_yticks([])
+        fig.legend(
+            handles=[
+                Patch(color=colours[i], label=f"{spec.name} ({counts[spec.name]})") for i, spec in enumerate(classes)
+            ],
+            loc="outside lower center",
+            ncol=len(classes),
+            frameon=False,
+        )
     return counts
 
 

@@ -18,6 +18,7 @@ import pandas as pd
 
 from cellkd.errors import StoreError
 from cellkd.metrics import PIXEL_METRICS, PixelCounts, pixel_counts, pixel_metrics
+from cellkd.report.figures import png_figure
 from cellkd.report.tables import concat_tables, write_table
 from cellkd.store.atomic import atomic_path, atomic_write_text, require_complete
 from cellkd.training.segmentation import evaluate_segmentation
@@ -136,31 +137,22 @@ def write_qupath_comparison(
 
 
 def _plot_comparison(table: pd.DataFrame, png_path: PathLike) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     comparisons = list(dict.fromkeys(table["comparison"]))
     stains = list(dict.fromkeys(table["stain"]))
     width = 0.8 / len(stains)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, metric in zip(axes, ("dice", "iou"), strict=True):
-        for i, stain in enumerate(stains):
-            values = table[table["stain"] == stain].set_index("comparison").reindex(comparisons)[metric]
-            positions = np.arange(len(comparisons)) + (i - (len(stains) - 1) / 2) * width
-            bars = ax.bar(positions, values.to_numpy(), width, label=stain)
-            ax.bar_label(bars, fmt="%.2f", fontsize=8)
-        ax.set_xticks(np.arange(len(comparisons)), comparisons, rotation=15)
-        ax.set_title(metric.upper() if metric == "iou" else metric.capitalize())
-        ax.set_ylim(0, 1.05)
-    axes[0].set_ylabel("agreement (mean over slides)")
-    axes[1].legend(title="stain")
-    fig.suptitle("Nucleus segmentation: model vs QuPath (and truth, where known)")
-    fig.tight_layout()
-    with atomic_path(png_path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    with png_figure(png_path, dpi=120, nrows=1, ncols=2, figsize=(10, 4), sharey=True) as (fig, axes):
+        for ax, metric in zip(axes, ("dice", "iou"), strict=True):
+            for i, stain in enumerate(stains):
+                values = table[table["stain"] == stain].set_index("comparison").reindex(comparisons)[metric]
+                positions = np.arange(len(comparisons)) + (i - (len(stains) - 1) / 2) * width
+                bars = ax.bar(positions, values.to_numpy(), width, label=stain)
+                ax.bar_label(bars, fmt="%.2f", fontsize=8)
+            ax.set_xticks(np.arange(len(comparisons)), comparisons, rotation=15)
+            ax.set_title(metric.upper() if metric == "iou" else metric.capitalize())
+            ax.set_ylim(0, 1.05)
+        axes[0].set_ylabel("agreement (mean over slides)")
+        axes[1].legend(title="stain")
+        fig.suptitle("Nucleus segmentation: model vs QuPath (and truth, where known)")
 
 
 def selected_model_path(selected_json: PathLike) -> str:

@@ -1,4 +1,4 @@
-"""Snakemake adapter: train one teacher classifier on the SSA or WSA labels of one stain set."""
+"""Snakemake adapter: train a teacher on one weak annotation set, or distil a student from cached teacher logits."""
 
 from pathlib import Path
 
@@ -9,7 +9,8 @@ log_to(snakemake.log[0])
 limit_threads(snakemake.threads)
 train_classifier(
     snakemake.input.nuclei,
-    snakemake.wildcards.weak_set,
+    snakemake.params.label_set,
     Path(snakemake.output.model).parent,
-    ClassifierTrainParams(**snakemake.params.train),
+    ClassifierTrainParams.from_dict(snakemake.params.train),
+    teacher_logits=snakemake.input.get("logits"),  # only train_student has them
 )
