@@ -20,7 +20,6 @@ from cellkd.models import MODEL_REGISTRY, classifier_input, register_model
 from cellkd.models.classifiers import RCCNet
 from cellkd.training.classifier import (
     ClassifierTrainParams,
-    _class_weights,
     cache_teacher_logits,
     cap_per_class,
     distillation_loss,
@@ -30,6 +29,7 @@ from cellkd.training.classifier import (
     predict_logits,
     train_classifier,
 )
+from cellkd.training.classifier.distillation import class_weights
 
 CLASSES = ["other", "immune", "muscle", "background"]
 BG = (205, 170, 195)  # pinkish eosin background
@@ -233,7 +233,7 @@ def test_distillation_loss_class_weights_weight_the_task_term_only() -> None:
 
 def test_class_weighting_gives_inverse_frequency_weights(stores: list[Path], tmp_path: Path) -> None:
     """Targets 0 x6, 1 x2, 3 x4 (class 2 absent): w_c = 12 / (3 * n_c), 0 for the absent class."""
-    weights = _class_weights(np.repeat([0, 1, 3], [6, 2, 4]), 4)
+    weights = class_weights(np.repeat([0, 1, 3], [6, 2, 4]), 4)
     np.testing.assert_allclose(weights, [12 / 18, 12 / 6, 0.0, 12 / 12])
     model_path = train_classifier(stores, "ssa", tmp_path, replace(QUICK, class_weighting=True), device="cpu")
     assert torch.load(model_path, weights_only=True)["params"]["class_weighting"] is True
