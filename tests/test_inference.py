@@ -14,9 +14,10 @@ from torch import nn
 
 from cellkd.errors import ConfigError, StoreError
 from cellkd.inference import predict_fragment, segment_fragment_store
+from cellkd.models.checkpoint import load_segmentation_model, save_segmentation_model
 from cellkd.models.segmentation import create_segmentation_model, preprocess
 from cellkd.store.fragments import Fragment, FragmentStoreWriter
-from cellkd.training.segmentation import SegmentationTrainParams, load_segmentation_model, save_segmentation_model
+from cellkd.training.segmentation import SegmentationTrainParams
 
 TILE, OVERLAP = 64, 32
 

@@ -16,13 +16,16 @@ from rasterio.features import rasterize
 from rasterio.transform import Affine
 from scipy import ndimage
 
-from cellkd import nuclei as nuclei_module
 from cellkd.annotations import write_qupath_geojson
 from cellkd.classes import DEFAULT_CLASSES
 from cellkd.errors import AnnotationError, ConfigError, StoreError
-from cellkd.nuclei import UNLABELLED, NucleiParams, NucleiStore, extract_nuclei, find_instances
+from cellkd.nuclei import UNLABELLED, NucleiParams, extract_nuclei, find_instances
+from cellkd.nuclei import crops as nuclei_crops
+from cellkd.nuclei import instances as nuclei_instances
+from cellkd.nuclei import matching as nuclei_matching
 from cellkd.store.atomic import atomic_h5
 from cellkd.store.fragments import Fragment, FragmentStoreWriter, fragment_name
+from cellkd.store.nuclei import NucleiStore
 from cellkd.store.patches import split_counts
 from cellkd.types import DOWNSAMPLES
 
@@ -340,7 +343,8 @@ def test_outline_rows_follow_the_centroid_order(
     With 5-row bands every disc spans several bands, so each must still be traced whole, exactly once.
     """
     if band_rows is not None:
-        monkeypatch.setattr(nuclei_module, "BAND_PIXELS", band_rows * 64)
+        for module in (nuclei_instances, nuclei_matching, nuclei_crops):
+            monkeypatch.setattr(module, "BAND_PIXELS", band_rows * 64)
     fragment = Fragment("f000", 30, 20, 64, 64)
     mask = np.zeros((64, 64), dtype=bool)
     for cy, cx, radius in ((50, 10, 5.5), (12, 40, 3.2), (30, 30, 6.8), (12, 12, 4.1), (52, 45, 2.5)):
@@ -495,7 +499,7 @@ def test_store_round_trip(slide: dict[str, Path]) -> None:
         assert list(store.table().columns) == [
             "fragment", "centroid_x", "centroid_y", "area", "x0", "y0", "x1", "y1", "split", "label_ssa", "label_ea"
         ]  # fmt: skip
-        with pytest.raises(StoreError, match="no labels from annotation set 'wsa'"):
+        with pytest.raises(StoreError, match="no label set 'wsa'"):
             store.labels("wsa")
         with pytest.raises(StoreError, match="no crops at level 3"):
             store.crops(3)

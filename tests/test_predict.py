@@ -16,10 +16,11 @@ from hypothesis.extra.numpy import arrays
 from cellkd.annotations import read_qupath_geojson
 from cellkd.classes import DEFAULT_CLASSES, ClassSpec
 from cellkd.errors import AnnotationError, ConfigError
-from cellkd.nuclei import NucleiStore, extract_nuclei
+from cellkd.nuclei import extract_nuclei
 from cellkd.predict import BACKGROUND_CLASS, export_predictions
 from cellkd.store.atomic import atomic_h5
 from cellkd.store.fragments import Fragment, FragmentStoreWriter
+from cellkd.store.nuclei import NucleiStore
 from cellkd.types import DOWNSAMPLES
 
 CLASSES = DEFAULT_CLASSES  # Other 0, Immune cells 1, Muscle 2; background 3

@@ -69,7 +69,7 @@ PROGRESS_USERS = (
     "cellkd.slides.extract",
     "cellkd.annotations.rasterize",
     "cellkd.store.patches",
-    "cellkd.nuclei",
+    "cellkd.nuclei.extract",
     "cellkd.stain",
 )
 
@@ -183,8 +183,9 @@ def model_path(tmp_path_factory: pytest.TempPathFactory) -> str:
     """model.pt of an untrained tiny U-Net (mobilenet_v2 encoder, depth 3, random weights from seed 0)."""
     import torch
 
+    from cellkd.models.checkpoint import save_segmentation_model
     from cellkd.models.segmentation import create_segmentation_model
-    from cellkd.training.segmentation import SegmentationTrainParams, save_segmentation_model
+    from cellkd.training.segmentation import SegmentationTrainParams
 
     params = SegmentationTrainParams(arch="unet", encoder="mobilenet_v2", encoder_depth=3, decoder_channels=(8, 8, 8))
     with torch.random.fork_rng():

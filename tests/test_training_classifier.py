@@ -20,7 +20,6 @@ from cellkd.models import MODEL_REGISTRY, classifier_input, register_model
 from cellkd.models.classifiers import RCCNet
 from cellkd.training.classifier import (
     ClassifierTrainParams,
-    _class_weights,
     cache_teacher_logits,
     cap_per_class,
     distillation_loss,
@@ -30,6 +29,7 @@ from cellkd.training.classifier import (
     predict_logits,
     train_classifier,
 )
+from cellkd.training.classifier.distillation import class_weights
 
 CLASSES = ["other", "immune", "muscle", "background"]
 BG = (205, 170, 195)  # pinkish eosin background
@@ -233,7 +233,7 @@ def test_distillation_loss_class_weights_weight_the_task_term_only() -> None:
 
 def test_class_weighting_gives_inverse_frequency_weights(stores: list[Path], tmp_path: Path) -> None:
     """Targets 0 x6, 1 x2, 3 x4 (class 2 absent): w_c = 12 / (3 * n_c), 0 for the absent class."""
-    weights = _class_weights(np.repeat([0, 1, 3], [6, 2, 4]), 4)
+    weights = class_weights(np.repeat([0, 1, 3], [6, 2, 4]), 4)
     np.testing.assert_allclose(weights, [12 / 18, 12 / 6, 0.0, 12 / 12])
     model_path = train_classifier(stores, "ssa", tmp_path, replace(QUICK, class_weighting=True), device="cpu")
     assert torch.load(model_path, weights_only=True)["params"]["class_weighting"] is True
@@ -397,6 +397,39 @@ def test_student_distillation_uses_cached_logits_and_never_runs_the_teacher(
     assert checkpoint["arch"] == "rccnet" and checkpoint["teacher_logits"] == str(tmp_path / "logits.h5")
     history = read_history(tmp_path / "student" / "history.csv")
     assert np.isfinite(history[0]["train_loss"]) and 0.0 <= history[0]["val_f1"] <= 1.0
+
+
+def test_default_student_learns_the_teachers_argmax_not_the_ssa_labels(
+    stores: list[Path], trained: Path, tmp_path: Path
+) -> None:
+    """The default student (w_kd = 0) trains on argmax(teacher logits); the SSA labels of its rows play no part.
+
+    Copies of the stores whose SSA swaps other <-> immune and muscle <-> background: the blob a
+    class is drawn with (the visual cue) keeps its true class, which the teacher, trained on the
+    originals, predicts. The val split keeps the true SSA, so that selecting the best epoch by
+    val F1 on SSA does not by itself push the student either way.
+    """
+    assert ClassifierTrainParams().w_kd == 0 and TINY.w_kd == 0
+    swap = np.array([1, 0, 3, 2])
+    copies = []
+    for path in stores:
+        copy = Path(shutil.copy(path, tmp_path / path.name))
+        with h5py.File(copy, "a") as h5:
+            ssa, split = h5["labels/ssa"][:], h5["split"][:]
+            h5["labels/ssa"][:] = np.where(split == 1, ssa, swap[ssa])
+        copies.append(copy)
+    cache_teacher_logits(trained / "model.pt", copies, tmp_path / "logits.h5", device="cpu")
+    teacher = load_teacher_logits(tmp_path / "logits.h5", copies).argmax(axis=1)
+    ssa, test = all_rows(copies, "labels/ssa"), all_rows(copies, "split") == 2
+    assert np.mean(teacher[test] != ssa[test]) > 0.6  # the premise: teacher and SSA disagree on most nuclei
+
+    student = train_classifier(
+        copies, "ssa", tmp_path / "student", TINY, teacher_logits=tmp_path / "logits.h5", device="cpu"
+    )
+    predicted = predict_logits(student, copies, device="cpu").argmax(axis=1)
+    with_teacher = np.mean(predicted[test] == teacher[test])
+    with_ssa = np.mean(predicted[test] == ssa[test])
+    assert with_teacher > 0.7 and with_ssa < 0.3, (with_teacher, with_ssa)
 
 
 def test_teacher_logits_for_other_stores_are_rejected(stores: list[Path], trained: Path, tmp_path: Path) -> None:

@@ -17,12 +17,12 @@ from hypothesis import strategies as st
 from torch import nn
 
 from cellkd.errors import ConfigError, StoreError
+from cellkd.models.checkpoint import load_segmentation_model
 from cellkd.training.segmentation import (
     PatchDataset,
     SegmentationTrainParams,
     evaluate_model,
     evaluate_segmentation,
-    load_segmentation_model,
     train_segmentation,
 )
 

@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from cellkd.errors import ConfigError
+from cellkd.models.checkpoint import load_segmentation_model, resolve_device
 from cellkd.models.segmentation import preprocess
 from cellkd.store.atomic import atomic_h5
 from cellkd.store.fragments import CHUNK, FragmentStore
-from cellkd.training.segmentation import load_segmentation_model, resolve_device
 from cellkd.types import PathLike
 from cellkd.workflow import progress
 

@@ -39,7 +39,7 @@ import numpy.typing as npt
 from cellkd.annotations.qupath import class_lookup, write_qupath_geojson
 from cellkd.classes import ClassSpec
 from cellkd.errors import ConfigError
-from cellkd.nuclei import NucleiStore
+from cellkd.store.nuclei import NucleiStore
 from cellkd.types import PathLike
 
 if TYPE_CHECKING:

@@ -42,6 +42,8 @@ InputKind = Literal["level0", "multiscale"]
 
 INPUT_SHAPES: dict[str, tuple[int, int, int]] = {"level0": (3, 32, 32), "multiscale": (6, 16, 16)}
 """input_kind -> the (C, H, W) each model of that kind expects."""
+INPUT_LEVELS: dict[str, tuple[int, ...]] = {"level0": (0,), "multiscale": (1, 2)}
+"""input_kind -> the nuclei-store crop levels it reads, stacked along channels in this order."""
 
 RCCNET_PARAMETERS = 1_512_868
 """Parameters of ``rccnet`` with 4 classes (Basha et al. 2018 report 1,512,868)."""

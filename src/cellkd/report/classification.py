@@ -10,14 +10,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 
-import h5py
 import numpy as np
 import pandas as pd
 
 from cellkd.metrics.classification import classification_metrics, confusion_matrix
 from cellkd.report.figures import png_figure
 from cellkd.report.tables import concat_tables, write_table
-from cellkd.store.atomic import atomic_path, require_complete
+from cellkd.store.atomic import atomic_path
+from cellkd.store.nuclei import NucleiStore
 from cellkd.types import PathLike
 
 logger = logging.getLogger(__name__)
@@ -33,11 +33,10 @@ def read_labels(nuclei_stores: Sequence[PathLike]) -> tuple[dict[str, np.ndarray
     columns: list[dict[str, np.ndarray]] = []
     splits, class_names = [], []
     for path in nuclei_stores:
-        with h5py.File(path, "r") as h5:
-            require_complete(h5)
-            class_names = [str(c) for c in h5.attrs["classes"]]
-            splits.append(h5["split"][:])
-            columns.append({name: h5[f"labels/{name}"][:] for name in h5["labels"]})
+        with NucleiStore(path) as store:
+            class_names = store.classes
+            splits.append(store.split)
+            columns.append({name: store.labels(name) for name in store.label_sets})
     names = sorted({name for store in columns for name in store})
     labels = {
         name: np.concatenate(

@@ -17,6 +17,12 @@ patch store ``results/patches/{stain}/{source}.h5`` (``cellkd.store.patches``)
     ``images`` (N, P, P, 3) uint8; ``masks/{set}`` (N, P, P, C) uint8
     provenance 1-D (N,): ``slide`` (str), ``fragment`` (str), ``level`` (int8), ``x``, ``y``
     (int32, patch origin in that level's fragment pixels), ``split`` (int8: 0 train, 1 val, 2 test)
+
+nuclei store ``results/nuclei/{stain}/{slide}.h5`` (``cellkd.store.nuclei``; full layout there)
+    attrs: complete, slide, stain, classes (``"background"`` last), label_sets, crop_size,
+        multiscale_size, split_names, and the extraction settings
+    one row per nucleus: ``fragment``, ``centroid_x``, ``centroid_y``, ``area``, ``bbox``, ``split``,
+    ``labels/{set}`` (int8, -1 unlabelled), ``crops/level{0,1,2}`` uint8 (N, S, S, 3), ``geometry`` (WKB)
 """
 
 from cellkd.store.atomic import atomic_h5, atomic_path, atomic_write_text, require_complete

@@ -1,11 +1,11 @@
 """Training: segmentation (Phase I); nucleus classifiers, distillation and fine-tuning (Phases II-IV)."""
 
+from cellkd.models.checkpoint import load_classifier, load_segmentation_model, save_segmentation_model
 from cellkd.training.classifier import (
     ClassifierTrainParams,
     cache_teacher_logits,
     distillation_loss,
     evaluate_classifier,
-    load_classifier,
     load_teacher_logits,
     predict_logits,
     train_classifier,
@@ -14,8 +14,6 @@ from cellkd.training.segmentation import (
     SegmentationTrainParams,
     evaluate_model,
     evaluate_segmentation,
-    load_segmentation_model,
-    save_segmentation_model,
     train_segmentation,
 )
 

@@ -1,10 +1,10 @@
-"""Helpers shared by the trainers (segmentation, classifiers): devices, seeds, checkpoints, resume state.
+"""Helpers shared by the trainers (segmentation, classifiers): parameters, seeds, resume state.
 
 Resume protocol (both trainers): after every epoch the trainer writes ``best.pt`` (when the epoch
 improved the selection criterion) and then ``last.pt`` (model, optimizer, RNG states, history,
-parameters, data fingerprint) atomically; ``model.pt``, the rule's output, is copied from
-``best.pt`` only once training has finished (:func:`publish_model`). :func:`load_resume_state`
-decides whether a ``last.pt`` may continue a run.
+parameters, data fingerprint) atomically with ``cellkd.models.checkpoint.torch_save_atomic``;
+``model.pt``, the rule's output, is copied from ``best.pt`` only once training has finished
+(:func:`publish_model`). :func:`load_resume_state` decides whether a ``last.pt`` may continue a run.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from cellkd.errors import ConfigError, StoreError
+from cellkd.models.checkpoint import torch_load
 from cellkd.store.atomic import atomic_path
 from cellkd.types import PathLike
 
@@ -46,13 +47,6 @@ def params_from_dict(cls: type[ParamsT], values: Mapping[str, Any], what: str) -
 
 
 logger = logging.getLogger(__name__)
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``device``, or CUDA when available and CPU otherwise when None."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -80,26 +74,6 @@ def restore_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch_rng"])
     if device.type == "cuda" and state.get("cuda_rng") is not None:
         torch.cuda.set_rng_state(state["cuda_rng"], device)
-
-
-def torch_load(path: PathLike, *, rule: str = "the training rule") -> dict[str, Any]:
-    """Load a cellkd checkpoint dict (CPU tensors, ``weights_only``); ``StoreError`` naming ``rule`` otherwise."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as err:
-        raise StoreError(f"{path}: no such model checkpoint; run {rule} first") from err
-    except Exception as err:  # a truncated / foreign file: torch raises several unrelated types
-        raise StoreError(f"{path}: cannot read model checkpoint ({err}); delete it and retrain") from err
-    if not isinstance(checkpoint, dict):
-        raise StoreError(f"{path}: not a cellkd checkpoint (got {type(checkpoint).__name__}); delete it and retrain")
-    return checkpoint
-
-
-def torch_save_atomic(obj: Any, path: PathLike) -> Path:
-    """``torch.save(obj, path)`` that never leaves a partial file at ``path``."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-    return Path(path)
 
 
 def history_csv(history: Iterable[dict[str, float]], columns: Sequence[str]) -> str:

@@ -1,7 +1,7 @@
 """Phase IV (human in the loop): fine-tune the distilled student on the expert's (EA) labels.
 
 The expert labelled only a subset of the nuclei (``labels/ea`` is -1 elsewhere, see
-``cellkd.nuclei``). For a requested number of labels per class, :func:`select_expert_rows` draws
+``cellkd.store.nuclei``). For a requested number of labels per class, :func:`select_expert_rows` draws
 training and validation rows from the EA-labelled nuclei and reserves a test set that is the same
 for every count, so the F1-against-count curve compares like with like. :func:`finetune_student`
 then runs a grid over learning rate and dropout, each point a ``train_classifier`` run started from
@@ -12,7 +12,7 @@ The store's ``split`` dataset is ignored here: the EA rows of every split are el
 expert's labels are the scarce resource (the teacher and student never trained on EA labels).
 
 Output folder ``results/finetune/{stain}/{labels}/n{count}/``: ``model.pt`` (the chosen grid point's
-model, same checkpoint format as ``cellkd.training.classifier``), ``metrics.csv`` (before/after
+model, classifier checkpoint format of ``cellkd.models.checkpoint``), ``metrics.csv`` (before/after
 rows, see :func:`finetune_student`), ``grid.csv`` (one row per grid point) and one sub-folder per grid
 point ``lr{lr}_do{dropout}/`` holding that run's history.csv and resume state.
 """
@@ -34,15 +34,10 @@ import torch
 
 from cellkd.errors import ConfigError, StoreError
 from cellkd.metrics.classification import CLASSIFICATION_METRICS
+from cellkd.models.checkpoint import read_classifier_checkpoint
 from cellkd.report.classification import summary_row
 from cellkd.store.atomic import atomic_path
-from cellkd.training.classifier import (
-    ClassifierTrainParams,
-    predict_logits,
-    read_classifier_checkpoint,
-    read_nucleus_rows,
-    train_classifier,
-)
+from cellkd.training.classifier import ClassifierTrainParams, predict_logits, read_nucleus_rows, train_classifier
 from cellkd.training.common import check_parameters, params_from_dict
 from cellkd.types import PathLike
 

@@ -26,6 +26,13 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampl
 
 from cellkd.errors import ConfigError, StoreError
 from cellkd.metrics import PixelCounts, pixel_counts, pixel_metrics
+from cellkd.models.checkpoint import (
+    read_segmentation_checkpoint,
+    resolve_device,
+    save_segmentation_model,
+    segmentation_from_checkpoint,
+    torch_save_atomic,
+)
 from cellkd.models.segmentation import SEGMENTATION_ARCHS, create_segmentation_model, preprocess
 from cellkd.store.atomic import atomic_write_text
 from cellkd.training.common import (
@@ -36,12 +43,9 @@ from cellkd.training.common import (
     load_resume_state,
     params_from_dict,
     publish_model,
-    resolve_device,
     restore_rng_state,
     rng_devices,
     rng_state,
-    torch_load,
-    torch_save_atomic,
 )
 from cellkd.types import SPLITS, PathLike
 from cellkd.workflow import progress
@@ -279,69 +283,6 @@ def _train_epoch(
     return total / max(count, 1)
 
 
-def _model_checkpoint(
-    model: nn.Module, params: SegmentationTrainParams, *, epoch: int, val_loss: float, criterion: str
-) -> dict[str, Any]:
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "arch": params.arch,
-        "encoder": params.encoder,
-        "encoder_depth": params.encoder_depth,
-        "decoder_channels": params.decoder_channels,
-        "dropout": params.dropout,
-        "mask_set": params.mask_set,
-        "params": asdict(params),
-        "epoch": epoch,
-        "val_loss": val_loss,
-        "criterion": criterion,
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-    }
-
-
-def save_segmentation_model(
-    path: PathLike,
-    model: nn.Module,
-    params: SegmentationTrainParams,
-    *,
-    epoch: int = 0,
-    val_loss: float = math.nan,
-    criterion: str = "val_loss",
-) -> Path:
-    """Write ``model`` (built by ``create_segmentation_model`` from ``params``) atomically as a model.pt."""
-    checkpoint = _model_checkpoint(model, params, epoch=epoch, val_loss=val_loss, criterion=criterion)
-    return torch_save_atomic(checkpoint, path)
-
-
-def _torch_load(path: PathLike) -> dict[str, Any]:
-    return torch_load(path, rule="the train_segmentation rule")
-
-
-def load_segmentation_model(model_path: PathLike, device: str | torch.device | None = None) -> nn.Module:
-    """Rebuild the model saved in ``model_path`` (arch, encoder and weights), on ``device``, in eval mode."""
-    return _model_from_checkpoint(_torch_load(model_path), model_path, device)
-
-
-def _model_from_checkpoint(
-    checkpoint: dict[str, Any], model_path: PathLike, device: str | torch.device | None
-) -> nn.Module:
-    if checkpoint.get("format") != CHECKPOINT_FORMAT:
-        msg = (
-            f"{model_path}: checkpoint format {checkpoint.get('format')!r} is not {CHECKPOINT_FORMAT!r}; "
-            "it was not written by cellkd.training.segmentation - retrain it"
-        )
-        raise StoreError(msg)
-    decoder = checkpoint["decoder_channels"]
-    model = create_segmentation_model(
-        checkpoint["arch"],
-        encoder=checkpoint["encoder"],
-        dropout=checkpoint["dropout"],
-        encoder_depth=checkpoint["encoder_depth"],
-        decoder_channels=None if decoder is None else tuple(decoder),
-    )
-    model.load_state_dict(checkpoint["state_dict"])
-    return model.to(resolve_device(device)).eval()
-
-
 def train_segmentation(
     patch_stores: Sequence[PathLike],
     out_dir: PathLike,
@@ -510,8 +451,8 @@ def evaluate_segmentation(
     batch_size: int = 8,
 ) -> dict[str, float]:
     """``evaluate_model`` for the model in ``model_path``; ``mask_set`` None = the set it was trained on."""
-    checkpoint = _torch_load(model_path)
-    model = _model_from_checkpoint(checkpoint, model_path, device)
+    checkpoint = read_segmentation_checkpoint(model_path)
+    model = segmentation_from_checkpoint(checkpoint, device)
     if mask_set is None:
         mask_set = str(checkpoint["mask_set"])
     return evaluate_model(model, patch_stores, split, mask_set, device, batch_size)

@@ -1,0 +1,67 @@
+"""Settings of nucleus extraction (``nuclei:`` in workflow_config.yaml), read by every stage of ``cellkd.nuclei``."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from cellkd.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class NucleiParams:
+    """How nuclei are found, cropped, labelled and split (``nuclei:`` in workflow_config.yaml)."""
+
+    crop_size: int = 32
+    """Level-0 crop edge (px), centred on the centroid, zero-padded outside the fragment."""
+    multiscale_size: int = 16
+    """Crop edge (px) at levels 1 and 2, centred on centroid / 2 and centroid / 4."""
+    min_area: int = 8
+    """Instances smaller than this (level-0 px) are dropped."""
+    split_touching: bool = True
+    """Split touching nuclei by a watershed on the distance transform."""
+    split_depth: float = 1.5
+    """Distance-transform peaks (segmentation-level px) split a component only when they rise at least
+    this much above the saddle between them (h-maxima): smaller bumps of one outline do not split it."""
+    match: str = "iou"
+    """``"iou"`` (best-overlapping annotated nucleus) or ``"centroid"`` (annotated nucleus containing it)."""
+    min_iou: float = 0.1
+    """For ``match="iou"``: below this IoU the instance is unmatched."""
+    split: tuple[float, float, float] = (0.70, 0.15, 0.15)
+    """train / val / test fractions; each >= 0, summing to 1."""
+    split_by: str = "nucleus"
+    """``"nucleus"``: each nucleus drawn on its own. ``"fragment"``: whole fragments go to one split, so
+    overlapping crops of neighbouring nuclei never straddle train and test; the ratios then count
+    fragments (those with nuclei), and the nucleus fractions only approximate them."""
+    seed: int = 0
+    """Seed of the split; combined with the slide id."""
+    partial_sets: tuple[str, ...] = ("ea",)
+    """Annotation sets that label only a subset of nuclei: unmatched instances get -1, not background."""
+
+    def __post_init__(self) -> None:
+        where = "(see nuclei: in workflow_config.yaml)"
+
+        def fail(name: str, expected: str) -> None:
+            raise ConfigError(f"nuclei {name}={getattr(self, name)!r} is invalid; expected {expected} {where}")
+
+        for name, low in (("crop_size", 2), ("multiscale_size", 2), ("min_area", 1)):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= low):
+                fail(name, f"an integer >= {low}")
+        if not isinstance(self.split_touching, bool):
+            fail("split_touching", "true or false")
+        if not (math.isfinite(float(self.split_depth)) and self.split_depth > 0):
+            fail("split_depth", "a number > 0 (pixels)")
+        if self.match not in ("iou", "centroid"):
+            fail("match", "'iou' or 'centroid'")
+        if not (math.isfinite(float(self.min_iou)) and 0.0 < self.min_iou <= 1.0):
+            fail("min_iou", "a number in (0, 1]")
+        split = tuple(float(v) for v in self.split)
+        if len(split) != 3 or any(not math.isfinite(v) or v < 0 for v in split) or not math.isclose(sum(split), 1.0):
+            fail("split", "three fractions >= 0 (train, val, test) summing to 1")
+        object.__setattr__(self, "split", split)
+        if self.split_by not in ("nucleus", "fragment"):
+            fail("split_by", "'nucleus' or 'fragment'")
+        if not (isinstance(self.seed, int) and self.seed >= 0):
+            fail("seed", "an integer >= 0")
+        object.__setattr__(self, "partial_sets", tuple(str(s) for s in self.partial_sets))

@@ -1,0 +1,97 @@
+"""Running a trained classifier over nuclei stores: logits of every row, and scores on a labelled split."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cellkd.errors import ConfigError, StoreError
+from cellkd.metrics.classification import confusion_matrix, metrics_from_confusion
+from cellkd.models import classifier_input
+from cellkd.models.checkpoint import classifier_from_checkpoint, read_classifier_checkpoint, resolve_device
+from cellkd.training.classifier.data import iter_store_chunks, read_nucleus_rows
+from cellkd.types import SPLITS, PathLike
+
+
+def score_crops(
+    model: nn.Module, crops: torch.Tensor, labels: torch.Tensor, num_classes: int, batch_size: int
+) -> tuple[float, npt.NDArray[np.int64]]:
+    """Mean CE (unweighted, at T=1) and the (K, K) confusion matrix of argmax predictions on in-memory crops."""
+    model.eval()
+    total, preds = 0.0, []
+    with torch.inference_mode():
+        for start in range(0, len(crops), batch_size):
+            logits = model(classifier_input(crops[start : start + batch_size])).float()
+            y = labels[start : start + batch_size]
+            total += float(F.cross_entropy(logits, y, reduction="sum"))
+            preds.append(logits.argmax(dim=1).cpu())
+    pred = torch.cat(preds).numpy() if preds else np.zeros(0, dtype=np.int64)
+    return total / max(len(crops), 1), confusion_matrix(labels.cpu().numpy(), pred, num_classes)
+
+
+def predict_logits(
+    model_path: PathLike,
+    nuclei_stores: Sequence[PathLike],
+    *,
+    batch_size: int = 1024,
+    device: str | torch.device | None = None,
+) -> npt.NDArray[np.float32]:
+    """float32 (N_total, K) logits of every row of ``nuclei_stores`` (store order), crops streamed from disk."""
+    dev = resolve_device(device)
+    checkpoint = read_classifier_checkpoint(model_path)
+    model = classifier_from_checkpoint(checkpoint, dev)
+    rows = read_nucleus_rows(nuclei_stores, None)
+    num_classes = int(checkpoint["num_classes"])
+    if num_classes != len(rows.classes):
+        raise StoreError(
+            f"{model_path}: model has {num_classes} classes but the stores have {len(rows.classes)} "
+            f"{list(rows.classes)}; use a model trained on these classes"
+        )
+    out = np.zeros((len(rows.labels), num_classes), dtype=np.float32)
+    with torch.inference_mode():
+        for first, crops in iter_store_chunks(rows, str(model.input_kind), batch_size):
+            x = classifier_input(torch.from_numpy(crops).to(dev))
+            out[first : first + len(crops)] = model(x).float().cpu().numpy()
+    return out
+
+
+def evaluate_classifier(
+    model_path: PathLike,
+    nuclei_stores: Sequence[PathLike],
+    label_set: str,
+    split: str = "test",
+    *,
+    logits: npt.NDArray[np.floating] | None = None,
+    batch_size: int = 1024,
+    device: str | torch.device | None = None,
+) -> dict[str, Any]:
+    """``classification_metrics`` of argmax(logits) on the rows of ``split`` labelled in ``label_set``.
+
+    logits: float (N_total, K) from :func:`predict_logits` to reuse (``model_path`` is then not read);
+    computed from ``model_path`` when None.
+    Returns the dict of ``cellkd.metrics.classification_metrics`` (accuracy, macro precision, recall,
+    f1, ``per_class`` keyed by the stores' class names), plus ``rows`` (int, rows scored) and
+    ``confusion`` (int64 (K, K), rows = truth).
+    """
+    if split not in SPLITS:
+        raise ConfigError(f"split {split!r} is unknown; expected one of {list(SPLITS)}")
+    rows = read_nucleus_rows(nuclei_stores, label_set)
+    if logits is None:
+        logits = predict_logits(model_path, nuclei_stores, batch_size=batch_size, device=device)
+    logits = np.asarray(logits)
+    if logits.shape != (len(rows.labels), len(rows.classes)):
+        raise ValueError(f"logits shape {logits.shape} != ({len(rows.labels)} rows, {len(rows.classes)} classes)")
+    chosen = (rows.split == SPLITS[split]) & (rows.labels >= 0)
+    if not chosen.any():
+        raise StoreError(f"{list(rows.paths)}: no {split!r} rows labelled in set {label_set!r} to evaluate")
+    confusion = confusion_matrix(rows.labels[chosen], logits[chosen].argmax(axis=1), len(rows.classes))
+    metrics = metrics_from_confusion(confusion, rows.classes)
+    metrics["rows"] = int(chosen.sum())
+    metrics["confusion"] = confusion
+    return metrics
