@@ -2,10 +2,12 @@
 
 from cellkd.inference import segment_fragment_store
 from cellkd.report.segmentation import selected_model_path
+from cellkd.training.common import set_default_device
 from cellkd.workflow import limit_threads, log_to
 
 log_to(snakemake.log[0])
 limit_threads(snakemake.threads)
+set_default_device(snakemake.config["device"])
 segment_fragment_store(
     selected_model_path(snakemake.input.selected),
     snakemake.input.fragments,
