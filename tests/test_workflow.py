@@ -206,6 +206,8 @@ def test_workflow_exports_predictions_that_read_back_as_qupath_annotations(demo_
         assert len(collection["features"]) == len(h5["split"])  # background included: every nucleus
     feature = collection["features"][0]
     assert feature["properties"]["objectType"] == "detection"
+    measurements = feature["properties"]["measurements"]  # the demo slides record 0.5 µm/px
+    assert measurements["Nucleus: Area µm^2"] == pytest.approx(measurements["Area px"] * 0.25)
     assert feature["geometry"]["coordinates"][0][0] == feature["geometry"]["coordinates"][0][-1]
     annotations = read_qupath_geojson(path, (*DEFAULT_CLASSES, BACKGROUND_CLASS))
     assert len(annotations) == len(collection["features"])
