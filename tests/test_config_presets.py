@@ -181,3 +181,9 @@ def test_gpu_jobs_request_no_gpu_on_cpu() -> None:
     assert gpu_jobs("cpu") == 0
     assert gpu_jobs("cuda:1") == 1
     assert gpu_jobs("auto") == int(torch.cuda.is_available())
+
+
+def test_the_paper_preset_as_configfile_of_a_real_sheet_overrides_nothing(tmp_path: Path) -> None:
+    paper = yaml.safe_load((PRESETS / "paper.yaml").read_text())
+    _, note = effective({**paper, "sheet": str(write_sheet(tmp_path, ("ssa",)))})
+    assert note.startswith("cellkd preset: paper") and "overrides" not in note

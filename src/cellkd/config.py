@@ -170,14 +170,27 @@ def leaf_keys(tree: Mapping[str, Any], prefix: str = "") -> list[str]:
     return keys
 
 
-def has_key(tree: Mapping[str, Any], dotted: str) -> bool:
-    """Whether the dotted key is set in ``tree`` (before the schema fills its defaults)."""
+_MISSING = object()
+
+
+def _lookup(tree: Mapping[str, Any], dotted: str) -> Any:
     node: Any = tree
     for part in dotted.split("."):
         if not isinstance(node, Mapping) or part not in node:
-            return False
+            return _MISSING
         node = node[part]
-    return True
+    return node
+
+
+def has_key(tree: Mapping[str, Any], dotted: str) -> bool:
+    """Whether the dotted key is set in ``tree`` (before the schema fills its defaults)."""
+    return _lookup(tree, dotted) is not _MISSING
+
+
+def _overridden(config: Mapping[str, Any], preset: Mapping[str, Any]) -> str:
+    """``"; the config overrides a.b, c"``: the preset's keys that ``config`` sets to another value ('' if none)."""
+    keys = [k for k in leaf_keys(preset) if k != "sheet" and _lookup(config, k) not in (_MISSING, _lookup(preset, k))]
+    return f"; the config overrides {', '.join(keys)}" if keys else ""
 
 
 def apply_preset(config: dict[str, Any], preset_dir: PathLike) -> str:
@@ -190,17 +203,14 @@ def apply_preset(config: dict[str, Any], preset_dir: PathLike) -> str:
     preset_dir = Path(preset_dir)
     paper = preset_dir / PAPER_PRESET
     if config.get("sheet"):
-        preset_keys = [k for k in leaf_keys(yaml.safe_load(paper.read_text())) if k != "sheet"]
-        overridden = [k for k in preset_keys if has_key(config, k)]
-        note = f"; the config overrides {', '.join(overridden)}" if overridden else ""
+        note = _overridden(config, yaml.safe_load(paper.read_text()))
         return f"cellkd preset: paper (the schema defaults, see {paper}){note}"
     demo = preset_dir / DEMO_PRESET
     preset = yaml.safe_load(demo.read_text())
-    kept = [k for k in leaf_keys(preset) if has_key(config, k)]
+    note = _overridden(config, preset)
     merged = merge_under(preset, config)
     config.clear()
     config.update(merged)
-    note = f"; the config overrides {', '.join(kept)}" if kept else ""
     return f"cellkd preset: demo (sheet is empty: demo-scale settings from {demo}){note}"
 
 
