@@ -1,11 +1,25 @@
+import copy
 import re
 from pathlib import Path
 
-from cellkd.config import ANNOTATION_SETS, demo_sheet, load_sheet, validate_config
+from snakemake.logging import logger
+
+from cellkd.config import (
+    ANNOTATION_SETS,
+    apply_preset,
+    demo_sheet,
+    gpu_jobs,
+    load_sheet,
+    plan_phases,
+    validate_config,
+)
 from cellkd.errors import ConfigError
 
 SCHEMAS = Path(workflow.basedir) / "schemas"
 
+# The keys the user set, before any preset or default: linked keys left out follow the sheet (plan_phases).
+GIVEN_CONFIG = copy.deepcopy(config)
+PRESET = apply_preset(config, Path(workflow.basedir) / "config")
 validate_config(
     config,
     SCHEMAS / "config.schema.yaml",
@@ -16,6 +30,16 @@ if config["sheet"]:
     SLIDES = load_sheet(config["sheet"], SCHEMAS / "sheet.schema.yaml")
 else:
     SLIDES = demo_sheet(config["demo"]["slides"])
+
+# Fail fast: which phases the sheet can feed, and the annotation-set keys that follow from it.
+PHASES = plan_phases(config, GIVEN_CONFIG, SLIDES)
+for note in (PRESET, *PHASES.notes):
+    logger.info(note)
+
+# `gpu` resource of the training and inference jobs: the profile caps it (profiles/default: gpu=1), so that
+# `--cores 16` runs one of them at a time on a GPU node; 0 on CPU, where they may run side by side.
+# The device itself is read by each job from config["device"] (not a param: changing it reruns nothing).
+GPU_JOBS = gpu_jobs(config["device"])
 
 # Slides to classify with `snakemake predict`: a sheet of their own, or the first training slide.
 if config["predict_sheet"]:
@@ -151,6 +175,10 @@ def get_student_train_params(wildcards):
 
 def get_expert_nuclei_stores(wildcards):
     """Nuclei stores of every slide with expert (EA) labels."""
+    if not PHASES.finetune:
+        raise ConfigError(
+            "fine-tuning (Phase IV) needs expert labels: add an ea column to the sheet"
+        )
     return expand(
         "results/nuclei/{stain}/{slide}.h5",
         stain=wildcards.stain,
@@ -164,6 +192,9 @@ def get_finetune_params(wildcards):
 
 
 def get_predict_model(wildcards):
+    """The fine-tuned student; the plain distilled student when the sheet has no expert labels."""
+    if not PHASES.finetune:
+        return f"results/student/{PREDICT['stain']}/{PREDICT['labels']}/model.pt"
     return f"results/finetune/{PREDICT['stain']}/{PREDICT['labels']}/n{PREDICT_COUNT}/model.pt"
 
 
@@ -194,7 +225,7 @@ def get_final_outputs(wildcards):
         "results/tables/table3.csv",
         "results/tables/table4.csv",
         "results/tables/table5.csv",
-        "results/tables/table6.csv",
+        *(["results/tables/table6.csv"] if PHASES.finetune else []),
         "results/report/training_curves.png",
         *expand("results/predict/{slide}.geojson", slide=PREDICT_SLIDES),
         *expand("results/report/overlays/{slide}.png", slide=PREDICT_SLIDES),

@@ -15,7 +15,7 @@ rule finetune_student:
     resources:
         mem_mb=mem_mb_by_attempt(4000),
         runtime=120,
-        gpu=1,
+        gpu=GPU_JOBS,
     params:
         finetune=get_finetune_params,
     script:

@@ -6,6 +6,8 @@ rule predict:
 rule classify_slide:
     input:
         nuclei=f"results/nuclei/{PREDICT['stain']}/{{slide}}.h5",
+        # the slide's mpp (fragment store attrs), for the nucleus areas in µm²
+        fragments=f"results/fragments/{PREDICT['stain']}/{{slide}}.h5",
         model=get_predict_model,
     output:
         "results/predict/{slide}.geojson",
@@ -19,8 +21,10 @@ rule classify_slide:
     resources:
         mem_mb=4000,
         runtime=30,
+        gpu=GPU_JOBS,
     params:
         classes=config["classes"],
         include_background=PREDICT["include_background"],
+        object_type=PREDICT["object_type"],
     script:
         "../scripts/classify_slide.py"

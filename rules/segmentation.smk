@@ -14,7 +14,7 @@ rule train_segmentation:
     resources:
         mem_mb=mem_mb_by_attempt(8000),
         runtime=240,
-        gpu=1,
+        gpu=GPU_JOBS,
     params:
         train=get_segmentation_train_params,
     script:
@@ -107,7 +107,7 @@ rule segment_slide:
     resources:
         mem_mb=mem_mb_by_attempt(4000),
         runtime=120,
-        gpu=1,
+        gpu=GPU_JOBS,
     params:
         inference=config["segmentation"]["inference"],
     script:

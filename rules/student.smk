@@ -14,7 +14,7 @@ rule cache_teacher_logits:
     resources:
         mem_mb=4000,
         runtime=60,
-        gpu=1,
+        gpu=GPU_JOBS,
     script:
         "../scripts/cache_teacher_logits.py"
 
@@ -36,7 +36,7 @@ rule train_student:
     resources:
         mem_mb=mem_mb_by_attempt(4000),
         runtime=120,
-        gpu=1,
+        gpu=GPU_JOBS,
     params:
         train=get_student_train_params,
         label_set=config["student"]["validate_against"],  # validation labels; the targets are the teacher's

@@ -14,7 +14,7 @@ rule train_teacher:
     resources:
         mem_mb=mem_mb_by_attempt(4000),
         runtime=120,
-        gpu=1,
+        gpu=GPU_JOBS,
     params:
         train=get_teacher_train_params,
         label_set=lambda wildcards: wildcards.weak_set,

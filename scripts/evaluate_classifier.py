@@ -3,11 +3,13 @@
 For the student, whose rule also names its teacher, the metrics get both speeds (crops/s) for Table 5.
 """
 
+from cellkd.device import set_default_device
 from cellkd.report.classification import evaluate_classifier_stores, measure_throughput
 from cellkd.workflow import limit_threads, log_to
 
 log_to(snakemake.log[0])
 limit_threads(snakemake.threads)
+set_default_device(snakemake.config["device"])
 teacher = snakemake.input.get("teacher")
 speeds = None
 if teacher is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 from pathlib import Path
 
 import h5py
@@ -229,3 +231,27 @@ def test_segment_fragment_store_missing_model_leaves_no_output(fragment_store: P
 def test_segment_fragment_store_rejects_bad_threshold(model_path: Path, fragment_store: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="threshold=1.5 must be in"):
         segment_fragment_store(model_path, fragment_store, tmp_path / "s1.h5", threshold=1.5)
+
+
+def test_segment_fragment_store_logs_progress_by_tiles(model_path: Path, fragment_store: Path, tmp_path: Path) -> None:
+    from cellkd.workflow import log_to
+
+    log = tmp_path / "segment.log"
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        log_to(str(log))
+        segment_fragment_store(model_path, fragment_store, tmp_path / "s1.h5", tile=TILE, overlap=16, batch_size=2)
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    text = log.read_text()
+    stride = TILE - 16
+    counts = [math.ceil(f.height / stride) * math.ceil(f.width / stride) for f in FRAGMENTS]
+    assert f"2 fragments, {sum(counts)} tiles of {TILE} px" in text
+    for number, (fragment, count) in enumerate(zip(FRAGMENTS, counts, strict=True), start=1):
+        batches = math.ceil(count / 2)
+        # the tqdm bar of the fragment's tile batches, written to the rule's log, reaches its end
+        assert f"segment s1 {fragment.name} ({number}/2): {count} tiles, batches of 2: 100%" in text
+        assert f"{batches}/{batches}" in text
+    assert f"{sum(counts)}/{sum(counts)} tiles of the slide done" in text

@@ -208,3 +208,40 @@ def test_round_trip_keeps_the_argmax_of_every_non_background_nucleus(grid_store:
             with NucleiStore(grid_store) as nuclei:
                 outlines = np.asarray(nuclei.geometries(), dtype=object)[keep]
             assert shapely.equals(np.asarray(frame.geometry.values), outlines).all()
+
+
+def test_area_in_square_microns_is_named_as_qupath_names_it_and_keeps_the_pixel_area(
+    store: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "s1.geojson"
+    export_predictions(store, PROBABILITIES, CLASSES, out, include_background=True, mpp=0.5)
+    features = json.loads(out.read_text(encoding="utf-8"))["features"]
+    for feature, expected in zip(features, EXPECTED, strict=True):
+        measurements = feature["properties"]["measurements"]
+        assert measurements["Area px"] == expected.area
+        assert measurements["Nucleus: Area µm^2"] == pytest.approx(expected.area * 0.25)
+        assert "P(Background)" in measurements  # the class probabilities stay
+
+
+@pytest.mark.parametrize("mpp", [None, float("nan")])
+def test_unknown_mpp_leaves_the_square_micron_area_out(store: Path, tmp_path: Path, mpp: float | None) -> None:
+    out = tmp_path / "s1.geojson"
+    export_predictions(store, PROBABILITIES, CLASSES, out, mpp=mpp)
+    for feature in json.loads(out.read_text(encoding="utf-8"))["features"]:
+        assert "Nucleus: Area µm^2" not in feature["properties"]["measurements"]
+
+
+def test_cell_objects_carry_the_nucleus_outline_and_read_back(store: Path, tmp_path: Path) -> None:
+    out = tmp_path / "s1.geojson"
+    assert export_predictions(store, PROBABILITIES, CLASSES, out, object_type="cell", mpp=0.5) == 3
+    features = json.loads(out.read_text(encoding="utf-8"))["features"]
+    assert {f["properties"]["objectType"] for f in features} == {"cell"}
+    assert all(f["nucleusGeometry"] == f["geometry"] for f in features)
+    frame = read_qupath_geojson(out, CLASSES)
+    assert frame["class_index"].tolist() == [IMMUNE, OTHER, MUSCLE]
+    assert all(p.equals(e) for p, e in zip(frame.geometry, [EXPECTED[0], EXPECTED[2], EXPECTED[3]], strict=True))
+
+
+def test_unknown_object_type_raises(store: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="object_type must be 'detection' or 'cell'"):
+        export_predictions(store, PROBABILITIES, CLASSES, tmp_path / "s1.geojson", object_type="annotation")

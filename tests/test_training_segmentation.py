@@ -18,6 +18,7 @@ from torch import nn
 
 from cellkd.errors import ConfigError, StoreError
 from cellkd.models.checkpoint import load_segmentation_model
+from cellkd.models.segmentation import create_segmentation_model
 from cellkd.training.segmentation import (
     PatchDataset,
     SegmentationTrainParams,
@@ -251,6 +252,43 @@ def test_train_segmentation_with_workers_matches_single_process(patch_store: Pat
     )
 
 
+def test_amp_on_cpu_trains_in_bfloat16_validates_in_float32_and_keeps_losses_finite(
+    patch_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The H200 run with amp logged ``val loss nan``: validation must not run under autocast."""
+    from cellkd.training import segmentation as module
+
+    head_outputs: list[tuple[bool, torch.dtype]] = []  # (training mode, dtype) of every forward pass
+
+    def recording_model(*args: object, **kwargs: object) -> nn.Module:
+        model = create_segmentation_model(*args, **kwargs)
+        model.segmentation_head.register_forward_hook(
+            lambda m, _inputs, out: head_outputs.append((m.training, out.dtype))
+        )
+        return model
+
+    monkeypatch.setattr(module, "create_segmentation_model", recording_model)
+    params = replace(TINY, epochs=2, amp=True, channels_last=True)
+    with caplog.at_level(logging.INFO):
+        train_segmentation([patch_store], tmp_path, params, device="cpu")
+    assert "precision mixed (bfloat16; validation in float32), channels_last True" in caplog.text
+    assert {dtype for training, dtype in head_outputs if training} == {torch.bfloat16}
+    assert {dtype for training, dtype in head_outputs if not training} == {torch.float32}
+    history = read_history(tmp_path / "history.csv")
+    assert [row["epoch"] for row in history] == [1, 2]
+    for row in history:
+        assert math.isfinite(row["train_loss"]) and math.isfinite(row["val_loss"]), row
+        assert 0.0 <= row["val_dice"] <= 1.0
+    model = load_segmentation_model(tmp_path / "model.pt", "cpu")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_accelerator_settings_default_to_off_on_cpu(patch_store: Path, tmp_path: Path, caplog) -> None:
+    with caplog.at_level(logging.INFO):
+        train_segmentation([patch_store], tmp_path, replace(TINY, epochs=1, max_patches_per_epoch=8), device="cpu")
+    assert "precision float32, channels_last False, 0 data loader workers, pinned memory False" in caplog.text
+
+
 def test_train_segmentation_restarts_when_params_changed(
     patch_store: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -357,3 +395,30 @@ def test_segmentation_train_params_from_dict_names_unknown_keys() -> None:
     )
     with pytest.raises(ConfigError, match=r"unknown segmentation training parameter\(s\) \['epoch'\]"):
         SegmentationTrainParams.from_dict({"epoch": 3})
+
+
+@pytest.mark.parametrize(
+    ("device", "match"),
+    [("tpu", "not one of auto, cpu, cuda or cuda:N"), ("gpu0", "not one of"), ("cuda:64", "torch sees")],
+)
+def test_resolve_device_rejects_unknown_and_absent_devices(device: str, match: str) -> None:
+    from cellkd.device import resolve_device
+
+    with pytest.raises(ConfigError, match=match):
+        resolve_device(device)
+
+
+def test_default_device_setting_applies_to_calls_without_a_device() -> None:
+    from cellkd import device
+
+    assert device.resolve_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert device.resolve_device("auto").type == expected
+    try:
+        device.set_default_device("cpu")
+        assert device.resolve_device(None) == torch.device("cpu")
+        with pytest.raises(ConfigError, match="not one of"):
+            device.set_default_device("tpu")
+        assert device.resolve_device(None) == torch.device("cpu")  # a refused setting changes nothing
+    finally:
+        device.set_default_device("auto")

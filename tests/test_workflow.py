@@ -206,6 +206,8 @@ def test_workflow_exports_predictions_that_read_back_as_qupath_annotations(demo_
         assert len(collection["features"]) == len(h5["split"])  # background included: every nucleus
     feature = collection["features"][0]
     assert feature["properties"]["objectType"] == "detection"
+    measurements = feature["properties"]["measurements"]  # the demo slides record 0.5 µm/px
+    assert measurements["Nucleus: Area µm^2"] == pytest.approx(measurements["Area px"] * 0.25)
     assert feature["geometry"]["coordinates"][0][0] == feature["geometry"]["coordinates"][0][-1]
     annotations = read_qupath_geojson(path, (*DEFAULT_CLASSES, BACKGROUND_CLASS))
     assert len(annotations) == len(collection["features"])
@@ -429,3 +431,102 @@ def test_predict_target_plans_segmentation_and_export_for_new_unannotated_slides
     # a slide without annotations is never rasterized or used for training
     assert "results/masks/newslide.h5" not in planned
     assert "results/patches/raw/newslide.h5" not in planned
+
+
+def write_real_sheet(folder: Path, annotation_sets: tuple[str, ...]) -> Path:
+    """A one-slide sheet with a real (tiny) TIFF and an empty QuPath GeoJSON per annotation set."""
+    import tifffile
+
+    tifffile.imwrite(folder / "s1.tif", np.full((64, 64, 3), 200, dtype=np.uint8), photometric="rgb")
+    columns = {"slide": "s1", "path": "s1.tif"}
+    for name in annotation_sets:
+        (folder / f"s1.{name}.geojson").write_text('{"type": "FeatureCollection", "features": []}')
+        columns[name] = f"s1.{name}.geojson"
+    sheet = folder / "slides.tsv"
+    sheet.write_text("\t".join(columns) + "\n" + "\t".join(columns.values()) + "\n")
+    return sheet
+
+
+def dry_run_with_sheet(workdir: Path, sets: tuple[str, ...], *target: str, **config) -> subprocess.CompletedProcess:
+    """Dry run of the shipped workflow_config.yaml on a real sheet with ``sets``, plus ``config`` overrides."""
+    shutil.copy(REPO / "workflow_config.yaml", workdir / "workflow_config.yaml")
+    sheet = write_real_sheet(workdir, sets)
+    return run_snakemake(workdir, *target, "--dry-run", "--cores", "1", config={"sheet": str(sheet), **config})
+
+
+def test_dry_run_of_a_real_sheet_plans_the_paper_models(tmp_path: Path) -> None:
+    result = dry_run_with_sheet(tmp_path, ("ssa", "wsa", "ea"))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "cellkd preset: paper" in result.stdout + result.stderr
+    planned = planned_jobs(result.stdout)
+    assert "results/teacher/raw/wsa/resnet18/model.pt" in result.stdout  # the paper's teacher, not the demo's vgg4
+    assert "vgg4" not in result.stdout
+    assert "results/finetune/raw/wsa/n1900/model.pt" in result.stdout
+    assert planned["finetune_student"] == 2 * 2 * 11  # stains x label sets x the paper's 11 counts
+    assert "generate_demo_slide" not in planned
+
+
+def test_dry_run_of_the_demo_plans_the_demo_models(tmp_path: Path) -> None:
+    result = run_snakemake(tmp_path, "--dry-run", "--cores", "1", config={"demo": {"slides": 2}})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "cellkd preset: demo" in result.stdout + result.stderr
+    assert "results/teacher/raw/wsa/vgg4/model.pt" in result.stdout
+    assert planned_jobs(result.stdout)["finetune_student"] == 2 * 2 * 4  # the demo's 4 counts
+
+
+def test_sheet_without_ea_skips_phase_four_and_predicts_with_the_plain_student(tmp_path: Path) -> None:
+    result = dry_run_with_sheet(tmp_path, ("ssa", "wsa"))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert (result.stdout + result.stderr).count("Phase IV (fine-tuning) and Table 6 are skipped") == 1
+    planned = planned_jobs(result.stdout)
+    assert "finetune_student" not in planned and "tabulate_finetune" not in planned
+    assert "table6" not in result.stdout
+    predict = run_snakemake(
+        tmp_path, "predict", "--dry-run", "--cores", "1", config=yaml.safe_load((tmp_path / "config.yaml").read_text())
+    )
+    assert predict.returncode == 0, predict.stderr[-2000:]
+    assert "results/student/raw/wsa/model.pt" in predict.stdout
+    assert "finetune_student" not in planned_jobs(predict.stdout)
+
+
+def test_sheet_without_ssa_trains_everything_on_wsa(tmp_path: Path) -> None:
+    result = dry_run_with_sheet(tmp_path, ("wsa", "ea"))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "no slide of the sheet has ssa annotations: segmentation.mask_set=wsa" in result.stdout + result.stderr
+    assert "results/teacher/raw/wsa/resnet18/model.pt" in result.stdout
+    assert "results/teacher/raw/ssa" not in result.stdout and "results/student/raw/ssa" not in result.stdout
+
+
+def test_sheet_without_ssa_and_a_user_key_naming_ssa_stops_with_the_key(tmp_path: Path) -> None:
+    result = dry_run_with_sheet(tmp_path, ("wsa",), student={"validate_against": "ssa"})
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "student.validate_against: ssa" in output
+    assert not (tmp_path / "results").exists()
+
+
+def test_sheet_without_ssa_and_wsa_stops_saying_what_each_phase_needs(tmp_path: Path) -> None:
+    result = dry_run_with_sheet(tmp_path, ("ea",))
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "has an ssa or wsa annotation, so nothing can train" in output
+    assert "Phase I (segmentation)" in output and "Phase IV (fine-tuning)" in output
+
+
+@pytest.mark.parametrize(("device", "gpus"), [("cpu", 0), ("cuda:0", 1)])
+def test_training_jobs_request_the_gpu_the_default_profile_caps(tmp_path: Path, device: str, gpus: int) -> None:
+    profile = yaml.safe_load((REPO / "profiles/default/config.yaml").read_text())
+    assert "gpu=1" in profile["resources"]  # one GPU job at a time under `--cores N`
+    config = {**TINY, "device": device}
+    result = run_snakemake(
+        tmp_path, "results/segmentation/raw/unet/model.pt", "--dry-run", "--cores", "1", config=config
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    training = result.stdout.split("rule train_segmentation:", 1)[1].split("\n\n", 1)[0]
+    assert re.search(rf"resources: .*gpu={gpus}\b", training), training
+
+
+def test_unknown_device_is_rejected_at_load(tmp_path: Path) -> None:
+    result = run_snakemake(tmp_path, "--dry-run", "--cores", "1", config={**TINY, "device": "gpu"})
+    assert result.returncode != 0
+    assert "device: 'gpu' does not match" in result.stdout + result.stderr

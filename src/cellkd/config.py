@@ -21,6 +21,7 @@ from snakemake.utils import validate as snakemake_validate
 
 from cellkd.classes import classes_from_config
 from cellkd.errors import ConfigError
+from cellkd.types import PathLike
 
 ANNOTATION_SETS: tuple[str, ...] = ("ssa", "wsa", "ea", "truth")
 """Annotation sets a slide may carry: strong / weak synthetic, expert, and (synthetic only) truth."""
@@ -135,3 +136,178 @@ def load_sheet(sheet_path: str | os.PathLike[str], schema_path: str | os.PathLik
             raise ConfigError(f"{sheet_path}, line {row_number}: mpp {mpp} must be positive (microns per pixel)")
         entries[row["slide"]] = SlideEntry(row["slide"], resolve(row["path"], "path"), annotations, mpp)
     return entries
+
+
+# --- presets --------------------------------------------------------------------------------------
+
+PAPER_PRESET = "paper.yaml"
+"""The paper's settings: equal to the schema defaults, listed for users to start from (``config/paper.yaml``)."""
+DEMO_PRESET = "demo.yaml"
+"""Demo-scale settings (``config/demo.yaml``), applied under the user's config when ``sheet`` is empty."""
+
+
+def merge_under(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` updated recursively with ``overrides`` (mappings merge key by key; any other value replaces)."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge_under(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def leaf_keys(tree: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted paths of the non-mapping values of ``tree`` (``segmentation.inference.tile``)."""
+    keys = []
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        keys += leaf_keys(value, f"{path}.") if isinstance(value, Mapping) and value else [path]
+    return keys
+
+
+_MISSING = object()
+
+
+def _lookup(tree: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def has_key(tree: Mapping[str, Any], dotted: str) -> bool:
+    """Whether the dotted key is set in ``tree`` (before the schema fills its defaults)."""
+    return _lookup(tree, dotted) is not _MISSING
+
+
+def _overridden(config: Mapping[str, Any], preset: Mapping[str, Any]) -> str:
+    """``"; the config overrides a.b, c"``: the preset's keys that ``config`` sets to another value ('' if none)."""
+    keys = [k for k in leaf_keys(preset) if k != "sheet" and _lookup(config, k) not in (_MISSING, _lookup(preset, k))]
+    return f"; the config overrides {', '.join(keys)}" if keys else ""
+
+
+def apply_preset(config: dict[str, Any], preset_dir: PathLike) -> str:
+    """Merge the demo preset under ``config`` (in place) when ``sheet`` is empty; return a log line naming the preset.
+
+    Call before ``validate_config``: keys the user set (workflow_config.yaml, ``--configfile``,
+    ``--config``) always win, the preset fills only the keys left out, and the schema's (paper)
+    defaults fill the rest. A real sheet gets no preset: the schema defaults are the paper's.
+    """
+    preset_dir = Path(preset_dir)
+    paper = preset_dir / PAPER_PRESET
+    if config.get("sheet"):
+        note = _overridden(config, yaml.safe_load(paper.read_text()))
+        return f"cellkd preset: paper (the schema defaults, see {paper}){note}"
+    demo = preset_dir / DEMO_PRESET
+    preset = yaml.safe_load(demo.read_text())
+    note = _overridden(config, preset)
+    merged = merge_under(preset, config)
+    config.clear()
+    config.update(merged)
+    return f"cellkd preset: demo (sheet is empty: demo-scale settings from {demo}){note}"
+
+
+# --- what the sheet can feed ----------------------------------------------------------------------
+
+WEAK_SETS: tuple[str, ...] = ("ssa", "wsa")
+"""Annotation sets a teacher can learn from."""
+
+
+@dataclass(frozen=True)
+class Phases:
+    """What the slide sheet can feed, worked out at load time (see :func:`plan_phases`)."""
+
+    finetune: bool
+    """Phase IV (fine-tuning on expert labels, Table 6): some slide has an ``ea`` annotation."""
+    notes: tuple[str, ...]
+    """Log lines saying what was skipped or defaulted, and why."""
+
+
+def _linked_keys(config: Mapping[str, Any]) -> dict[str, list[str]]:
+    """Config keys that name annotation sets -> the sets they name."""
+    return {
+        "segmentation.mask_set": [config["segmentation"]["mask_set"]],
+        "teacher.labels": list(config["teacher"]["labels"]),
+        "student.validate_against": [config["student"]["validate_against"]],
+        "predict.labels": [config["predict"]["labels"]],
+    }
+
+
+def plan_phases(config: dict[str, Any], given: Mapping[str, Any], slides: Mapping[str, SlideEntry]) -> Phases:
+    """Check that the sheet can feed the configured phases; default the linked keys the user did not set (in place).
+
+    ``config``: validated (defaults filled); ``given``: the config as the user wrote it, before the
+    defaults, to tell keys the user chose from defaults. A sheet without ``ssa`` (or ``wsa``) moves
+    every linked key left at its default to the other set; linked keys the user set to a set no slide
+    has stop the run, listed in one ``ConfigError``. Without ``ssa`` and ``wsa`` nothing can train:
+    the error says what each phase needs. Without ``ea`` Phase IV is skipped (``Phases.finetune``).
+    """
+    present = {s for entry in slides.values() for s in entry.annotations}
+    weak = [s for s in WEAK_SETS if s in present]
+    if not weak:
+        datasets = [d["name"] for d in config["public_datasets"]]
+        msg = (
+            f"no slide of the sheet {config['sheet'] or '(demo)'} has an ssa or wsa annotation, so nothing can train. "
+            "What each phase needs:\n"
+            "  Phase I (segmentation): nucleus outlines, from an ssa or wsa column (segmentation.mask_set) "
+            f"or public_datasets (configured: {datasets or 'none'});\n"
+            "  Phase II (teachers) and III (student): nucleus classes from an ssa or wsa column (teacher.labels);\n"
+            "  Phase IV (fine-tuning): expert labels in an ea column (optional).\n"
+            "Add ssa and/or wsa GeoJSON paths to the sheet (see schemas/sheet.schema.yaml)"
+        )
+        raise ConfigError(msg)
+
+    notes = []
+    defaults = {
+        "segmentation.mask_set": weak[0],
+        "teacher.labels": weak,
+        "student.validate_against": weak[0],
+        "predict.labels": "wsa" if "wsa" in weak else "ssa",
+    }
+    moved = []
+    for key, value in defaults.items():
+        section, name = key.split(".")
+        if not has_key(given, key) and config[section][name] != value:
+            config[section][name] = value
+            moved.append(f"{key}={value}")
+    if moved:
+        missing = " or ".join(s for s in WEAK_SETS if s not in weak)
+        notes.append(f"no slide of the sheet has {missing} annotations: {', '.join(moved)}")
+
+    datasets = bool(config["public_datasets"])
+    problems = []
+    for key, sets in _linked_keys(config).items():
+        absent = [s for s in sets if s not in present]
+        if key == "segmentation.mask_set" and datasets:
+            continue  # the public datasets alone can train the segmentation (an existing, checked setup)
+        if absent:
+            problems.append(f"{key}: {', '.join(absent)} (the sheet has {', '.join(sorted(present))})")
+    if problems:
+        listed = "\n  ".join(problems)
+        msg = (
+            f"{config['sheet']}: these config keys name annotation sets that no slide of the sheet has:\n  {listed}\n"
+            "Remove them from your config to use the defaults, or add those columns to the sheet"
+        )
+        raise ConfigError(msg)
+
+    finetune = "ea" in present
+    if not finetune:
+        notes.append(
+            "no slide has an ea (expert) annotation: Phase IV (fine-tuning) and Table 6 are skipped, "
+            "and predict uses the plain distilled student"
+        )
+    return Phases(finetune=finetune, notes=tuple(notes))
+
+
+def gpu_jobs(device: str) -> int:
+    """The ``gpu`` resource a training or inference job requests: 0 on CPU, so CPU runs are not serialized."""
+    if device == "cpu":
+        return 0
+    if device == "auto":
+        import torch  # only here: the other Snakemake startup paths should not pay for importing torch
+
+        return int(torch.cuda.is_available())
+    return 1

@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from cellkd.device import resolve_device
 from cellkd.errors import ConfigError
-from cellkd.models.checkpoint import load_segmentation_model, resolve_device
+from cellkd.models.checkpoint import load_segmentation_model
 from cellkd.models.segmentation import preprocess
 from cellkd.store.atomic import atomic_h5
 from cellkd.store.fragments import CHUNK, FragmentStore
@@ -53,6 +54,12 @@ def read_window(image: ArrayLike, y: int, x: int, tile: int) -> np.ndarray:
     return window
 
 
+def tile_origins(height: int, width: int, tile: int, overlap: int) -> list[tuple[int, int]]:
+    """(y, x) of the output blocks that cover a (height, width) image, in raster order: one forward tile each."""
+    stride = tile - overlap
+    return [(y, x) for y in range(0, height, stride) for x in range(0, width, stride)]
+
+
 def _batches(items: list[tuple[int, int]], size: int) -> Iterator[list[tuple[int, int]]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -67,6 +74,7 @@ def predict_fragment(
     device: str | torch.device | None = None,
     out: ArrayLike | None = None,
     threshold: float | None = None,
+    desc: str | None = None,
 ) -> ArrayLike:
     """Nucleus probability of every pixel of ``image``: uint8 (H, W, 3) RGB, an array or h5py dataset.
 
@@ -75,7 +83,8 @@ def predict_fragment(
     probabilities in [0, 1] when ``out`` is floating point (the default without ``threshold``);
     0/1 where probability >= ``threshold`` when ``threshold`` is given; round(255 * probability)
     for an integer ``out`` without ``threshold``. Returns ``out``.
-    ``device`` None keeps the model where it is.
+    ``device`` None keeps the model where it is. ``desc``: log a progress bar of the tile batches under
+    this name (a large fragment takes minutes, and the log should show it moving).
     """
     _check_tiling(tile, overlap, batch_size)
     height, width = image.shape[:2]
@@ -94,7 +103,7 @@ def predict_fragment(
     model.eval()
 
     stride, margin = tile - overlap, overlap // 2
-    origins = [(y, x) for y in range(0, height, stride) for x in range(0, width, stride)]
+    origins = tile_origins(height, width, tile, overlap)
     tiles_per_row = len(range(0, width, stride))
     rows: dict[int, tuple[np.ndarray, int]] = {}  # block row y -> (strip buffer, blocks still missing)
 
@@ -119,10 +128,13 @@ def predict_fragment(
             rows[y] = (strip, missing - 1)
 
     batches = list(_batches(origins, batch_size))
+    steps = enumerate(batches)
+    if desc is not None:
+        steps = progress(steps, desc=f"{desc}: {len(origins)} tiles, batches of {batch_size}", total=len(batches))
     # One reader thread: h5py serializes I/O anyway, and one batch ahead is enough to hide it.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cellkd-tiles") as pool, torch.inference_mode():
         pending = pool.submit(load, batches[0]) if batches else None
-        for index, batch in enumerate(batches):
+        for index, batch in steps:
             x_batch = pending.result()
             pending = pool.submit(load, batches[index + 1]) if index + 1 < len(batches) else None
             logits = model(x_batch.to(dev, non_blocking=True))
@@ -167,8 +179,19 @@ def segment_fragment_store(
             }
         )
         fragments = h5.require_group("fragments")
-        for fragment in progress(store.fragments, desc=f"segment {store.slide}", total=len(store.fragments)):
-            image = store.level(fragment, level)
+        images = [store.level(fragment, level) for fragment in store.fragments]
+        tiles = [len(tile_origins(*image.shape[:2], tile, overlap)) for image in images]
+        logger.info(
+            "segmenting %s at level %d on %s: %d fragments, %d tiles of %d px",
+            store.slide,
+            level,
+            next(model.parameters()).device,
+            len(images),
+            sum(tiles),
+            tile,
+        )
+        done = 0
+        for number, (fragment, image) in enumerate(zip(store.fragments, images, strict=True), start=1):
             height, width = image.shape[:2]
             group = fragments.require_group(fragment.name)
             group.attrs.update({"x": fragment.x, "y": fragment.y, "width": fragment.width, "height": fragment.height})
@@ -179,8 +202,19 @@ def segment_fragment_store(
                 chunks=(min(CHUNK, height), min(CHUNK, width)),
                 compression="lzf",
             )
-            predict_fragment(model, image, tile, overlap, batch_size, out=mask, threshold=threshold)
-            logger.info("%s %s: %dx%d px, %.1f%% nucleus", store.slide, fragment.name, width, height, _percent(mask))
+            desc = f"segment {store.slide} {fragment.name} ({number}/{len(images)})"
+            predict_fragment(model, image, tile, overlap, batch_size, out=mask, threshold=threshold, desc=desc)
+            done += tiles[number - 1]
+            logger.info(
+                "%s %s: %dx%d px, %.1f%% nucleus; %d/%d tiles of the slide done",
+                store.slide,
+                fragment.name,
+                width,
+                height,
+                _percent(mask),
+                done,
+                sum(tiles),
+            )
     logger.info("wrote %s", out_path)
 
 

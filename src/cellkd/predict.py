@@ -7,13 +7,14 @@ or drag the file onto the viewer). Each feature is::
      "geometry": {"type": "Polygon", ...},          # the nucleus outline, level-0 slide px
      "properties": {"objectType": "detection",
                     "classification": {"name": <qupath_name>, "color": [r, g, b]},
-                    "measurements": {"Area px": ..., "Class probability": ...,
+                    "measurements": {"Nucleus: Area µm^2": ..., "Area px": ..., "Class probability": ...,
                                      "P(<qupath_name>)": ..., ..., "P(Background)": ...}}}
 
 ``Area px`` is the nucleus area in level-0 pixels (the nuclei store's ``area``: every pixel of the
 instance, so it can exceed the polygon's area where the outline dropped a diagonally attached part);
-the microns-per-pixel is not always known (QuPath's Analyze > Calculate features > Add shape
-features adds areas in µm² where the image has a pixel size).
+``Nucleus: Area µm^2`` (QuPath's name for it) is that area times the slide's mpp squared, left out
+when the mpp is not known. ``objectType`` is ``detection`` (nucleus objects), or ``cell``, where
+QuPath expects cell objects: then the cell boundary and its ``nucleusGeometry`` are the nucleus outline.
 ``Class probability`` is the probability of the predicted class; ``P(...)`` one per class, QuPath
 names, background last.
 
@@ -52,6 +53,8 @@ BACKGROUND_CLASS = ClassSpec("background", "Background", (128, 128, 128))
 """QuPath classification of nuclei predicted as background (exported only with ``include_background``)."""
 AREA_MEASUREMENT = "Area px"
 """Measurement name of the nucleus area in level-0 pixels."""
+AREA_UM2_MEASUREMENT = "Nucleus: Area µm^2"
+"""Measurement name of the nucleus area in µm², as QuPath's cell detection names it."""
 PROBABILITY_MEASUREMENT = "Class probability"
 """Measurement name of the probability of the predicted class."""
 
@@ -78,6 +81,8 @@ def export_predictions(
     out_path: PathLike,
     *,
     include_background: bool = False,
+    mpp: float | None = None,
+    object_type: str = "detection",
 ) -> int:
     """Write the nuclei of ``nuclei_store`` with their predicted classes as QuPath GeoJSON detections (atomic).
 
@@ -85,7 +90,9 @@ def export_predictions(
     (background last), e.g. a classifier's softmax. The predicted class is the argmax (ties: the lower
     index). Polygons are the store's outlines in level-0 slide px; the file layout and measurements
     are in the module docstring. Nuclei predicted as background are written (as ``"Background"``)
-    only with ``include_background``. Returns the number of features written (0 gives an empty
+    only with ``include_background``. ``mpp``: the slide's level-0 microns per pixel for the µm² area
+    (None or NaN = not known: no µm² area); ``object_type``: QuPath ``detection`` or ``cell``.
+    Returns the number of features written (0 gives an empty
     FeatureCollection, which ``read_qupath_geojson`` rejects with "no features").
 
     Raises ``ValueError`` when ``probabilities`` is not a finite (N, K) array, ``ConfigError`` when
@@ -123,13 +130,16 @@ def export_predictions(
         geometries = np.asarray(store.geometries(), dtype=object)[rows]
         area = store.table()["area"].to_numpy()[rows]
 
-    measurements: dict[str, npt.ArrayLike] = {
+    measurements: dict[str, npt.ArrayLike] = {}
+    if mpp is not None and np.isfinite(mpp) and mpp > 0:
+        measurements[AREA_UM2_MEASUREMENT] = area * float(mpp) ** 2
+    measurements |= {
         AREA_MEASUREMENT: area,
         PROBABILITY_MEASUREMENT: probs[rows, predicted[rows]],
     }
     for j, spec in enumerate((*specs, BACKGROUND_CLASS)):
         measurements[probability_measurement(spec)] = probs[rows, j]
-    write_qupath_geojson(out_path, geometries, predicted[rows], written, measurements)
+    write_qupath_geojson(out_path, geometries, predicted[rows], written, measurements, object_type=object_type)
     counts = np.bincount(predicted, minlength=k)
     summary = ", ".join(f"{spec.name} {c}" for spec, c in zip((*specs, BACKGROUND_CLASS), counts, strict=True))
     logger.info("%s: exported %d of %d nuclei (%s) -> %s", store.slide, rows.size, n, summary, out_path)
@@ -153,17 +163,33 @@ def classify_nuclei(
     out_path: PathLike,
     *,
     include_background: bool = False,
+    fragment_store: PathLike | None = None,
+    object_type: str = "detection",
 ) -> int:
     """Classify every nucleus of ``nuclei_store`` with a trained classifier and export QuPath GeoJSON.
 
+    ``fragment_store``: the slide's fragment store, whose mpp gives the areas in µm² (None: px only).
     Returns the number of exported detections (see ``export_predictions``).
     """
     import torch
 
+    from cellkd.store.fragments import FragmentStore
     from cellkd.training.classifier import predict_logits
 
+    mpp = None
+    if fragment_store is not None:
+        with FragmentStore(fragment_store) as fragments:
+            mpp = fragments.mpp
     logits = torch.from_numpy(predict_logits(model_path, [nuclei_store]))
     probabilities = torch.softmax(logits, dim=1).numpy()
-    count = export_predictions(nuclei_store, probabilities, classes, out_path, include_background=include_background)
+    count = export_predictions(
+        nuclei_store,
+        probabilities,
+        classes,
+        out_path,
+        include_background=include_background,
+        mpp=mpp,
+        object_type=object_type,
+    )
     logger.info("%s: exported %d of %d nuclei to %s", nuclei_store, count, len(probabilities), out_path)
     return count

@@ -386,14 +386,18 @@ def write_qupath_geojson(
     class_indices: npt.ArrayLike,
     classes: Sequence[ClassSpec],
     measurements: Mapping[str, npt.ArrayLike] | None = None,
+    object_type: str = "detection",
 ) -> None:
     """Write classified nuclei as a QuPath-importable GeoJSON FeatureCollection of detections (atomic).
 
     ``geometries``: N shapely polygons in level-0 slide pixels; ``class_indices``: (N,) ints into
     ``classes``; ``measurements``: name -> (N,) numbers, written as QuPath's measurement map
     (non-finite values are left out, which QuPath shows as NaN). Import with File > Import objects
-    (or drag the file onto the QuPath viewer).
+    (or drag the file onto the QuPath viewer). ``object_type`` ``"cell"`` writes cell objects whose
+    boundary and ``nucleusGeometry`` are both the nucleus outline.
     """
+    if object_type not in ("detection", "cell"):
+        raise ValueError(f"object_type must be 'detection' or 'cell', got {object_type!r}")
     shapes = np.asarray(list(geometries.values if isinstance(geometries, gpd.GeoSeries) else geometries), dtype=object)
     labels = np.asarray(class_indices)
     n = len(shapes)
@@ -416,11 +420,12 @@ def write_qupath_geojson(
     values = np.column_stack([columns[k] for k in names]).tolist() if names else [[]] * n
     features = []
     for geometry, label, row in zip(geometry_json, labels.tolist(), values, strict=True):
-        properties = '{"objectType":"detection","classification":' + classifications[label]
+        properties = '{"objectType":"' + object_type + '","classification":' + classifications[label]
         if names:
             finite = {k: v for k, v in zip(names, row, strict=True) if math.isfinite(v)}
             properties += ',"measurements":' + json.dumps(finite)
-        features.append('{"type":"Feature","geometry":' + geometry + ',"properties":' + properties + "}}")
+        nucleus = ',"nucleusGeometry":' + geometry if object_type == "cell" else ""
+        features.append('{"type":"Feature","geometry":' + geometry + nucleus + ',"properties":' + properties + "}}")
     text = '{"type":"FeatureCollection","features":[\n' + ",\n".join(features) + "\n]}\n"
     atomic_write_text(path, text)
     log.info("%s: wrote %d detections", path, n)

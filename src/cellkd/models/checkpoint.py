@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from cellkd.device import resolve_device
 from cellkd.errors import StoreError
 from cellkd.models import create_model
 from cellkd.models.segmentation import create_segmentation_model
@@ -40,13 +41,6 @@ if TYPE_CHECKING:
 
 CLASSIFIER_FORMAT = "cellkd.classifier/1"
 SEGMENTATION_FORMAT = "cellkd.segmentation/1"
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``device``, or CUDA when available and CPU otherwise when None."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def torch_load(path: PathLike, *, rule: str = "the training rule") -> dict[str, Any]:
@@ -201,7 +195,6 @@ __all__ = [
     "load_segmentation_model",
     "read_classifier_checkpoint",
     "read_segmentation_checkpoint",
-    "resolve_device",
     "save_segmentation_model",
     "segmentation_from_checkpoint",
     "torch_load",

@@ -24,11 +24,11 @@ from segmentation_models_pytorch.losses import DiceLoss
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
 
+from cellkd.device import amp_dtype, resolve_device, use_accelerator_default
 from cellkd.errors import ConfigError, StoreError
 from cellkd.metrics import PixelCounts, pixel_counts, pixel_metrics
 from cellkd.models.checkpoint import (
     read_segmentation_checkpoint,
-    resolve_device,
     save_segmentation_model,
     segmentation_from_checkpoint,
     torch_save_atomic,
@@ -57,9 +57,9 @@ CHECKPOINT_FORMAT = "cellkd.segmentation/1"
 HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_dice", "seconds")
 
 # Parameters that may change between a killed run and its resumption without invalidating it:
-# more epochs extends training, and the worker count does not change the numbers (augmentation
-# is seeded per patch, see PatchDataset).
-_RESUMABLE_CHANGES = frozenset({"epochs", "num_workers"})
+# more epochs extends training, and the data loading settings do not change the numbers
+# (augmentation is seeded per patch, see PatchDataset).
+_RESUMABLE_CHANGES = frozenset({"epochs", "num_workers", "pin_memory"})
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,10 @@ class SegmentationTrainParams:
 
     ``decoder_channels`` = None uses the model factory's default for ``encoder_depth``.
     ``max_patches_per_epoch`` caps the patches drawn (without replacement) per epoch; None = all.
+    ``amp`` (mixed precision, see ``amp_dtype``), ``channels_last`` and ``pin_memory``: None = on for
+    CUDA, off on CPU; True turns them on on CPU too (amp in bfloat16). ``num_workers``: DataLoader
+    processes; None = the job's torch threads on CUDA (at most 8), 0 on CPU, where worker processes
+    would compete with the training threads for the same cores.
     """
 
     arch: str = "unet"
@@ -79,8 +83,10 @@ class SegmentationTrainParams:
     batch_size: int = 8
     lr: float = 1e-4
     mask_set: str = "ssa"
-    amp: bool = False
-    num_workers: int = 0
+    amp: bool | None = None
+    channels_last: bool | None = None
+    num_workers: int | None = None
+    pin_memory: bool | None = None
     seed: int = 0
     max_patches_per_epoch: int | None = None
 
@@ -103,7 +109,7 @@ class SegmentationTrainParams:
             (self.batch_size >= 1, "batch_size", ">= 1"),
             (self.lr > 0 and math.isfinite(self.lr), "lr", "a positive number"),
             (bool(self.mask_set), "mask_set", "an annotation set name such as 'ssa'"),
-            (self.num_workers >= 0, "num_workers", ">= 0"),
+            (self.num_workers is None or self.num_workers >= 0, "num_workers", ">= 0 or None"),
             (self.max_patches_per_epoch is None or self.max_patches_per_epoch >= 1, "max_patches_per_epoch", ">= 1"),
         ]
         check_parameters(self, checks, "segmentation training")
@@ -204,6 +210,14 @@ def _open_patch_store(path: PathLike) -> h5py.File:
     return h5
 
 
+def loader_workers(num_workers: int | None, device: torch.device) -> int:
+    """DataLoader processes for ``num_workers`` (None = auto, see ``SegmentationTrainParams``)."""
+    if num_workers is not None:
+        return num_workers
+    # On CUDA the main process only feeds the GPU: the job's other cores decode and augment patches.
+    return min(8, torch.get_num_threads()) if device.type == "cuda" else 0
+
+
 def _loader(
     dataset: PatchDataset,
     params: SegmentationTrainParams,
@@ -221,31 +235,44 @@ def _loader(
         dataset,
         batch_size=batch_size or params.batch_size,
         sampler=sampler,
-        num_workers=params.num_workers,
-        pin_memory=device.type == "cuda",
+        num_workers=loader_workers(params.num_workers, device),
+        pin_memory=device.type == "cuda" and use_accelerator_default(params.pin_memory, device),
         generator=generator,
     )
 
 
-def _batch_to_device(images: torch.Tensor, masks: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]:
+def _batch_to_device(
+    images: torch.Tensor, masks: torch.Tensor, device: torch.device, *, channels_last: bool = False
+) -> tuple[torch.Tensor, ...]:
     # Normalize on the device: uint8 crosses the bus, 4x less than float32.
     x = preprocess(images.to(device, non_blocking=True))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     y = masks.to(device, non_blocking=True).float()
     return x, y
 
 
 def _evaluate(
-    model: nn.Module, loader: DataLoader, device: torch.device, *, amp: bool, loss_fn: nn.Module | None = None
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    *,
+    loss_fn: nn.Module | None = None,
+    channels_last: bool = False,
 ) -> tuple[float, PixelCounts]:
-    """Mean loss (patch-weighted; NaN without ``loss_fn``) and pixel counts of ``sigmoid(logits) >= 0.5``."""
+    """Mean loss (patch-weighted; NaN without ``loss_fn``) and pixel counts of ``sigmoid(logits) >= 0.5``.
+
+    Always in float32, also when training uses AMP: in eval mode BatchNorm divides by running
+    statistics that are still far from the batch's after one epoch, and in float16 the activations
+    then overflow to inf and the loss becomes NaN (every first epoch of an H200 run logged
+    ``val loss nan``). Validation is a small share of an epoch, so exactness costs little.
+    """
     model.eval()
     total, count, counts = 0.0, 0, PixelCounts()
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast(device_type=device.type, enabled=False):
         for images, masks in loader:
-            x, y = _batch_to_device(images, masks, device)
-            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
-                logits = model(x)
-            logits = logits.float()
+            x, y = _batch_to_device(images, masks, device, channels_last=channels_last)
+            logits = model(x).float()
             if loss_fn is not None:
                 total += float(loss_fn(logits, y)) * len(x)
             count += len(x)
@@ -263,14 +290,16 @@ def _train_epoch(
     scaler: torch.amp.GradScaler,
     loss_fn: nn.Module,
     *,
-    amp: bool,
+    amp: torch.dtype | None,
+    channels_last: bool,
     desc: str,
 ) -> float:
+    """One epoch of training; ``amp`` is the autocast dtype (None = float32)."""
     model.train()
     total, count = 0.0, 0
     for images, masks in progress(loader, desc=desc, total=len(loader)):
-        x, y = _batch_to_device(images, masks, device)
-        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
+        x, y = _batch_to_device(images, masks, device, channels_last=channels_last)
+        with torch.autocast(device_type=device.type, dtype=amp, enabled=amp is not None):
             logits = model(x)
         # The Dice loss sums over many pixels: compute it in float32 even under AMP.
         loss = loss_fn(logits.float(), y)
@@ -301,9 +330,8 @@ def train_segmentation(
     out.mkdir(parents=True, exist_ok=True)
     model_path, last_path, best_path = out / "model.pt", out / "last.pt", out / "best.pt"
     dev = resolve_device(device)
-    use_amp = params.amp and dev.type == "cuda"
-    if params.amp and not use_amp:
-        logger.warning("amp=True needs CUDA; training in float32 on %s", dev)
+    amp = amp_dtype(dev) if use_accelerator_default(params.amp, dev) else None
+    channels_last = use_accelerator_default(params.channels_last, dev)
 
     train_set = PatchDataset(patch_stores, SPLITS["train"], params.mask_set, augment=True, seed=params.seed)
     val_set = PatchDataset(patch_stores, SPLITS["val"], params.mask_set)
@@ -317,6 +345,13 @@ def train_segmentation(
         )
     logger.info(
         "training %s/%s on %s: %d train, %d val patches", params.arch, params.encoder, dev, len(train_set), len(val_set)
+    )
+    logger.info(
+        "precision %s, channels_last %s, %d data loader workers, pinned memory %s",
+        "float32" if amp is None else f"mixed ({str(amp).removeprefix('torch.')}; validation in float32)",
+        channels_last,
+        loader_workers(params.num_workers, dev),
+        dev.type == "cuda" and use_accelerator_default(params.pin_memory, dev),
     )
 
     data = data_fingerprint(patch_stores)
@@ -333,9 +368,10 @@ def train_segmentation(
             dropout=params.dropout,
             encoder_depth=params.encoder_depth,
             decoder_channels=params.decoder_channels,
-        ).to(dev)
+        ).to(dev, memory_format=torch.channels_last if channels_last else torch.preserve_format)
         optimizer = torch.optim.Adam(model.parameters(), lr=params.lr)
-        scaler = torch.amp.GradScaler(dev.type, enabled=use_amp)
+        # Loss scaling only for float16, whose small range underflows gradients; bfloat16 has float32's.
+        scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)
         start, best_loss, history = 0, math.inf, []
         state = load_resume_state(
             last_path,
@@ -361,10 +397,12 @@ def train_segmentation(
             train_set.set_epoch(epoch)
             generator.manual_seed(epoch_seed(params.seed, epoch))
             desc = f"epoch {epoch}/{params.epochs}"
-            train_loss = _train_epoch(model, train_loader, dev, optimizer, scaler, loss_fn, amp=use_amp, desc=desc)
+            train_loss = _train_epoch(
+                model, train_loader, dev, optimizer, scaler, loss_fn, amp=amp, channels_last=channels_last, desc=desc
+            )
             val_loss, val_dice = math.nan, math.nan
             if len(val_set):
-                val_loss, counts = _evaluate(model, val_loader, dev, amp=use_amp, loss_fn=loss_fn)
+                val_loss, counts = _evaluate(model, val_loader, dev, loss_fn=loss_fn, channels_last=channels_last)
                 val_dice = pixel_metrics(counts)["dice"]
             history.append(
                 {
@@ -434,7 +472,7 @@ def evaluate_model(
     loader = DataLoader(dataset, batch_size=batch_size, sampler=SequentialSampler(dataset))
     model = model.to(dev)
     try:
-        _, counts = _evaluate(model, loader, dev, amp=False)
+        _, counts = _evaluate(model, loader, dev)
     finally:
         dataset.close()
     metrics = {name: float(value) for name, value in pixel_metrics(counts).items()}

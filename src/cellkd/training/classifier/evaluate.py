@@ -11,10 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cellkd.device import resolve_device
 from cellkd.errors import ConfigError, StoreError
 from cellkd.metrics.classification import confusion_matrix, metrics_from_confusion
 from cellkd.models import classifier_input
-from cellkd.models.checkpoint import classifier_from_checkpoint, read_classifier_checkpoint, resolve_device
+from cellkd.models.checkpoint import classifier_from_checkpoint, read_classifier_checkpoint
 from cellkd.training.classifier.data import iter_store_chunks, read_nucleus_rows
 from cellkd.types import SPLITS, PathLike
 

@@ -20,13 +20,13 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
+from cellkd.device import resolve_device
 from cellkd.errors import ConfigError, StoreError
 from cellkd.metrics.classification import metrics_from_confusion
 from cellkd.models import MODEL_REGISTRY, SEGMENTATION_ARCHS, classifier_input, create_model
 from cellkd.models.checkpoint import (
     classifier_checkpoint,
     read_classifier_checkpoint,
-    resolve_device,
     torch_save_atomic,
 )
 from cellkd.store.atomic import atomic_write_text
