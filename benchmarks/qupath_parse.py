@@ -117,10 +117,11 @@ _CHILD = r"""
 import json, sys, time
 from pathlib import Path
 path, reader, limit = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-began = time.perf_counter()
-if reader == "cellkd":
+if reader == "cellkd":  # imported before the clock starts: geopandas alone takes a second or two
     from cellkd.annotations import read_qupath_geojson
     from cellkd.classes import DEFAULT_CLASSES
+began = time.perf_counter()
+if reader == "cellkd":
     n = len(read_qupath_geojson(path, DEFAULT_CLASSES))
 elif reader == "json.load":
     with path.open("rb") as f:

@@ -350,34 +350,46 @@ def _indices_text(indices: Sequence[int]) -> str:
 
 
 def _decode_error(path: Path, err: Exception, file_offset: int, first_feature: int) -> AnnotationError:
-    """An AnnotationError for a msgspec error in a block starting at ``file_offset`` / ``first_feature``."""
+    """AnnotationError for a msgspec error in a segment at byte ``file_offset`` starting with ``first_feature``."""
     text = str(err)
     if isinstance(err, msgspec.ValidationError):
         where = _FEATURE_PATH.search(text)
-        if where:
-            index, inner = int(where.group(1)) + first_feature, where.group(2).lstrip(".") or "the feature"
-            reason = text.split(" - at ")[0]
-            if not inner or inner == "the feature":
-                msg = f"{path}: not GeoJSON: feature {index} is not a Feature object ({reason}); {EXPORT_HINT}"
-            else:
-                msg = f"{path}: feature {index} has an invalid {inner} ({reason}); {EXPORT_HINT}"
-            return AnnotationError(msg)
-        return AnnotationError(f"{path}: not QuPath GeoJSON ({text}); {EXPORT_HINT}")
+        if where is None:
+            return AnnotationError(f"{path}: not QuPath GeoJSON ({text}); {EXPORT_HINT}")
+        index, inner = int(where.group(1)) + first_feature, where.group(2).lstrip(".")
+        reason = text.split(" - at ")[0]
+        if not inner:
+            msg = f"{path}: not GeoJSON: feature {index} is not a Feature object ({reason}); {EXPORT_HINT}"
+        else:
+            msg = f"{path}: feature {index} has an invalid {inner} ({reason}); {EXPORT_HINT}"
+        return AnnotationError(msg)
     offset = _BYTE_OFFSET.search(text)
-    where = f" near byte {file_offset + int(offset.group(1)) - 1}" if offset else ""
+    where = f" near byte {file_offset + int(offset.group(1))}" if offset else ""
     reason = _BYTE_OFFSET.sub("", text).strip()
     return AnnotationError(f"{path}: not valid JSON ({reason}{where}); {EXPORT_HINT}")
 
 
-def _decode_block(body: bytes) -> list[_Feature]:
-    return _FEATURES.decode(b"[" + body + b"]")
+def _decode_features(buffer: bytearray, end: int) -> list[_Feature]:
+    """Decode ``buffer[:end + 1]`` as a list of features, ``buffer[0]`` and ``buffer[end]`` set to ``[`` and ``]``.
+
+    In place: the bytes there (a comma or whitespace between features) are overwritten, and
+    ``buffer[end]`` is restored when decoding fails. No copy of the block is made.
+    """
+    kept = buffer[end]
+    buffer[0], buffer[end] = ord("["), ord("]")
+    try:
+        return _FEATURES.decode(memoryview(buffer)[: end + 1])
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        buffer[end] = kept
+        raise
 
 
-def _cut_at_a_feature_end(buffer: bytes) -> tuple[int, list[_Feature]] | None:
-    """(length, features) of the longest prefix of ``buffer`` made of whole features; None when none is.
+def _cut_at_a_feature_end(buffer: bytearray) -> tuple[int, list[_Feature]] | None:
+    """(cut, features): the whole features in ``buffer[1:cut]``, decoded; None when no feature is whole.
 
-    Candidates are the feature boundaries QuPath writes; the decoder proves one right (a cut inside a
-    feature fails at the cut, so the previous candidate is tried). Errors elsewhere are genuine.
+    ``buffer[0]`` is the byte before the first feature. Candidate cuts are the feature boundaries
+    QuPath writes; the decoder proves one right (a cut inside a feature fails at the cut, so the
+    previous candidate is tried). An error before the cut is genuine and raised.
     """
     window = 2**20
     while True:
@@ -385,10 +397,10 @@ def _cut_at_a_feature_end(buffer: bytes) -> tuple[int, list[_Feature]] | None:
         candidates = [m.start() + 1 for m in _NEXT_FEATURE.finditer(buffer, start)]
         for cut in reversed(candidates):
             try:
-                return cut, _decode_block(buffer[:cut])
+                return cut, _decode_features(buffer, cut)
             except msgspec.DecodeError as err:
                 offset = _BYTE_OFFSET.search(str(err))
-                if offset is None or int(offset.group(1)) < cut:  # failed before the cut: genuinely malformed
+                if offset is None or int(offset.group(1)) < cut:
                     raise
         if start == 0:
             return None
@@ -401,7 +413,9 @@ def _stream(path: Path, stream: Any, head: bytes, builder: _Builder) -> None:
     if start is None:
         raise _NotStreamable
     end = _COLLECTION_END if start.re is _COLLECTION_START else _LIST_END
-    buffer, offset = head[start.end() :], start.end()
+    # buffer[0] is always the byte before the next feature (the array's "[", a comma or a space).
+    offset = start.end() - 1
+    buffer = bytearray(head[offset:])
     at_end = False
     while True:
         if not at_end and len(buffer) < BLOCK_BYTES:
@@ -409,17 +423,13 @@ def _stream(path: Path, stream: Any, head: bytes, builder: _Builder) -> None:
             at_end = not more
             buffer += more
             continue
-        if at_end:
-            closing = end.search(buffer)
-            if closing is None:
-                raise _NotStreamable  # e.g. other keys after "features": decode the file whole
-            body = buffer[: closing.start()]
-            try:
-                builder.add(_decode_block(body) if body.strip() else [])
-            except (msgspec.DecodeError, msgspec.ValidationError) as err:
-                raise _decode_error(path, err, offset, builder.n_features) from err
-            return
         try:
+            if at_end:
+                closing = end.search(buffer)
+                if closing is None:
+                    raise _NotStreamable  # e.g. other keys after "features": decode the file whole
+                builder.add(_decode_features(buffer, closing.start()))
+                return
             found = _cut_at_a_feature_end(buffer)
         except (msgspec.DecodeError, msgspec.ValidationError) as err:
             raise _decode_error(path, err, offset, builder.n_features) from err
@@ -430,9 +440,10 @@ def _stream(path: Path, stream: Any, head: bytes, builder: _Builder) -> None:
             continue
         cut, features = found
         builder.add(features)
-        # Skip the comma between this block's last feature and the next block's first.
-        next_start = buffer.index(b"{", cut)
-        buffer, offset = buffer[next_start:], offset + next_start
+        del features  # its raw coordinates point into this buffer
+        next_feature = buffer.index(b"{", cut)
+        offset += next_feature - 1
+        buffer = buffer[next_feature - 1 :]
 
 
 def _decode_whole(path: Path, data: bytes, builder: _Builder) -> None:
@@ -450,7 +461,7 @@ def _decode_whole(path: Path, data: bytes, builder: _Builder) -> None:
         msg = f"{path}: not GeoJSON: expected a FeatureCollection or a list of Features, found {found!r}; {EXPORT_HINT}"
         raise AnnotationError(msg) from err
     except msgspec.DecodeError as err:
-        raise _decode_error(path, err, 1, 0) from err
+        raise _decode_error(path, err, 0, 0) from err
     if isinstance(document, list):
         builder.add(document)
     elif document.type == "FeatureCollection":
