@@ -42,8 +42,11 @@ TARGET_PEAK_GIB = 2.0
 CLASS_NAMES = ("Other", "Immune cells", "Muscle")
 MEASUREMENTS = (
     *(f"Nucleus: {m}" for m in ("Area µm^2", "Length µm", "Circularity", "Solidity", "Max diameter µm")),
-    *(f"Nucleus: {m}" for m in ("Min diameter µm", "Hematoxylin OD mean", "Hematoxylin OD sum", "Hematoxylin OD std")),
-    *(f"Nucleus: {m}" for m in ("Hematoxylin OD max", "Hematoxylin OD min", "Hematoxylin OD range")),
+    *(f"Nucleus: {m}" for m in ("Min diameter µm", "Perimeter µm", "Hematoxylin OD mean", "Hematoxylin OD sum")),
+    *(
+        f"Nucleus: {m}"
+        for m in ("Hematoxylin OD std", "Hematoxylin OD max", "Hematoxylin OD min", "Hematoxylin OD range")
+    ),
     *(f"Nucleus: Eosin OD {m}" for m in ("mean", "sum", "std", "max", "min", "range")),
     *(f"Cell: {m}" for m in ("Area µm^2", "Length µm", "Circularity", "Solidity", "Max diameter µm")),
     *(f"Cell: {m}" for m in ("Min diameter µm", "Eosin OD mean", "Eosin OD std")),

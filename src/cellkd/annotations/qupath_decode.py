@@ -407,6 +407,28 @@ def _cut_at_a_feature_end(buffer: bytearray) -> tuple[int, list[_Feature]] | Non
         window *= 4
 
 
+def _decode_last_block(buffer: bytearray, end: re.Pattern[bytes], builder: _Builder) -> None:
+    """Decode the features of the file's last block, which ends with the array's ``]`` (and ``}``).
+
+    Raises ``_NotStreamable`` when other keys follow the features (the file is then decoded whole)
+    and msgspec's error when the file is truncated or malformed.
+    """
+    closing = end.search(buffer)
+    if closing is None:
+        if buffer.rstrip().endswith(b"}"):
+            raise _NotStreamable  # other keys after "features", e.g. "bbox": {...}
+        buffer[0] = ord("[")
+        _FEATURES.decode(memoryview(buffer))  # truncated: raises with the position
+        raise _NotStreamable
+    try:
+        features = _decode_features(buffer, closing.start())
+    except msgspec.DecodeError as err:
+        if "trailing characters" in str(err):
+            raise _NotStreamable from err  # that "]}" closed another key after "features", e.g. "bbox": [..]}
+        raise
+    builder.add(features)
+
+
 def _stream(path: Path, stream: Any, head: bytes, builder: _Builder) -> None:
     """Decode a FeatureCollection or bare list whose first block is ``head``, block by block."""
     start = _COLLECTION_START.match(head) or _LIST_START.match(head)
@@ -425,10 +447,7 @@ def _stream(path: Path, stream: Any, head: bytes, builder: _Builder) -> None:
             continue
         try:
             if at_end:
-                closing = end.search(buffer)
-                if closing is None:
-                    raise _NotStreamable  # e.g. other keys after "features": decode the file whole
-                builder.add(_decode_features(buffer, closing.start()))
+                _decode_last_block(buffer, end, builder)
                 return
             found = _cut_at_a_feature_end(buffer)
         except (msgspec.DecodeError, msgspec.ValidationError) as err:
