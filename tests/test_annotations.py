@@ -509,6 +509,24 @@ def test_write_mask_store_rejects_geojson_of_another_slide(
     assert not out.exists()
 
 
+def test_write_mask_store_sets_large_annotation_regions_aside(tmp_path: Path, fragment_store: Path) -> None:
+    """A 30x25 px unclassified "annotation" outline around f000 (187.5 µm² at 0.5 µm/px) is a region above
+    100 µm², so only the 8x8 nucleus inside it is drawn; a second file's unknown class is ignored on request."""
+    outline = feature(square(2, 2, 25), name=None)
+    outline["properties"]["objectType"] = "annotation"
+    nucleus = feature(square(4, 4, 8), "Other")
+    unknown = feature(square(12, 12, 4), "Tumor")
+    path = collection(tmp_path / "ssa.geojson", [outline, nucleus, unknown])
+    options = AnnotationOptions(unknown_classes="ignore", max_nucleus_area_um2=100)
+    out = tmp_path / "masks.h5"
+    write_mask_store(fragment_store, {"ssa": path}, CLASSES, out, options=options, mpp=0.5)
+    with h5py.File(out, "r") as h5:
+        assert h5["fragments/f000/ssa/level0"][:, :, 0].sum() == 64
+        assert h5["fragments/f000/ssa/level0"][:].sum() == 64
+    with pytest.raises(AnnotationError, match="unknown class 'Tumor'"):
+        write_mask_store(fragment_store, {"ssa": path}, CLASSES, out, mpp=0.5)
+
+
 def test_write_mask_store_rejects_bad_set_name(tmp_path: Path, fragment_store: Path, annotation_files: dict) -> None:
     with pytest.raises(ValueError, match="contain no '/'"):
         write_mask_store(fragment_store, {"a/b": annotation_files["ssa"]}, CLASSES, tmp_path / "m.h5")
