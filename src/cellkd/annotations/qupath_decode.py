@@ -413,7 +413,8 @@ def _decode_last_block(buffer: bytearray, end: re.Pattern[bytes], builder: _Buil
     Raises ``_NotStreamable`` when other keys follow the features (the file is then decoded whole)
     and msgspec's error when the file is truncated or malformed.
     """
-    closing = end.search(buffer)
+    # Searched in the last bytes only: a regex search from the start would try every "]" of the block.
+    closing = end.search(buffer, max(0, len(buffer.rstrip()) - 1024))
     if closing is None:
         if buffer.rstrip().endswith(b"}"):
             raise _NotStreamable  # other keys after "features", e.g. "bbox": {...}
