@@ -156,7 +156,7 @@ def test_decoded_objects_are_compact_and_typed(tmp_path: Path) -> None:
     objects = decode_qupath_geojson(collection(tmp_path / "a.geojson", features))
     assert objects.n_features == 2
     assert objects.class_names == ["Other", "Immune cells: Positive"]
-    assert objects.class_code.dtype == np.int32 and objects.object_type.dtype == np.int8
+    assert objects.class_code.dtype == np.int32 and objects.object_type.dtype == np.int16
     assert objects.is_object_type("cell").tolist() == [True, False]
     assert objects.is_object_type("detection").tolist() == [False, True]
     assert objects.geometry[1].equals(shapely.box(22, -8, 42, 12))  # a detection's own geometry

@@ -98,7 +98,8 @@ class _Classification(msgspec.Struct):
 
 class _Properties(msgspec.Struct):
     objectType: Any = None  # noqa: N815 (QuPath's key)
-    classification: _Classification | str | None = None
+    # Raw: a file has a handful of distinct classifications, each decoded once (``_Builder.class_code_of``).
+    classification: msgspec.Raw = msgspec.Raw()
     nucleusGeometry: _Geometry | None = None  # noqa: N815 (some QuPath versions put it here)
 
 
@@ -124,6 +125,7 @@ class _Document(msgspec.Struct):
 
 
 _FEATURES = msgspec.json.Decoder(list[_Feature])
+_CLASSIFICATION = msgspec.json.Decoder(_Classification | str | None)
 _DOCUMENT = msgspec.json.Decoder(_Document | list[_Feature])
 _FLOATS = msgspec.json.Decoder(list[float])
 _ANY = msgspec.json.Decoder()
@@ -148,7 +150,7 @@ class QuPathObjects:
     feature_index: npt.NDArray[np.int64]
     class_code: npt.NDArray[np.int32]
     class_names: list[str]
-    object_type: npt.NDArray[np.int8]
+    object_type: npt.NDArray[np.int16]
     object_types: list[str]
     no_geometry: list[int] = field(default_factory=list)
     cells_without_nucleus: list[int] = field(default_factory=list)
@@ -189,6 +191,24 @@ class _Builder:
     types: _Codes = field(default_factory=_Codes)
     no_geometry: list[int] = field(default_factory=list)
     cells_without_nucleus: list[int] = field(default_factory=list)
+    _classifications: dict[bytes, int] = field(default_factory=dict)
+
+    def class_code_of(self, properties: _Properties | None, position: int) -> int:
+        """Code of the feature's class name in ``classes`` (-1: unclassified), decoded once per distinct JSON."""
+        raw = bytes(properties.classification) if properties is not None else b""
+        code = self._classifications.get(raw)
+        if code is None:
+            try:
+                classification = _CLASSIFICATION.decode(raw) if raw else None
+            except msgspec.ValidationError as err:
+                msg = (
+                    f"{self.path}: feature {position} has an invalid properties.classification ({err}); "
+                    f'expected {{"name": ..., "color": [r, g, b]}}; {EXPORT_HINT}'
+                )
+                raise AnnotationError(msg) from err
+            name = _class_name(classification)
+            code = self._classifications[raw] = -1 if name is None else self.classes.code(name)
+        return code
 
     def add(self, features: Sequence[_Feature]) -> None:
         """Sort one block of decoded features; their file positions start at ``self.n_features``."""
@@ -218,10 +238,9 @@ class _Builder:
             if geometry.type not in GEOMETRY_TYPES:
                 msg = f"{self.path}: feature {i} has unknown geometry type {geometry.type!r}; {EXPORT_HINT}"
                 raise AnnotationError(msg)
-            name = _class_name(properties)
             chosen.append(geometry)
             positions.append(i)
-            self.class_code.append(-1 if name is None else self.classes.code(name))
+            self.class_code.append(self.class_code_of(properties, i))
             self.object_type.append(self.types.code(object_type))
         self.feature_index.extend(positions)
         self.geometries.append(_build_geometries(self.path, chosen, positions))
@@ -237,16 +256,15 @@ class _Builder:
             feature_index=np.asarray(self.feature_index, dtype=np.int64),
             class_code=np.asarray(self.class_code, dtype=np.int32),
             class_names=self.classes.names,
-            object_type=np.asarray(self.object_type, dtype=np.int8),
+            object_type=np.asarray(self.object_type, dtype=np.int16),
             object_types=self.types.names,
             no_geometry=self.no_geometry,
             cells_without_nucleus=self.cells_without_nucleus,
         )
 
 
-def _class_name(properties: _Properties | None) -> str | None:
-    """QuPath class name of a feature, or None when it is unclassified."""
-    classification = properties.classification if properties is not None else None
+def _class_name(classification: _Classification | str | None) -> str | None:
+    """QuPath class name of a feature's classification, or None when it is unclassified."""
     if isinstance(classification, str) or classification is None:
         return classification
     if isinstance(classification.name, str):
