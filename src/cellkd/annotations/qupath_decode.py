@@ -384,7 +384,13 @@ def _decode_error(path: Path, err: Exception, file_offset: int, first_feature: i
     offset = _BYTE_OFFSET.search(text)
     where = f" near byte {file_offset + int(offset.group(1))}" if offset else ""
     reason = _BYTE_OFFSET.sub("", text).strip()
-    return AnnotationError(f"{path}: not valid JSON ({reason}{where}); {EXPORT_HINT}")
+    if "truncated" in text:
+        fix = "the file is empty or cut short (an interrupted export or copy): export or copy it again"
+    elif "UTF-8" in text:
+        fix = "save the file as UTF-8 (QuPath writes UTF-8; some editors re-encode class names)"
+    else:
+        fix = EXPORT_HINT
+    return AnnotationError(f"{path}: not valid JSON ({reason}{where}); {fix}")
 
 
 def _decode_features(buffer: bytearray, end: int) -> list[_Feature]:
