@@ -397,3 +397,11 @@ def test_puma_exports_without_the_alias_map_name_every_unknown_class(shared_data
         read_qupath_geojson(path, CLASSES, mpp=PUMA_MPP)
     message = str(info.value)
     assert path.name in message and "'nuclei_tumor' (feature" in message and "aliases" in message
+
+
+def test_vertices_of_mixed_length_never_shift_the_others(tmp_path: Path) -> None:
+    """[x, y, z] next to [x]: as many numbers as 2-D vertices, yet malformed; named, not read shifted."""
+    bad = cell(1)
+    bad["nucleusGeometry"]["coordinates"] = [[[30, 0, 7], [34], [34, 4], [30, 4], [30, 0]]]
+    with pytest.raises(AnnotationError, match=r"a\.geojson: feature 1 has malformed Polygon coordinates"):
+        read_qupath_geojson(collection(tmp_path / "a.geojson", [cell(0), bad, cell(2)]), CLASSES)

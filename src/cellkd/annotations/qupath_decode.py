@@ -58,7 +58,6 @@ GEOMETRY_TYPES = (
 )
 BLOCK_BYTES = 16 * 2**20
 """Bytes read and decoded at once: ~7k QuPath cells with 30 measurements each."""
-_MAX_LISTED = 10
 
 _QUPATH_02_IDS = {
     "PathCellObject": "cell",
@@ -281,8 +280,8 @@ def _class_name(classification: _Classification | str | None) -> str | None:
 def _single_ring_polygons(coordinates: Sequence[msgspec.Raw]) -> np.ndarray | None:
     """Shapely Polygons for raw ``Polygon.coordinates`` of one ring of 2-D points each, in bulk.
 
-    None when any of them has holes, 3-D points, empty rings or bad numbers: the caller then
-    builds them one by one (which also names a malformed feature).
+    None when any of them has holes, vertices other than ``[x, y]``, short rings or bad numbers:
+    the caller then builds them one by one (which also names a malformed feature).
     """
     if not coordinates:
         return np.empty(0, dtype=object)
@@ -290,16 +289,27 @@ def _single_ring_polygons(coordinates: Sequence[msgspec.Raw]) -> np.ndarray | No
     if b"]],[[" in text:  # an interior ring (hole)
         return None
     chars = np.frombuffer(text, dtype=np.uint8)
-    separators = np.flatnonzero(chars == ord("|"))
-    # "],[" separates two vertices of a ring; each polygon has one more vertex than separators.
-    between = np.flatnonzero((chars[:-2] == ord("]")) & (chars[1:-1] == ord(",")) & (chars[2:] == ord("[")))
-    per_polygon = np.diff(np.searchsorted(between, np.concatenate([[0], separators, [len(chars)]]))) + 1
+    # A vertex is an innermost [...]: a "[" not followed by "[" up to a "]" not preceded by "]".
+    opens, closes = np.flatnonzero(chars == ord("[")), np.flatnonzero(chars == ord("]"))
+    vertex_open = opens[chars[opens + 1] != ord("[")]
+    vertex_close = closes[chars[closes - 1] != ord("]")]
+    if len(vertex_open) != len(vertex_close):
+        return None
+    # Exactly one comma inside each vertex (x, y): a 3-D or 1-D vertex must not shift the others.
+    commas = np.flatnonzero(chars == ord(","))
+    inner = commas[chars[commas - 1] != ord("]")]
+    if np.any(np.searchsorted(inner, vertex_close) - np.searchsorted(inner, vertex_open) != 1):
+        return None
+    bounds = np.concatenate([[0], np.flatnonzero(chars == ord("|")), [len(chars)]])
+    per_polygon = np.diff(np.searchsorted(vertex_open, bounds))
+    if per_polygon.min() < 4:
+        return None  # an empty ring or one too short for a polygon
     try:
         numbers = _FLOATS.decode(b"[" + text.translate(_COORDINATES_TO_NUMBERS) + b"]")
     except (msgspec.DecodeError, msgspec.ValidationError):
         return None
-    if len(numbers) != 2 * int(per_polygon.sum()) or per_polygon.min() < 4:
-        return None  # 3-D points, an empty ring or a ring too short for a polygon
+    if len(numbers) != 2 * len(vertex_open):
+        return None
     xy = np.asarray(numbers, dtype=np.float64).reshape(-1, 2)
     try:
         rings = shapely.linearrings(xy, indices=np.repeat(np.arange(len(per_polygon)), per_polygon))
@@ -359,12 +369,6 @@ def gc_paused() -> Iterator[None]:
 
 class _NotStreamable(Exception):
     """The file is not laid out as QuPath writes it; it is decoded whole instead."""
-
-
-def _indices_text(indices: Sequence[int]) -> str:
-    shown = ", ".join(str(i) for i in indices[:_MAX_LISTED])
-    more = len(indices) - _MAX_LISTED
-    return f"{shown} and {more} more" if more > 0 else shown
 
 
 def _decode_error(path: Path, err: Exception, file_offset: int, first_feature: int) -> AnnotationError:
