@@ -285,8 +285,9 @@ def read_qupath_annotations(
             )
         raise AnnotationError(f"{path}: no features; {EXPORT_HINT}")
     type_id = shapely.get_type_id(objects.geometry)
-    polygonal = np.isin(type_id, [3, 6, 7])  # Polygon, MultiPolygon, GeometryCollection
-    pointlike = np.isin(type_id, [0, 4])  # Point, MultiPoint
+    kind = shapely.GeometryType
+    polygonal = np.isin(type_id, [kind.POLYGON, kind.MULTIPOLYGON, kind.GEOMETRYCOLLECTION])
+    pointlike = np.isin(type_id, [kind.POINT, kind.MULTIPOINT])
     lines = objects.feature_index[~(polygonal | pointlike)].tolist()
     regions = _regions(objects, polygonal, options, mpp)
     used = (polygonal & ~regions) | pointlike
