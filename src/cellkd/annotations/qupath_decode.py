@@ -23,6 +23,12 @@ the cut, and the previous candidate is tried). Polygon coordinates are parsed in
 float array per block and turned into shapely polygons in vectorized calls. Peak memory is one
 block plus the result. Files of another layout (a single Feature, other top-level keys first) are
 decoded whole with the same Structs.
+
+Why msgspec and not ijson (``benchmarks/qupath_parse.py``, 2 loaded cores): on a QuPath 0.5 cell
+export of 470,563 cells (1.13 GB) this module reads 53.6k cells/s wall, ~80k per CPU-second, shapely
+polygons included, at a peak RSS of 0.68 GiB (``json.load``: 8.0 GiB). ``ijson.items`` with its C
+backend streams in little memory but builds every feature dict, measurements included: 27k
+features per CPU-second before any geometry is made.
 """
 
 from __future__ import annotations
