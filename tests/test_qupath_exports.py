@@ -314,18 +314,32 @@ def test_points_agreeing_in_one_nucleus_label_it() -> None:
 # --------------------------------------------------------------------------- the benchmark's cell export
 
 
-def test_benchmark_cell_export_reads_back_with_known_classes(tmp_path: Path, small_blocks: None) -> None:
+def _benchmark_module() -> Any:
     spec = importlib.util.spec_from_file_location("qupath_parse", REPO / "benchmarks" / "qupath_parse.py")
     assert spec is not None and spec.loader is not None
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    path = bench.write_cell_export(tmp_path / "cells.geojson", 50)
+    return bench
+
+
+def test_benchmark_cell_export_reads_back_with_known_classes(tmp_path: Path, small_blocks: None) -> None:
+    path = _benchmark_module().write_cell_export(tmp_path / "cells.geojson", 50)
     features = json.loads(path.read_text(encoding="utf-8"))["features"]
     assert len(features[0]["properties"]["measurements"]) == 30
     nuclei = read_qupath_geojson(path, CLASSES)
     assert nuclei["class_index"].tolist() == [i % 3 for i in range(50)]
     expected = [shapely.geometry.shape(f["nucleusGeometry"]) for f in features]
     assert np.allclose(nuclei.geometry.area, [g.area for g in expected])
+
+
+@pytest.mark.slow
+def test_benchmark_run_gives_one_row_per_figure(tmp_path: Path) -> None:
+    rows = _benchmark_module().run(quick=True, work=tmp_path, cells=2_000)
+    assert len(rows) >= 2
+    assert all(set(row) == {"benchmark", "cellkd", "comparator", "target", "met", "notes"} for row in rows)
+    assert {row["met"] for row in rows} <= {"yes", "no"}
+    assert float(rows[0]["cellkd"].replace(",", "")) > 0 and 0 < float(rows[1]["cellkd"]) < 2
+    assert (tmp_path / "qupath" / "cells_2000.geojson").is_file()
 
 
 # --------------------------------------------------------------------------- real PUMA exports
