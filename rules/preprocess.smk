@@ -57,6 +57,8 @@ rule rasterize_annotations:
         runtime=60,
     params:
         classes=config["classes"],
+        annotations=config["annotations"],
+        mpp_fallback=config["mpp_fallback"],
     script:
         "../scripts/rasterize_annotations.py"
 

@@ -18,9 +18,11 @@ from hypothesis import strategies as st
 
 import cellkd.annotations.rasterize as rasterize_module
 from cellkd.annotations import (
+    AnnotationOptions,
     check_annotations_fit,
     class_lookup,
     rasterize_fragment,
+    read_qupath_annotations,
     read_qupath_geojson,
     write_mask_store,
     write_qupath_geojson,
@@ -156,21 +158,29 @@ def test_read_cell_without_nucleus_uses_cell_boundary_with_warning(
     assert "1 cell objects have no nucleusGeometry" in caplog.text
 
 
-def test_read_skips_points_lines_and_missing_geometry_with_warnings(
+def test_read_keeps_points_apart_and_skips_lines_and_missing_geometry_with_warnings(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     features = [
-        feature([1.0, 2.0], kind="Point"),
+        feature([1.0, 2.0], kind="Point", name="Muscle"),
         feature(square(0, 0, 4)),
         feature([[0, 0], [5, 5]], kind="LineString"),
         {"type": "Feature", "geometry": None, "properties": {"classification": {"name": "Other"}}},
+        feature([[7.0, 8.0], [9.0, 10.0]], kind="MultiPoint", name="Immune cells"),
     ]
+    path = collection(tmp_path / "a.geojson", features)
     with caplog.at_level(logging.WARNING):
-        annotations = read_qupath_geojson(collection(tmp_path / "a.geojson", features), CLASSES)
-    assert annotations["feature_index"].tolist() == [1]
-    assert "skipped 2 Point/LineString features" in caplog.text
-    assert "0, 2" in caplog.text
+        annotations = read_qupath_annotations(path, CLASSES)
+    assert annotations.nuclei["feature_index"].tolist() == [1]
+    assert annotations.points["feature_index"].tolist() == [0, 4, 4]
+    assert annotations.points["class_index"].tolist() == [2, 1, 1]
+    assert [(p.x, p.y) for p in annotations.points.geometry] == [(1, 2), (7, 8), (9, 10)]
+    assert "skipped 1 LineString features (nuclei are polygons or points): 2" in caplog.text
     assert "skipped 1 features without geometry: 3" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert read_qupath_geojson(path, CLASSES)["feature_index"].tolist() == [1]
+    assert "3 point labels are not drawn into masks" in caplog.text
 
 
 def test_read_repairs_self_intersecting_polygon_with_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -266,16 +276,25 @@ def test_read_unknown_class_lists_expected_names_and_fix(tmp_path: Path) -> None
     "properties",
     [{"objectType": "detection"}, {"classification": None}, {"classification": {"color": [1, 2, 3]}}, None],
 )
-def test_read_missing_classification_raises(tmp_path: Path, properties: Any) -> None:
+def test_read_missing_classification_raises_when_asked(tmp_path: Path, properties: Any) -> None:
     bad = {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": square(8, 0, 4)}, "properties": properties}
-    with pytest.raises(AnnotationError, match=r"feature 1 \(1 in all\) has no classification; classify every"):
-        read_qupath_geojson(collection(tmp_path / "a.geojson", [feature(square(0, 0, 4)), bad]), CLASSES)
+    path = collection(tmp_path / "a.geojson", [feature(square(0, 0, 4)), bad])
+    with pytest.raises(AnnotationError, match=r"a\.geojson: feature 1 \(1 in all\) has no classification; classify"):
+        read_qupath_geojson(path, CLASSES, options=AnnotationOptions(unclassified="error"))
+    assert read_qupath_geojson(path, CLASSES)["feature_index"].tolist() == [0]
 
 
-def test_read_only_points_raises(tmp_path: Path) -> None:
-    features = [feature([1.0, 2.0], kind="Point"), feature([[0, 0], [1, 1]], kind="LineString")]
-    with pytest.raises(AnnotationError, match="no usable polygon among 2 features \\(2 Point/LineString"):
-        read_qupath_geojson(collection(tmp_path / "a.geojson", features), CLASSES)
+def test_read_only_lines_raises(tmp_path: Path) -> None:
+    features = [feature([[0, 0], [1, 1]], kind="LineString"), feature([[0, 0], [2, 1]], kind="LineString")]
+    with pytest.raises(AnnotationError, match="no usable nucleus polygon or point among 2 features \\(2 lines"):
+        read_qupath_annotations(collection(tmp_path / "a.geojson", features), CLASSES)
+
+
+def test_read_only_points_gives_points_but_no_masks(tmp_path: Path) -> None:
+    path = collection(tmp_path / "a.geojson", [feature([1.0, 2.0], kind="Point"), feature([3.0, 4.0], kind="Point")])
+    assert len(read_qupath_annotations(path, CLASSES).points) == 2
+    with pytest.raises(AnnotationError, match="a\\.geojson: holds 2 point labels and no nucleus polygon"):
+        read_qupath_geojson(path, CLASSES)
 
 
 def test_read_malformed_coordinates_names_feature(tmp_path: Path) -> None:
@@ -490,6 +509,24 @@ def test_write_mask_store_rejects_geojson_of_another_slide(
     with pytest.raises(AnnotationError, match="probably belongs to another slide"):
         write_mask_store(fragment_store, annotation_files, CLASSES, out, slide_size=(50, 50))
     assert not out.exists()
+
+
+def test_write_mask_store_sets_large_annotation_regions_aside(tmp_path: Path, fragment_store: Path) -> None:
+    """A 30x25 px unclassified "annotation" outline around f000 (187.5 µm² at 0.5 µm/px) is a region above
+    100 µm², so only the 8x8 nucleus inside it is drawn; a second file's unknown class is ignored on request."""
+    outline = feature(square(2, 2, 25), name=None)
+    outline["properties"]["objectType"] = "annotation"
+    nucleus = feature(square(4, 4, 8), "Other")
+    unknown = feature(square(12, 12, 4), "Tumor")
+    path = collection(tmp_path / "ssa.geojson", [outline, nucleus, unknown])
+    options = AnnotationOptions(unknown_classes="ignore", max_nucleus_area_um2=100)
+    out = tmp_path / "masks.h5"
+    write_mask_store(fragment_store, {"ssa": path}, CLASSES, out, options=options, mpp=0.5)
+    with h5py.File(out, "r") as h5:
+        assert h5["fragments/f000/ssa/level0"][:, :, 0].sum() == 64
+        assert h5["fragments/f000/ssa/level0"][:].sum() == 64
+    with pytest.raises(AnnotationError, match="unknown class 'Tumor'"):
+        write_mask_store(fragment_store, {"ssa": path}, CLASSES, out, mpp=0.5)
 
 
 def test_write_mask_store_rejects_bad_set_name(tmp_path: Path, fragment_store: Path, annotation_files: dict) -> None:

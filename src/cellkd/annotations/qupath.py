@@ -1,13 +1,20 @@
-"""QuPath GeoJSON in and out: nucleus polygons with their class, in level-0 slide pixels.
+"""QuPath GeoJSON in and out: nuclei (polygons) and point labels with their class, in level-0 slide pixels.
 
-Reading accepts the exports of QuPath 0.2 to 0.6:
+Reading (``read_qupath_annotations``; ``read_qupath_geojson`` for the polygons alone) accepts the
+exports of QuPath 0.2 to 0.6, decoded in bounded memory by ``cellkd.annotations.qupath_decode``
+(which documents the layouts and which geometry counts: a cell's ``nucleusGeometry``). Then:
 
-- a ``FeatureCollection``, a bare JSON list of features (QuPath 0.2 scripts) or a single ``Feature``;
-- ``Polygon``, ``MultiPolygon`` and ``GeometryCollection`` geometries (polygonal parts kept);
-- cell objects: their ``nucleusGeometry`` (a top-level Feature key, or under ``properties`` in some
-  versions) is used instead of the cell boundary;
-- ``classification`` as ``{"name", "color"}`` (0.3+), ``{"name", "colorRGB"}`` (0.2),
-  ``{"names": [...]}`` (derived classes, joined with ``": "`` as QuPath displays them) or a bare string.
+- **Polygons** (``Polygon``, ``MultiPolygon``, polygonal parts of a ``GeometryCollection``) are nuclei;
+  self-intersecting ones are repaired with ``shapely.make_valid``.
+- **Points** (``Point``, and each point of a ``MultiPoint``) are kept apart as point labels: an
+  expert's click on a nucleus. ``cellkd.annotations.points.label_nuclei_by_points`` gives each
+  nucleus the class of the points inside it.
+- **Regions**: ``objectType: "annotation"`` polygons larger than ``max_nucleus_area_um2`` (e.g. a
+  tumour outline drawn around the cells) are not nuclei; they are ignored and logged.
+- **Unclassified** features are skipped with a warning (``unclassified: skip``) or rejected
+  (``error``); features of a class that is not configured are rejected (``unknown_classes: error``)
+  or skipped with a warning (``ignore``). Class names are matched by ``class_lookup``.
+- Lines and features without geometry are skipped with a warning.
 
 QuPath writes coordinates in full-resolution image pixels, which is the level-0 slide frame used
 throughout cellkd, so no transform is applied.
@@ -15,57 +22,95 @@ throughout cellkd, so no transform is applied.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import json
 import logging
 import math
 import os
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from itertools import chain
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import geopandas as gpd
 import numpy as np
 import numpy.typing as npt
 import shapely
-import shapely.geometry
 
-from cellkd.errors import AnnotationError
+from cellkd.annotations.qupath_decode import EXPORT_HINT, QuPathObjects, decode_qupath_geojson, gc_paused
+from cellkd.errors import AnnotationError, ConfigError
 from cellkd.store.atomic import atomic_write_text
 
 if TYPE_CHECKING:
     from cellkd.classes import ClassSpec
 
+__all__ = [
+    "AnnotationOptions",
+    "QuPathAnnotations",
+    "check_annotations_fit",
+    "class_lookup",
+    "gc_paused",
+    "read_qupath_annotations",
+    "read_qupath_geojson",
+    "write_qupath_geojson",
+]
+
 log = logging.getLogger(__name__)
 
-EXPORT_HINT = (
-    "export the detections from QuPath with File > Export objects as GeoJSON "
-    "(QuPath 0.4+; File > Object data > Export as GeoJSON in 0.3), objects 'detections' or 'cells'"
-)
-POLYGONAL = ("Polygon", "MultiPolygon", "GeometryCollection")
-NON_POLYGONAL = ("Point", "MultiPoint", "LineString", "MultiLineString")
+Unclassified = Literal["skip", "error"]
+UnknownClasses = Literal["error", "ignore"]
 _MAX_LISTED = 10
 """How many feature indices a warning or error lists before summarising the rest."""
 
 
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """Pause Python's cyclic garbage collector while building millions of small containers.
+@dataclass(frozen=True)
+class AnnotationOptions:
+    """How QuPath exports are read: the config's ``annotations:`` block.
 
-    Parsing a 250 MB QuPath export creates ~10^7 lists and dicts without reference cycles; the
-    collector would re-traverse all of them again and again as they are allocated (8x slower).
+    ``unclassified``: ``skip`` features without a class (warning with their count and first
+    indices) or ``error``. ``unknown_classes``: ``error`` on a class name no configured class
+    matches, or ``ignore`` those features (warning). ``max_nucleus_area_um2``: ``objectType:
+    "annotation"`` polygons larger than this are regions (an outline around cells), not nuclei.
     """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
+
+    unclassified: Unclassified = "skip"
+    unknown_classes: UnknownClasses = "error"
+    max_nucleus_area_um2: float = 2000.0
+
+    def __post_init__(self) -> None:
+        if self.unclassified not in get_args(Unclassified):
+            raise ValueError(f"unclassified must be one of {get_args(Unclassified)}, got {self.unclassified!r}")
+        if self.unknown_classes not in get_args(UnknownClasses):
+            msg = f"unknown_classes must be one of {get_args(UnknownClasses)}, got {self.unknown_classes!r}"
+            raise ValueError(msg)
+        if not (math.isfinite(self.max_nucleus_area_um2) and self.max_nucleus_area_um2 > 0):
+            raise ValueError(f"max_nucleus_area_um2 must be a positive number, got {self.max_nucleus_area_um2!r}")
+
+    @classmethod
+    def from_config(cls, block: Mapping[str, Any] | None, source: str = "workflow_config.yaml") -> AnnotationOptions:
+        """Options from the config's ``annotations:`` mapping (missing keys keep their defaults)."""
+        try:
+            return cls(**dict(block or {}))
+        except (TypeError, ValueError) as err:
+            msg = (
+                f"{source}: annotations: {dict(block or {})!r} is invalid ({err}); expected keys unclassified "
+                "(skip|error), unknown_classes (error|ignore) and max_nucleus_area_um2 (a positive number)"
+            )
+            raise ConfigError(msg) from err
+
+
+@dataclass(frozen=True)
+class QuPathAnnotations:
+    """What one QuPath GeoJSON file says about nuclei.
+
+    ``nuclei``: one row per nucleus polygon: ``geometry`` (valid shapely Polygon or MultiPolygon),
+    ``class_index`` (int64 into the classes) and ``feature_index`` (int64, its position in the file).
+    ``points``: one row per point label, same columns with Point geometries; the points of a
+    ``MultiPoint`` feature share its ``feature_index``.
+    """
+
+    nuclei: gpd.GeoDataFrame
+    points: gpd.GeoDataFrame
 
 
 def _indices_text(indices: Sequence[int]) -> str:
@@ -75,9 +120,12 @@ def _indices_text(indices: Sequence[int]) -> str:
 
 
 def class_lookup(classes: Sequence[ClassSpec]) -> dict[str, int]:
-    """Map the case-folded ``qupath_name``, ``aliases`` and ``name`` of every class to its index.
+    """Map the ``qupath_name``, ``aliases`` and ``name`` of every class to its index, case-insensitively.
 
-    Raises ``ValueError`` when two classes share a name case-insensitively (the mapping would be ambiguous).
+    Keys are stripped and case-folded: look a QuPath class name up with ``name.strip().casefold()``,
+    so "Immune cells", "immune cells " and "IMMUNE CELLS" are one class. This is the single lookup
+    of QuPath class names in cellkd. Raises ``ValueError`` when two classes share a name
+    case-insensitively (the mapping would be ambiguous).
     """
     lookup: dict[str, int] = {}
     for index, spec in enumerate(classes):
@@ -93,73 +141,11 @@ def class_lookup(classes: Sequence[ClassSpec]) -> dict[str, int]:
     return lookup
 
 
-def _load_features(path: Path, allow_empty: bool = False) -> list[Any]:
-    """The list of features in a QuPath GeoJSON file (FeatureCollection, bare list or single Feature)."""
-    try:
-        with path.open("rb") as stream:
-            data = json.load(stream)
-    except FileNotFoundError as err:
-        raise AnnotationError(f"{path}: annotation file does not exist; check its path in the slide sheet") from err
-    except OSError as err:
-        raise AnnotationError(
-            f"{path}: cannot read the annotation file ({err}); check its path and permissions"
-        ) from err
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AnnotationError(f"{path}: not valid JSON ({err}); {EXPORT_HINT}") from err
-    if isinstance(data, list):
-        features = data
-    elif isinstance(data, dict) and data.get("type") == "FeatureCollection":
-        features = data.get("features")
-        if not isinstance(features, list):
-            raise AnnotationError(f"{path}: not GeoJSON: the FeatureCollection has no 'features' list; {EXPORT_HINT}")
-    elif isinstance(data, dict) and data.get("type") == "Feature":
-        features = [data]
-    else:
-        found = data.get("type") if isinstance(data, dict) else type(data).__name__
-        msg = f"{path}: not GeoJSON: expected a FeatureCollection or a list of Features, found {found!r}; {EXPORT_HINT}"
-        raise AnnotationError(msg)
-    if not features and not allow_empty:
-        raise AnnotationError(f"{path}: no features; {EXPORT_HINT}")
-    return features
-
-
-def _class_name(properties: Mapping[str, Any]) -> str | None:
-    """QuPath class name of a feature, or None when it is unclassified."""
-    classification = properties.get("classification")
-    if isinstance(classification, str):
-        return classification
-    if not isinstance(classification, Mapping):
-        return None
-    name = classification.get("name")
-    if isinstance(name, str):
-        return name
-    names = classification.get("names")  # derived classes ("Tumor: Positive") in QuPath 0.4+
-    if isinstance(names, list) and names:
-        return ": ".join(str(n) for n in names)
-    return None
-
-
-def _polygons_from_coordinates(polygons: list[Any]) -> npt.NDArray[np.object_]:
-    """Shapely Polygons from GeoJSON ``Polygon.coordinates`` lists, built in one vectorized call.
-
-    Raises ``ValueError``/``TypeError`` on malformed coordinates (e.g. 3-D points); the caller then
-    falls back to per-feature parsing to name the bad feature.
-    """
-    rings = list(chain.from_iterable(polygons))
-    ring_sizes = np.fromiter((len(r) for r in rings), np.int64, len(rings))
-    rings_per_polygon = np.fromiter((len(p) for p in polygons), np.int64, len(polygons))
-    # One float pair per vertex: a vertex with 1 or 3 values raises here instead of shifting the rest.
-    coords = np.fromiter(chain.from_iterable(rings), dtype=np.dtype((np.float64, 2)), count=int(ring_sizes.sum()))
-    if ring_sizes.size == 0 or rings_per_polygon.min() == 0 or ring_sizes.min() == 0:
-        # Grouping by indices would silently drop empty parts; per-feature parsing handles them.
-        raise ValueError("a polygon or ring without coordinates")
-    ring_of_vertex = np.repeat(np.arange(len(rings)), ring_sizes)
-    polygon_of_ring = np.repeat(np.arange(len(polygons)), rings_per_polygon)
-    # Per-ring and per-polygon grouping by indices: much faster than shapely.from_ragged_array in shapely 2.0.
-    linear_rings = shapely.linearrings(coords, indices=ring_of_vertex)
-    if rings_per_polygon.max() == 1:
-        return shapely.polygons(linear_rings)
-    return shapely.polygons(linear_rings, indices=polygon_of_ring)
+def _frame(geometry: np.ndarray, class_index: np.ndarray, feature_index: np.ndarray) -> gpd.GeoDataFrame:
+    return gpd.GeoDataFrame(
+        {"class_index": class_index.astype(np.int64), "feature_index": feature_index.astype(np.int64)},
+        geometry=gpd.GeoSeries(geometry),
+    )
 
 
 def _polygonal_part(geometry: shapely.Geometry) -> shapely.Geometry:
@@ -171,153 +157,6 @@ def _polygonal_part(geometry: shapely.Geometry) -> shapely.Geometry:
     if not polygons:
         return shapely.Polygon()
     return polygons[0] if len(polygons) == 1 else shapely.MultiPolygon(polygons)
-
-
-def _build_geometries(path: Path, geometries: list[Mapping[str, Any]], feature_index: list[int]) -> np.ndarray:
-    """Shapely geometries (level-0 pixels, 2-D) for GeoJSON geometry dicts; AnnotationError names a bad one."""
-    out = np.empty(len(geometries), dtype=object)
-    is_polygon = np.fromiter((g["type"] == "Polygon" for g in geometries), bool, len(geometries))
-    slow = np.flatnonzero(~is_polygon)
-    fast = np.flatnonzero(is_polygon)
-    try:
-        out[fast] = _polygons_from_coordinates([geometries[i]["coordinates"] for i in fast])
-    except (ValueError, TypeError, KeyError, shapely.errors.GEOSException):
-        slow = np.arange(len(geometries))
-    for i in slow:
-        try:
-            out[i] = shapely.geometry.shape(geometries[i])
-        except Exception as err:  # shapely raises many types on malformed input
-            kind = geometries[i].get("type")
-            msg = f"{path}: feature {feature_index[i]} has malformed {kind} coordinates ({err}); {EXPORT_HINT}"
-            raise AnnotationError(msg) from err
-    if shapely.has_z(out).any():
-        out = shapely.force_2d(out)
-    return out
-
-
-def read_qupath_geojson(
-    path: str | os.PathLike[str], classes: Sequence[ClassSpec], *, allow_empty: bool = False
-) -> gpd.GeoDataFrame:
-    """Read nucleus polygons and their classes from a QuPath GeoJSON export.
-
-    Returns a GeoDataFrame with one row per usable feature: ``geometry`` (shapely Polygon or
-    MultiPolygon, level-0 slide pixels), ``class_index`` (int64, index into ``classes``) and
-    ``feature_index`` (int64, position of the feature in the file). Class names match a class's
-    ``qupath_name``, ``aliases`` or ``name``, case-insensitively.
-
-    Features with Point/LineString geometry or no geometry are skipped with a logged warning;
-    self-intersecting polygons are repaired with ``shapely.make_valid`` (polygonal parts kept).
-    Raises ``AnnotationError`` for a file that is not (QuPath) GeoJSON, has no features, has
-    unclassified or unknown-class features, or has no polygon left after skipping. With
-    ``allow_empty`` (cellkd's own predictions for a slide with no nucleus), a file with no features
-    gives an empty frame instead.
-    """
-    with gc_paused():
-        return _read_qupath_geojson(Path(path), classes, allow_empty)
-
-
-@dataclass
-class _Collected:
-    """Features sorted out by ``_collect``: usable ones (geometry dict, class, position) and the rest."""
-
-    geometries: list[Mapping[str, Any]] = field(default_factory=list)
-    class_index: list[int] = field(default_factory=list)
-    feature_index: list[int] = field(default_factory=list)
-    no_geometry: list[int] = field(default_factory=list)
-    non_polygonal: list[int] = field(default_factory=list)
-    cells_without_nucleus: list[int] = field(default_factory=list)
-    unclassified: list[int] = field(default_factory=list)
-    unknown: dict[str, list[int]] = field(default_factory=dict)
-
-
-def _collect(path: Path, features: list[Any], lookup: Mapping[str, int]) -> _Collected:
-    """Sort features into usable polygons (nucleus geometry, known class) and the kinds of unusable ones."""
-    out = _Collected()
-    for i, feature in enumerate(features):
-        if not isinstance(feature, Mapping) or feature.get("type") != "Feature":
-            found = feature.get("type") if isinstance(feature, Mapping) else type(feature).__name__
-            raise AnnotationError(f"{path}: not GeoJSON: feature {i} is a {found!r}, not a 'Feature'; {EXPORT_HINT}")
-        properties = feature.get("properties") or {}
-        geometry = feature.get("nucleusGeometry") or properties.get("nucleusGeometry")
-        if geometry is None:
-            geometry = feature.get("geometry")
-            if properties.get("objectType") == "cell" or feature.get("id") == "PathCellObject":
-                out.cells_without_nucleus.append(i)
-        if not isinstance(geometry, Mapping):
-            out.no_geometry.append(i)
-            continue
-        kind = geometry.get("type")
-        if kind in NON_POLYGONAL:
-            out.non_polygonal.append(i)
-            continue
-        if kind not in POLYGONAL:
-            raise AnnotationError(f"{path}: feature {i} has unknown geometry type {kind!r}; {EXPORT_HINT}")
-        name = _class_name(properties)
-        if name is None:
-            out.unclassified.append(i)
-            continue
-        index = lookup.get(name.strip().casefold())
-        if index is None:
-            out.unknown.setdefault(name, []).append(i)
-            continue
-        out.geometries.append(geometry)
-        out.class_index.append(index)
-        out.feature_index.append(i)
-    return out
-
-
-def _report(path: Path, collected: _Collected, classes: Sequence[ClassSpec]) -> None:
-    """Raise for unclassified or unknown-class features; log the skipped ones."""
-    if collected.unclassified:
-        indices = collected.unclassified
-        msg = (
-            f"{path}: feature {_indices_text(indices)} ({len(indices)} in all) has no classification; "
-            "classify every nucleus in QuPath (or delete the unclassified ones) and export again"
-        )
-        raise AnnotationError(msg)
-    if collected.unknown:
-        found = "; ".join(f"{name!r} (feature {_indices_text(i)})" for name, i in sorted(collected.unknown.items()))
-        expected = ", ".join(repr(spec.qupath_name) for spec in classes)
-        msg = (
-            f"{path}: unknown class {found}; expected QuPath names {expected} (or their aliases); "
-            "rename the class in QuPath, or add the name under classes: in workflow_config.yaml "
-            "as the qupath_name or one of the aliases of the class it belongs to"
-        )
-        raise AnnotationError(msg)
-    skipped = (
-        (collected.no_geometry, "skipped %d features without geometry: %s"),
-        (collected.non_polygonal, "skipped %d Point/LineString features (nuclei must be polygons): %s"),
-        (collected.cells_without_nucleus, "%d cell objects have no nucleusGeometry; used their cell boundary: %s"),
-    )
-    for indices, text in skipped:
-        if indices:
-            log.warning("%s: " + text, path, len(indices), _indices_text(indices))
-
-
-def _read_qupath_geojson(path: Path, classes: Sequence[ClassSpec], allow_empty: bool) -> gpd.GeoDataFrame:
-    features = _load_features(path, allow_empty)
-    if not features:
-        empty = np.zeros(0, dtype=np.int64)
-        return gpd.GeoDataFrame({"class_index": empty, "feature_index": empty}, geometry=gpd.GeoSeries([]))
-    collected = _collect(path, features, class_lookup(classes))
-    _report(path, collected, classes)
-    feature_index = np.asarray(collected.feature_index, dtype=np.int64)
-    shapes = _build_geometries(path, collected.geometries, collected.feature_index)
-    shapes, keep = _repair(path, shapes, feature_index)
-    if not keep.any():
-        msg = (
-            f"{path}: no usable polygon among {len(features)} features ({len(collected.non_polygonal)} "
-            f"Point/LineString, {len(collected.no_geometry)} without geometry, {len(shapes)} empty); {EXPORT_HINT}"
-        )
-        raise AnnotationError(msg)
-    frame = gpd.GeoDataFrame(
-        {"class_index": np.asarray(collected.class_index, dtype=np.int64)[keep], "feature_index": feature_index[keep]},
-        geometry=gpd.GeoSeries(shapes[keep]),
-    )
-    counts = Counter(frame["class_index"].tolist())
-    summary = ", ".join(f"{spec.name} {counts[k]}" for k, spec in enumerate(classes))
-    log.info("%s: %d nuclei (%s)", path, len(frame), summary)
-    return frame
 
 
 def _repair(path: Path, shapes: np.ndarray, feature_index: np.ndarray) -> tuple[np.ndarray, npt.NDArray[np.bool_]]:
@@ -346,6 +185,178 @@ def _repair(path: Path, shapes: np.ndarray, feature_index: np.ndarray) -> tuple[
             _indices_text(feature_index[empty].tolist()),
         )
     return shapes, ~empty
+
+
+def _regions(
+    objects: QuPathObjects, polygonal: np.ndarray, options: AnnotationOptions, mpp: float | None
+) -> np.ndarray:
+    """bool (N,): annotation-object polygons larger than ``max_nucleus_area_um2`` (outlines, not nuclei)."""
+    annotation = objects.is_object_type("annotation") & polygonal
+    if not annotation.any():
+        return annotation
+    if mpp is None or not (math.isfinite(mpp) and mpp > 0):
+        log.warning(
+            "%s: slide resolution unknown, so %d objectType 'annotation' polygons are all taken as nuclei "
+            "(none is set aside as a region larger than %g µm²)",
+            objects.path,
+            int(annotation.sum()),
+            options.max_nucleus_area_um2,
+        )
+        return np.zeros_like(annotation)
+    regions = annotation.copy()
+    regions[annotation] = shapely.area(objects.geometry[annotation]) * mpp**2 > options.max_nucleus_area_um2
+    if regions.any():
+        log.info(
+            "%s: ignored %d objectType 'annotation' regions larger than %g µm² (outlines, not nuclei): feature %s",
+            objects.path,
+            int(regions.sum()),
+            options.max_nucleus_area_um2,
+            _indices_text(objects.feature_index[regions].tolist()),
+        )
+    return regions
+
+
+def _class_indices(
+    objects: QuPathObjects, used: np.ndarray, classes: Sequence[ClassSpec], options: AnnotationOptions
+) -> np.ndarray:
+    """int64 (N,) class index per row: -1 unclassified, -2 unknown class; applies the options to ``used`` rows."""
+    lookup = class_lookup(classes)
+    by_code = np.asarray([lookup.get(name.strip().casefold(), -2) for name in objects.class_names] + [-1])
+    class_index = by_code[objects.class_code].astype(np.int64)  # code -1 (unclassified) picks the last entry
+    path = objects.path
+    unclassified = objects.feature_index[used & (class_index == -1)].tolist()
+    if unclassified:
+        text = _indices_text(unclassified)
+        if options.unclassified == "error":
+            msg = (
+                f"{path}: feature {text} ({len(unclassified)} in all) has no classification; classify every "
+                "nucleus in QuPath (or delete the unclassified ones) and export again, or set "
+                "annotations: unclassified: skip in workflow_config.yaml to leave them out"
+            )
+            raise AnnotationError(msg)
+        log.warning("%s: skipped %d unclassified features: feature %s", path, len(unclassified), text)
+    unknown_rows = used & (class_index == -2)
+    if unknown_rows.any():
+        unknown: dict[str, list[int]] = {}
+        for code, index in zip(objects.class_code[unknown_rows], objects.feature_index[unknown_rows], strict=True):
+            unknown.setdefault(objects.class_names[code], []).append(int(index))
+        found = "; ".join(f"{name!r} (feature {_indices_text(i)})" for name, i in sorted(unknown.items()))
+        if options.unknown_classes == "ignore":
+            log.warning("%s: skipped %d features of unknown classes: %s", path, int(unknown_rows.sum()), found)
+        else:
+            expected = ", ".join(repr(spec.qupath_name) for spec in classes)
+            msg = (
+                f"{path}: unknown class {found}; expected QuPath names {expected} (or their aliases); "
+                "rename the class in QuPath, or add the name under classes: in workflow_config.yaml "
+                "as the qupath_name or one of the aliases of the class it belongs to, or set "
+                "annotations: unknown_classes: ignore to leave those features out"
+            )
+            raise AnnotationError(msg)
+    return class_index
+
+
+def read_qupath_annotations(
+    path: str | os.PathLike[str],
+    classes: Sequence[ClassSpec],
+    *,
+    options: AnnotationOptions | None = None,
+    mpp: float | None = None,
+    allow_empty: bool = False,
+) -> QuPathAnnotations:
+    """Read the nuclei (polygons) and point labels of a QuPath GeoJSON export, with their classes.
+
+    ``options``: the config's ``annotations:`` block (defaults: skip unclassified features, reject
+    unknown classes, regions above 2000 µm²). ``mpp``: level-0 µm/px of the slide, needed to set
+    large ``annotation`` regions aside (without it none is, with a warning). See the module
+    docstring for what is kept. Raises ``AnnotationError`` (naming the file and the fix) for a file
+    that is not (QuPath) GeoJSON, has no features, or holds neither a nucleus nor a point once the
+    skipped features are left out. With ``allow_empty`` (cellkd's own predictions for a slide with no
+    nucleus), a file with no features gives empty frames instead.
+    """
+    options = options or AnnotationOptions()
+    path = Path(path)
+    with gc_paused():
+        objects = decode_qupath_geojson(path)
+    if objects.n_features == 0:
+        if allow_empty:
+            empty = np.zeros(0, dtype=np.int64)
+            return QuPathAnnotations(
+                _frame(np.empty(0, object), empty, empty), _frame(np.empty(0, object), empty, empty)
+            )
+        raise AnnotationError(f"{path}: no features; {EXPORT_HINT}")
+    type_id = shapely.get_type_id(objects.geometry)
+    kind = shapely.GeometryType
+    polygonal = np.isin(type_id, [kind.POLYGON, kind.MULTIPOLYGON, kind.GEOMETRYCOLLECTION])
+    pointlike = np.isin(type_id, [kind.POINT, kind.MULTIPOINT])
+    lines = objects.feature_index[~(polygonal | pointlike)].tolist()
+    regions = _regions(objects, polygonal, options, mpp)
+    used = (polygonal & ~regions) | pointlike
+    class_index = _class_indices(objects, used, classes, options)
+    known = class_index >= 0
+
+    nucleus_rows = np.flatnonzero(polygonal & ~regions & known)
+    shapes, keep = _repair(path, objects.geometry[nucleus_rows], objects.feature_index[nucleus_rows])
+    nucleus_rows = nucleus_rows[keep]
+    nuclei = _frame(shapes[keep], class_index[nucleus_rows], objects.feature_index[nucleus_rows])
+
+    point_rows = np.flatnonzero(pointlike & known)
+    parts, owner = shapely.get_parts(objects.geometry[point_rows], return_index=True)
+    point_rows = point_rows[owner]
+    points = _frame(parts, class_index[point_rows], objects.feature_index[point_rows])
+
+    _warn_skipped(objects, lines)
+    if len(nuclei) == 0 and len(points) == 0:
+        msg = (
+            f"{path}: no usable nucleus polygon or point among {objects.n_features} features "
+            f"({len(lines)} lines, {len(objects.no_geometry)} without geometry, {int(regions.sum())} large regions, "
+            f"{int((used & ~known).sum())} unclassified or of unknown class); {EXPORT_HINT}"
+        )
+        raise AnnotationError(msg)
+    counts = Counter(nuclei["class_index"].tolist())
+    summary = ", ".join(f"{spec.name} {counts[k]}" for k, spec in enumerate(classes))
+    log.info("%s: %d nuclei (%s), %d point labels", path, len(nuclei), summary, len(points))
+    return QuPathAnnotations(nuclei, points)
+
+
+def _warn_skipped(objects: QuPathObjects, lines: list[int]) -> None:
+    skipped = (
+        (objects.no_geometry, "skipped %d features without geometry: %s"),
+        (lines, "skipped %d LineString features (nuclei are polygons or points): %s"),
+        (objects.cells_without_nucleus, "%d cell objects have no nucleusGeometry; used their cell boundary: %s"),
+    )
+    for indices, text in skipped:
+        if indices:
+            log.warning("%s: " + text, objects.path, len(indices), _indices_text(indices))
+
+
+def read_qupath_geojson(
+    path: str | os.PathLike[str],
+    classes: Sequence[ClassSpec],
+    *,
+    options: AnnotationOptions | None = None,
+    mpp: float | None = None,
+    allow_empty: bool = False,
+) -> gpd.GeoDataFrame:
+    """The nucleus polygons of a QuPath GeoJSON export: ``read_qupath_annotations(...).nuclei``.
+
+    Columns ``class_index``, ``feature_index``, ``geometry`` (see ``QuPathAnnotations``). Point
+    labels are left out with a warning (masks are drawn from polygons). Raises ``AnnotationError``
+    when the file holds no nucleus polygon (unless ``allow_empty`` and it has no features at all).
+    """
+    annotations = read_qupath_annotations(path, classes, options=options, mpp=mpp, allow_empty=allow_empty)
+    if len(annotations.points):
+        log.warning(
+            "%s: %d point labels are not drawn into masks (only polygons are); they label nuclei in the nuclei stage",
+            path,
+            len(annotations.points),
+        )
+    if len(annotations.nuclei) == 0 and len(annotations.points):
+        msg = (
+            f"{path}: holds {len(annotations.points)} point labels and no nucleus polygon, so no mask can be drawn "
+            "from it; export the nuclei as polygons (detections or cells) for this annotation set"
+        )
+        raise AnnotationError(msg)
+    return annotations.nuclei
 
 
 def check_annotations_fit(

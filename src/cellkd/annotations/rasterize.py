@@ -26,7 +26,7 @@ import shapely
 from rasterio import features as rio_features
 from rasterio.transform import Affine
 
-from cellkd.annotations.qupath import check_annotations_fit, gc_paused, read_qupath_geojson
+from cellkd.annotations.qupath import AnnotationOptions, check_annotations_fit, gc_paused, read_qupath_geojson
 from cellkd.store.atomic import atomic_h5
 from cellkd.store.fragments import CHUNK, Fragment, FragmentStore
 from cellkd.types import DOWNSAMPLES, ClassMask
@@ -138,6 +138,9 @@ def write_mask_store(
     out_path: str | os.PathLike[str],
     slide_size: tuple[int, int] | None = None,
     levels: Sequence[int] = (0, 1, 2),
+    *,
+    options: AnnotationOptions | None = None,
+    mpp: float | None = None,
 ) -> None:
     """Rasterize each annotation set onto every fragment and level of ``fragment_store`` (atomic).
 
@@ -145,7 +148,8 @@ def write_mask_store(
     Writes ``/fragments/{name}/{set}/level{k}`` uint8 (H_k, W_k, C) datasets (chunked, lzf) with
     store attrs ``slide``, ``classes``, ``annotation_sets`` (layout: ``cellkd.store``).
     ``slide_size``: level-0 (width, height) of the slide; when given, each GeoJSON is checked to
-    belong to it (``check_annotations_fit``).
+    belong to it (``check_annotations_fit``). ``options`` (the config's ``annotations:``) and ``mpp``
+    (level-0 µm/px, to set large annotation regions aside) are passed to ``read_qupath_geojson``.
     """
     if not annotations:
         raise ValueError("annotations must name at least one annotation set")
@@ -155,7 +159,7 @@ def write_mask_store(
     n_classes = len(classes)
     frames: dict[str, gpd.GeoDataFrame] = {}
     for set_name, path in annotations.items():
-        frame = read_qupath_geojson(path, classes)
+        frame = read_qupath_geojson(path, classes, options=options, mpp=mpp)
         if slide_size is not None:
             check_annotations_fit(frame, slide_size[0], slide_size[1], path)
         frames[set_name] = frame
