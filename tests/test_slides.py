@@ -24,6 +24,7 @@ from cellkd.slides import (
     block_mean,
     detect_fragments,
     extract_fragments,
+    merge_boxes,
     open_slide,
     reader,
     tissue_mask,
@@ -253,6 +254,64 @@ def test_detect_fragments_clips_margin_at_slide_edge(tmp_path: Path) -> None:
     with open_slide(tmp_path / "edge.png") as slide:
         (fragment,) = detect_fragments(slide, TissueParams(min_area_um2=100.0), mpp_fallback=MPP)
     assert (fragment.x, fragment.y, fragment.width, fragment.height) == (230, 0, 70, 140)
+
+
+def test_merge_boxes_repeats_until_no_boxes_overlap_or_touch() -> None:
+    """(y0, x0, y1, x1): a and b overlap; their union then reaches c, which touched neither; d only shares an edge."""
+    a, b, c = (0, 0, 5, 10), (4, 5, 10, 10), (7, 0, 10, 3)
+    d = (0, 10, 2, 12)  # shares the x = 10 edge with a (end exclusive, so adjacent pixels)
+    far = (20, 20, 30, 30)
+    assert merge_boxes([far, c, b, a]) == [(0, 0, 10, 10), far]
+    assert merge_boxes([a, d]) == [(0, 0, 5, 12)]
+    assert merge_boxes([(0, 0, 5, 5), (6, 6, 9, 9)]) == [(0, 0, 5, 5), (6, 6, 9, 9)]  # one pixel apart
+    assert merge_boxes([]) == []
+
+
+box_strategy = st.tuples(st.integers(0, 60), st.integers(0, 60), st.integers(1, 15), st.integers(1, 15)).map(
+    lambda t: (t[0], t[1], t[0] + t[2], t[1] + t[3])
+)
+
+
+@given(boxes=st.lists(box_strategy, max_size=12))
+def test_merged_boxes_are_disjoint_and_each_bounds_the_boxes_inside(boxes: list[tuple[int, int, int, int]]) -> None:
+    merged = merge_boxes(boxes)
+    for i, (y0, x0, y1, x1) in enumerate(merged):
+        for v0, u0, v1, u1 in merged[i + 1 :]:
+            assert v0 > y1 or y0 > v1 or u0 > x1 or x0 > u1  # a gap of at least one pixel
+        inside = [b for b in boxes if y0 <= b[0] and x0 <= b[1] and b[2] <= y1 and b[3] <= x1]
+        assert inside and (y0, x0, y1, x1) == (
+            min(b[0] for b in inside),
+            min(b[1] for b in inside),
+            max(b[2] for b in inside),
+            max(b[3] for b in inside),
+        )
+    assert sum(
+        len([m for m in merged if m[0] <= b[0] and m[1] <= b[1] and b[2] <= m[2] and b[3] <= m[3]]) for b in boxes
+    ) == len(boxes)  # every box lies in exactly one merged box
+
+
+def test_detect_fragments_merges_a_blob_inside_an_l_shaped_pieces_box(tmp_path: Path) -> None:
+    """An L-shaped piece and a blob in its crook are separate tissue, but their boxes overlap: one fragment."""
+    rng = np.random.default_rng(1)
+    image = np.full((512, 768, 3), 245, dtype=np.int16)
+    image[50:450, 50:110] = (150, 80, 172)  # the L: a vertical bar ...
+    image[390:450, 50:450] = (150, 80, 172)  # ... and a horizontal foot
+    image[150:230, 250:330] = (200, 110, 190)  # the blob, 140+ px from the L (the closing joins 80 px gaps)
+    image[100:200, 600:700] = (232, 150, 200)  # a separate piece, far from both
+    image += rng.integers(-3, 4, image.shape, dtype=np.int16)
+    path = _write_pyramid(tmp_path / "l_shape.tiff", np.clip(image, 0, 255).astype(np.uint8), MPP)
+    params = TissueParams(min_area_um2=1000.0)
+    with open_slide(path) as slide:
+        thumb, _ = slide.thumbnail(params.detection_level_size)
+        assert ndimage.label(tissue_mask(thumb, params, MPP))[1] == 3  # three pieces of tissue ...
+        fragments = detect_fragments(slide, params)
+    boxes = [(f.x, f.y, f.x + f.width, f.y + f.height) for f in fragments]
+    # ... but two fragments: the L's box (with its 20 px margin) swallowed the blob's.
+    assert boxes == [
+        (50 - MARGIN_PX, 50 - MARGIN_PX, 450 + MARGIN_PX, 450 + MARGIN_PX),
+        (600 - MARGIN_PX, 100 - MARGIN_PX, 700 + MARGIN_PX, 200 + MARGIN_PX),
+    ]
+    assert [f.name for f in fragments] == ["f000", "f001"]
 
 
 def test_missing_mpp_uses_fallback_and_warns(slide_no_mpp: Path, caplog: pytest.LogCaptureFixture) -> None:
