@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import tracemalloc
 from pathlib import Path
 
 import h5py
@@ -189,6 +190,95 @@ def test_plain_tiff_tile_reads_mpp_from_resolution_tags(tmp_path: Path) -> None:
         assert isinstance(slide, ImageReader)
         assert slide.mpp == pytest.approx(0.25)
         np.testing.assert_array_equal(slide.read_region(0, 0, 120, 100), tile)
+
+
+def _smooth_rgb(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """uint8 (height, width, 3): gradients plus noise, compressible yet different at every pixel."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = np.stack([(xx * 255) // max(width - 1, 1), (yy * 255) // max(height - 1, 1), (xx + yy) % 256], axis=-1)
+    return np.clip(base + rng.integers(-8, 9, base.shape), 0, 255).astype(np.uint8)
+
+
+# (name, pixels written, tifffile.imwrite keywords, the RGB a reader must return)
+PLAIN_TIFFS = {
+    "zlib strips": lambda rgb: (rgb, {"photometric": "rgb", "rowsperstrip": 16, "compression": "zlib"}, rgb),
+    "lzw strips": lambda rgb: (rgb, {"photometric": "rgb", "rowsperstrip": 7, "compression": "lzw"}, rgb),
+    "uncompressed": lambda rgb: (rgb, {"photometric": "rgb"}, rgb),
+    "planar": lambda rgb: (
+        np.moveaxis(rgb, -1, 0),
+        {"photometric": "rgb", "planarconfig": "separate", "rowsperstrip": 32, "compression": "zlib"},
+        rgb,
+    ),
+    "grey 16-bit": lambda rgb: (
+        rgb[..., 0].astype(np.uint16) * 257,
+        {"photometric": "minisblack", "rowsperstrip": 16, "compression": "zlib"},
+        np.repeat(rgb[..., :1], 3, axis=2),
+    ),
+}
+
+
+@pytest.mark.parametrize("layout", list(PLAIN_TIFFS))
+def test_plain_tiff_is_read_by_region_equal_to_its_pixels(tmp_path: Path, layout: str) -> None:
+    """Strip TIFFs OpenSlide refuses: any region (also cut by the edge) and the thumbnail match the image."""
+    data, options, expected = PLAIN_TIFFS[layout](_smooth_rgb(301, 457))
+    tifffile.imwrite(tmp_path / "plain.tif", data, **options)
+    with open_slide(tmp_path / "plain.tif") as slide:
+        assert isinstance(slide, ImageReader) and slide.dimensions == (457, 301)
+        for x, y, w, h in [
+            (0, 0, 457, 301),
+            (13, 29, 100, 50),
+            (400, 250, 100, 100),
+            (-5, -7, 20, 30),
+            (3, 290, 1, 11),
+        ]:
+            region = slide.read_region(x, y, w, h)
+            truth = np.full((h, w, 3), 255, dtype=np.uint8)
+            x0, y0 = max(x, 0), max(y, 0)
+            truth[y0 - y : min(y + h, 301) - y, x0 - x : min(x + w, 457) - x] = expected[y0 : y + h, x0 : x + w]
+            np.testing.assert_array_equal(region, truth)
+        thumb, down = slide.thumbnail(100)
+    np.testing.assert_array_equal(thumb, block_mean(expected, 5))
+    assert down == pytest.approx((457 / 92, 301 / 61))
+
+
+def test_large_plain_tiff_region_reads_do_not_load_the_image(tmp_path: Path) -> None:
+    """A 2000 x 3000 (18 MB) strip TIFF: opening it and reading a 256 x 256 region stays far below the image."""
+    image = _smooth_rgb(2000, 3000, seed=2)
+    tifffile.imwrite(tmp_path / "big.tif", image, photometric="rgb", rowsperstrip=16, compression="zlib")
+    tracemalloc.start()
+    try:
+        with open_slide(tmp_path / "big.tif") as slide:
+            region = slide.read_region(1500, 1000, 256, 256)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(region, image[1000:1256, 1500:1756])
+    # The region touches 17 strips of 16 x 3000 px (144 kB each; zarr may decode them together): ~2.5 MB.
+    assert peak < image.nbytes / 4, f"peak {peak / 1e6:.1f} MB for a {image.nbytes / 1e6:.0f} MB image"
+
+
+def test_plain_tiff_with_huge_strips_warns_how_to_convert(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(reader, "LARGE_CHUNK_BYTES", 1000)
+    tifffile.imwrite(tmp_path / "one_strip.tif", _smooth_rgb(64, 64), photometric="rgb", compression="zlib")
+    with caplog.at_level(logging.WARNING), open_slide(tmp_path / "one_strip.tif"):
+        pass
+    assert "one_strip.tif: stores its pixels in" in caplog.text and "vips tiffsave" in caplog.text
+
+
+def test_truncated_plain_tiff_raises_before_any_read(tmp_path: Path) -> None:
+    tifffile.imwrite(
+        tmp_path / "full.tif", _smooth_rgb(200, 300), photometric="rgb", rowsperstrip=8, compression="zlib"
+    )
+    data = (tmp_path / "full.tif").read_bytes()
+    # Keep the header: tifffile writes the first IFD before the strips, so the cut loses only pixel data.
+    (tmp_path / "cut.tif").write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(
+        SlideError, match=r"cut\.tif: image data runs to byte \d+ but the file has \d+ bytes.*truncated"
+    ):
+        open_slide(tmp_path / "cut.tif")
 
 
 def test_missing_slide_raises_with_fix(tmp_path: Path) -> None:
