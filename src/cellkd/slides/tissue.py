@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
+import shapely
 from scipy import ndimage
 from scipy.sparse import coo_array
 from scipy.sparse.csgraph import connected_components
@@ -109,34 +110,29 @@ def merge_boxes(boxes: list[Box]) -> list[Box]:
     """Merge overlapping or touching boxes into their bounding boxes until no two overlap or touch; sorted.
 
     Touching includes sharing only an edge or a corner. One pass merges the connected groups of
-    touching boxes; a merged box can reach boxes none of its parts touched (an L-shaped piece's box
-    swallows a blob in its crook), so passes repeat until nothing changes.
+    touching boxes (an R-tree finds the pairs); a merged box can reach boxes none of its parts touched
+    (an L-shaped piece's box swallows a blob in its crook), so passes repeat until nothing changes.
     """
-    merged = sorted(set(boxes))
+    merged = np.array(sorted(set(boxes)), dtype=np.int64).reshape(-1, 4)
     while len(merged) > 1:
-        y0, x0, y1, x1 = (np.array(column) for column in zip(*merged, strict=True))
-        # Closed intervals: boxes that share only an edge (x1 == other x0) count as touching.
-        touch = (
-            (y0[:, None] <= y1[None, :])
-            & (y0[None, :] <= y1[:, None])
-            & (x0[:, None] <= x1[None, :])
-            & (x0[None, :] <= x1[:, None])
-        )
-        n_groups, group = connected_components(coo_array(touch), directed=False)
+        y0, x0, y1, x1 = merged.T
+        # shapely's closed boxes intersect when they merely share an edge (x1 == other x0: adjacent pixels).
+        polygons = shapely.box(x0, y0, x1, y1)
+        first, second = shapely.STRtree(polygons).query(polygons, predicate="intersects")
+        graph = coo_array((np.ones(len(first), dtype=bool), (first, second)), shape=(len(merged),) * 2)
+        n_groups, group = connected_components(graph, directed=False)
         if n_groups == len(merged):
             break
-        merged = sorted(
-            {
-                (
-                    int(y0[group == g].min()),
-                    int(x0[group == g].min()),
-                    int(y1[group == g].max()),
-                    int(x1[group == g].max()),
-                )
-                for g in range(n_groups)
-            }
-        )
-    return merged
+        merged = np.stack(
+            [
+                ndimage.minimum(y0, group, range(n_groups)),
+                ndimage.minimum(x0, group, range(n_groups)),
+                ndimage.maximum(y1, group, range(n_groups)),
+                ndimage.maximum(x1, group, range(n_groups)),
+            ],
+            axis=1,
+        ).astype(np.int64)
+    return sorted((int(a), int(b), int(c), int(d)) for a, b, c, d in merged)
 
 
 def detect_fragments(
