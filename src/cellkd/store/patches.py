@@ -265,7 +265,8 @@ def cut_patches(
                         for x in range(0, width, size)
                     )
     n = len(rows)
-    split = assign_area_splits([_block(row, params.block_size) for row in rows], params.split, params.seed, source)
+    blocks = [_block(row, params.block_size) for row in rows]
+    split = assign_area_splits(blocks, params.split, params.seed, source)
 
     with atomic_h5(out_path) as h5:
         h5.attrs.update(
@@ -312,10 +313,12 @@ def cut_patches(
                 ds[i] = _window(mask_h5[f"fragments/{name}/{set_name}/level{level}"], y, x, size)
     counts = np.bincount(split, minlength=3)
     logger.info(
-        "%s: %d patches (%s) from %d slide(s) -> %s",
+        "%s: %d patches (%s) in %d area block(s) of %d px from %d slide(s) -> %s",
         source,
         n,
         ", ".join(f"{name} {c}" for name, c in zip(SPLIT_NAMES, counts, strict=True)),
+        len(set(blocks)),
+        params.block_size,
         len(inputs),
         out_path,
     )
