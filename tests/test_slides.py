@@ -30,6 +30,7 @@ from cellkd.slides import (
     reader,
     tissue_mask,
 )
+from cellkd.slides.downsample import windowed_block_mean
 from cellkd.store.fragments import FragmentStore
 
 MPP = 0.5
@@ -490,3 +491,24 @@ def test_extract_fragments_rejects_tile_not_multiple_of_four(tmp_path: Path, sli
 )
 def test_block_mean_is_mean_of_pixels_present(image: np.ndarray, factor: int) -> None:
     np.testing.assert_array_equal(block_mean(image, factor), _reference_block_mean(image, factor))
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    image=arrays(np.uint8, st.tuples(st.integers(1, 40), st.integers(1, 40), st.just(3))),
+    factor=st.sampled_from([1, 2, 3, 5]),
+    window=st.tuples(st.integers(1, 45), st.integers(1, 45)),
+)
+def test_windowed_block_mean_equals_block_mean_and_reads_within_the_window(
+    image: np.ndarray, factor: int, window: tuple[int, int]
+) -> None:
+    reads = []
+
+    def read(x: int, y: int, w: int, h: int) -> np.ndarray:
+        reads.append((w, h))
+        return image[y : y + h, x : x + w]
+
+    height, width = image.shape[:2]
+    np.testing.assert_array_equal(windowed_block_mean(read, width, height, factor, window), block_mean(image, factor))
+    limit_w, limit_h = (max(1, v // factor) * factor for v in window)  # whole blocks, at least one
+    assert all(w <= limit_w and h <= limit_h for w, h in reads)
