@@ -16,7 +16,14 @@ from hypothesis import strategies as st
 from cellkd.errors import ConfigError, StoreError
 from cellkd.store.atomic import atomic_h5
 from cellkd.store.fragments import Fragment, FragmentStoreWriter, fragment_name
-from cellkd.store.patches import PatchParams, PatchStore, assign_splits, cut_patches, split_counts
+from cellkd.store.patches import (
+    PatchParams,
+    PatchStore,
+    assign_area_splits,
+    assign_splits,
+    cut_patches,
+    split_counts,
+)
 from cellkd.types import DOWNSAMPLES
 
 CLASSES = ["tumor", "lymphocyte", "other"]
@@ -257,6 +264,67 @@ def test_patch_store_split_matches_ratios(tmp_path: Path) -> None:
     assert n == 25
     assert np.bincount(split, minlength=3).tolist() == list(split_counts(25, (0.7, 0.15, 0.15)))
     np.testing.assert_array_equal(split, assign_splits(25, (0.7, 0.15, 0.15), seed=3, source="src"))
+
+
+def _level0_footprints(prov, size: int, fragment_shape: tuple[int, int]) -> np.ndarray:
+    """int (N, 4) level-0 fragment boxes (x0, y0, x1, y1) each patch shows, clipped to the fragment."""
+    down = np.asarray(DOWNSAMPLES)[prov.level.to_numpy()]
+    x0, y0 = prov.x.to_numpy() * down, prov.y.to_numpy() * down
+    height, width = fragment_shape
+    return np.stack([x0, y0, np.minimum(x0 + size * down, width), np.minimum(y0 + size * down, height)], axis=1)
+
+
+@pytest.mark.parametrize("levels", [(0, 1, 2), (0, 2), (1, 2), (0, 1), (2,)])
+def test_no_area_is_in_two_splits_at_any_level(tmp_path: Path, levels: tuple[int, ...]) -> None:
+    """Level-0 footprints of patches in different splits never overlap, whichever levels are cut."""
+    sizes = [(100, 70), (45, 130)]
+    frag, _, _ = write_stores(tmp_path, "s1", sizes, masks=False)
+    params = PatchParams(size=8, levels=levels, seed=5)
+    cut_patches(frag, None, tmp_path / "p.h5", "src", params)
+    with PatchStore(tmp_path / "p.h5") as store:
+        prov = store.provenance
+    assert set(prov.split) == {0, 1, 2}  # the check below is not vacuous
+    for name, (height, width) in zip(("f000", "f001"), sizes, strict=True):
+        rows = prov[prov.fragment == name]
+        boxes = _level0_footprints(rows, params.size, (height, width))
+        split = rows.split.to_numpy()
+        # Pairwise intersection of all boxes; only pairs with different splits must be empty.
+        overlap_w = np.minimum(boxes[:, None, 2], boxes[None, :, 2]) - np.maximum(boxes[:, None, 0], boxes[None, :, 0])
+        overlap_h = np.minimum(boxes[:, None, 3], boxes[None, :, 3]) - np.maximum(boxes[:, None, 1], boxes[None, :, 1])
+        overlaps = (overlap_w > 0) & (overlap_h > 0)
+        assert not (overlaps & (split[:, None] != split[None, :])).any()
+        if len(levels) > 1:  # across levels there is overlap to guard against
+            assert (overlaps & (rows.level.to_numpy()[:, None] != rows.level.to_numpy()[None, :])).any()
+
+
+def test_patch_splits_are_drawn_per_block_of_the_coarsest_footprint(tmp_path: Path) -> None:
+    """Blocks are 8 * 4 = 32 level-0 px: a 100 x 70 fragment has 4 x 3 of them, split 8 / 2 / 2."""
+    frag, _, _ = write_stores(tmp_path, "s1", [(100, 70)], masks=False)
+    params = PatchParams(size=8, seed=2)
+    assert params.block_size == 32 and PatchParams(size=8, levels=(0, 1)).block_size == 16
+    cut_patches(frag, None, tmp_path / "p.h5", "src", params)
+    with PatchStore(tmp_path / "p.h5") as store, h5py.File(tmp_path / "p.h5") as h5:
+        prov = store.provenance
+        assert h5.attrs["split_block_size"] == 32
+    down = np.asarray(DOWNSAMPLES)[prov.level.to_numpy()]
+    blocks = list(zip(prov.x * down // 32, prov.y * down // 32, strict=True))
+    assert len(set(blocks)) == 12
+    per_block = {block: set() for block in blocks}
+    for block, code in zip(blocks, prov.split, strict=True):
+        per_block[block].add(int(code))
+    assert all(len(codes) == 1 for codes in per_block.values())
+    block_codes = [codes.pop() for codes in per_block.values()]
+    assert np.bincount(block_codes, minlength=3).tolist() == list(split_counts(12, params.split)) == [8, 2, 2]
+    np.testing.assert_array_equal(prov.split, assign_area_splits(blocks, params.split, 2, "src"))
+
+
+def test_assign_area_splits_gives_one_split_per_block_in_first_seen_order() -> None:
+    blocks = ["b", "a", "b", "c", "a", "d"]
+    codes = assign_area_splits(blocks, (0.5, 0.25, 0.25), seed=1, source="demo")
+    per_block = assign_splits(4, (0.5, 0.25, 0.25), seed=1, source="demo")  # b, a, c, d
+    np.testing.assert_array_equal(codes, per_block[[0, 1, 0, 2, 1, 3]])
+    assert codes.dtype == np.int8
+    assert assign_area_splits([], (0.7, 0.15, 0.15), seed=0, source="x").shape == (0,)
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,9 @@ from cellkd.annotations import (
     instance_masks,
     polygon_masks,
     read_lizard_mat,
+    read_monuseg_annotation,
     read_monuseg_xml,
+    write_image_stores,
 )
 from cellkd.errors import AnnotationError, ConfigError
 from cellkd.slides import block_mean
@@ -238,6 +240,60 @@ def test_read_monuseg_xml_malformed_raises_naming_file(tmp_path: Path, text: str
     assert str(path) in str(info.value)
 
 
+def test_write_image_stores_takes_mpp_from_the_monuseg_xml_and_lizard_default(
+    monuseg_dir: Path, lizard_dir: Path, tmp_path: Path
+) -> None:
+    """The TIFF has no resolution tags; the XML says 0.2521 µm/px. Lizard PNGs say nothing: 0.5 (20x)."""
+    _, mpp = read_monuseg_annotation(monuseg_dir / "B.xml")
+    assert mpp == pytest.approx(0.2521)
+    write_image_stores(
+        monuseg_dir / "B.tif", monuseg_dir / "B.xml", "monuseg", MASK_SET, tmp_path / "f.h5", tmp_path / "m.h5"
+    )
+    with FragmentStore(tmp_path / "f.h5") as store:
+        assert store.mpp == pytest.approx(0.2521)
+    labels = lizard_dir / "Lizard_Labels" / "Labels"
+    image = lizard_dir / "Lizard_Images1" / "L1.png"
+    write_image_stores(image, labels / "L1.mat", "lizard", MASK_SET, tmp_path / "lf.h5", tmp_path / "lm.h5")
+    with FragmentStore(tmp_path / "lf.h5") as store:
+        assert store.mpp == 0.5
+
+
+def test_monuseg_xml_mpp_overrides_disagreeing_tags_with_warning(
+    monuseg_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    tifffile.imwrite(
+        tmp_path / "B.tif",
+        tile_pixels(*MONUSEG_SHAPE, 2),
+        photometric="rgb",
+        resolution=(2e4, 2e4),
+        resolutionunit="CENTIMETER",
+    )  # 0.5 µm/px
+    with caplog.at_level(logging.WARNING):
+        write_image_stores(
+            tmp_path / "B.tif", monuseg_dir / "B.xml", "monuseg", MASK_SET, tmp_path / "f.h5", tmp_path / "m.h5"
+        )
+    with FragmentStore(tmp_path / "f.h5") as store:
+        assert store.mpp == pytest.approx(0.2521)
+    assert "resolution tags say 0.5 µm/px but" in caplog.text and "B.xml says 0.2521" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [("", None), ("0.25", 0.25), ("0", "not a positive"), ("abc", "not a positive")]
+)
+def test_read_monuseg_annotation_reads_or_rejects_microns_per_pixel(
+    tmp_path: Path, value: str, expected: object
+) -> None:
+    path = tmp_path / "a.xml"
+    path.write_text(
+        imagescope_xml([[rect(0, 0, 4, 4)]]).replace('MicronsPerPixel="0.252100"', f'MicronsPerPixel="{value}"')
+    )
+    if isinstance(expected, str):
+        with pytest.raises(AnnotationError, match=rf'a\.xml: MicronsPerPixel="{value}" is {expected} number'):
+            read_monuseg_annotation(path)
+    else:
+        assert read_monuseg_annotation(path)[1] == expected
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     corners=st.tuples(*(st.integers(-4, 30) for _ in range(4))).filter(lambda c: c[0] < c[2] and c[1] < c[3]),
@@ -385,8 +441,10 @@ def test_import_monuseg_writes_patches_with_masks_in_place(monuseg_dir: Path, tm
         )
         assert store.provenance.slide.value_counts().to_dict() == {"A": 6, "B": 6}
         assert set(store.provenance.fragment) == {"f000"}
-        np.testing.assert_array_equal(store.provenance.split, assign_splits(12, params.split, 3, "monuseg"))
-        assert np.bincount(store.provenance.split, minlength=3).tolist() == list(split_counts(12, params.split))
+        # Each 80 x 96 image is one area block (64 * 4 = 256 level-0 px), so all its patches share one split.
+        per_image = assign_splits(2, params.split, 3, "monuseg")
+        np.testing.assert_array_equal(store.provenance.split, np.repeat(per_image, 6))
+        assert np.bincount(per_image, minlength=3).tolist() == list(split_counts(2, params.split))
         for slide in ("A", "B"):
             full = filled(*MONUSEG_SHAPE, boxes[slide])
             for level, d in enumerate(DOWNSAMPLES):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import tracemalloc
 from pathlib import Path
 
 import h5py
@@ -24,10 +25,12 @@ from cellkd.slides import (
     block_mean,
     detect_fragments,
     extract_fragments,
+    merge_boxes,
     open_slide,
     reader,
     tissue_mask,
 )
+from cellkd.slides.downsample import windowed_block_mean
 from cellkd.store.fragments import FragmentStore
 
 MPP = 0.5
@@ -190,6 +193,100 @@ def test_plain_tiff_tile_reads_mpp_from_resolution_tags(tmp_path: Path) -> None:
         np.testing.assert_array_equal(slide.read_region(0, 0, 120, 100), tile)
 
 
+def _smooth_rgb(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """uint8 (height, width, 3): gradients plus noise, compressible yet different at every pixel."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = np.stack([(xx * 255) // max(width - 1, 1), (yy * 255) // max(height - 1, 1), (xx + yy) % 256], axis=-1)
+    return np.clip(base + rng.integers(-8, 9, base.shape), 0, 255).astype(np.uint8)
+
+
+# (name, pixels written, tifffile.imwrite keywords, the RGB a reader must return)
+PLAIN_TIFFS = {
+    "zlib strips": lambda rgb: (rgb, {"photometric": "rgb", "rowsperstrip": 16, "compression": "zlib"}, rgb),
+    "lzw strips": lambda rgb: (rgb, {"photometric": "rgb", "rowsperstrip": 7, "compression": "lzw"}, rgb),
+    "uncompressed": lambda rgb: (rgb, {"photometric": "rgb"}, rgb),
+    # OpenSlide opens tiled TIFFs itself; ImageReader reads them tile by tile when used directly.
+    "zlib tiles": lambda rgb: (rgb, {"photometric": "rgb", "tile": (64, 64), "compression": "zlib"}, rgb),
+    "planar": lambda rgb: (
+        np.moveaxis(rgb, -1, 0),
+        {"photometric": "rgb", "planarconfig": "separate", "rowsperstrip": 32, "compression": "zlib"},
+        rgb,
+    ),
+    "grey 16-bit": lambda rgb: (
+        rgb[..., 0].astype(np.uint16) * 257,
+        {"photometric": "minisblack", "rowsperstrip": 16, "compression": "zlib"},
+        np.repeat(rgb[..., :1], 3, axis=2),
+    ),
+}
+
+
+@pytest.mark.parametrize("layout", list(PLAIN_TIFFS))
+def test_plain_tiff_is_read_by_region_equal_to_its_pixels(tmp_path: Path, layout: str) -> None:
+    """Plain TIFFs: any region (also cut by the edge) and the thumbnail match the image."""
+    data, options, expected = PLAIN_TIFFS[layout](_smooth_rgb(301, 457))
+    tifffile.imwrite(tmp_path / "plain.tif", data, **options)
+    if "tile" not in options:  # OpenSlide refuses strip TIFFs
+        with open_slide(tmp_path / "plain.tif") as slide:
+            assert isinstance(slide, ImageReader)
+    with ImageReader(tmp_path / "plain.tif") as slide:
+        assert slide.dimensions == (457, 301)
+        for x, y, w, h in [
+            (0, 0, 457, 301),
+            (13, 29, 100, 50),
+            (400, 250, 100, 100),
+            (-5, -7, 20, 30),
+            (3, 290, 1, 11),
+        ]:
+            region = slide.read_region(x, y, w, h)
+            truth = np.full((h, w, 3), 255, dtype=np.uint8)
+            x0, y0 = max(x, 0), max(y, 0)
+            truth[y0 - y : min(y + h, 301) - y, x0 - x : min(x + w, 457) - x] = expected[y0 : y + h, x0 : x + w]
+            np.testing.assert_array_equal(region, truth)
+        thumb, down = slide.thumbnail(100)
+    np.testing.assert_array_equal(thumb, block_mean(expected, 5))
+    assert down == pytest.approx((457 / 92, 301 / 61))
+
+
+def test_large_plain_tiff_region_reads_do_not_load_the_image(tmp_path: Path) -> None:
+    """A 2000 x 3000 (18 MB) strip TIFF: opening it and reading a 256 x 256 region stays far below the image."""
+    image = _smooth_rgb(2000, 3000, seed=2)
+    tifffile.imwrite(tmp_path / "big.tif", image, photometric="rgb", rowsperstrip=16, compression="zlib")
+    tracemalloc.start()
+    try:
+        with open_slide(tmp_path / "big.tif") as slide:
+            region = slide.read_region(1500, 1000, 256, 256)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(region, image[1000:1256, 1500:1756])
+    # The region touches 17 strips of 16 x 3000 px (144 kB each; zarr may decode them together): ~2.5 MB.
+    assert peak < image.nbytes / 4, f"peak {peak / 1e6:.1f} MB for a {image.nbytes / 1e6:.0f} MB image"
+
+
+def test_plain_tiff_with_huge_strips_warns_how_to_convert(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(reader, "LARGE_CHUNK_BYTES", 1000)
+    tifffile.imwrite(tmp_path / "one_strip.tif", _smooth_rgb(64, 64), photometric="rgb", compression="zlib")
+    with caplog.at_level(logging.WARNING), open_slide(tmp_path / "one_strip.tif"):
+        pass
+    assert "one_strip.tif: stores its pixels in" in caplog.text and "vips tiffsave" in caplog.text
+
+
+def test_truncated_plain_tiff_raises_before_any_read(tmp_path: Path) -> None:
+    tifffile.imwrite(
+        tmp_path / "full.tif", _smooth_rgb(200, 300), photometric="rgb", rowsperstrip=8, compression="zlib"
+    )
+    data = (tmp_path / "full.tif").read_bytes()
+    # Keep the header: tifffile writes the first IFD before the strips, so the cut loses only pixel data.
+    (tmp_path / "cut.tif").write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(
+        SlideError, match=r"cut\.tif: image data runs to byte \d+ but the file has \d+ bytes.*truncated"
+    ):
+        open_slide(tmp_path / "cut.tif")
+
+
 def test_missing_slide_raises_with_fix(tmp_path: Path) -> None:
     with pytest.raises(SlideError, match=r"nope\.svs: slide file does not exist; check the slide path"):
         open_slide(tmp_path / "nope.svs")
@@ -253,6 +350,64 @@ def test_detect_fragments_clips_margin_at_slide_edge(tmp_path: Path) -> None:
     with open_slide(tmp_path / "edge.png") as slide:
         (fragment,) = detect_fragments(slide, TissueParams(min_area_um2=100.0), mpp_fallback=MPP)
     assert (fragment.x, fragment.y, fragment.width, fragment.height) == (230, 0, 70, 140)
+
+
+def test_merge_boxes_repeats_until_no_boxes_overlap_or_touch() -> None:
+    """(y0, x0, y1, x1): a and b overlap; their union then reaches c, which touched neither; d only shares an edge."""
+    a, b, c = (0, 0, 5, 10), (4, 5, 10, 10), (7, 0, 10, 3)
+    d = (0, 10, 2, 12)  # shares the x = 10 edge with a (end exclusive, so adjacent pixels)
+    far = (20, 20, 30, 30)
+    assert merge_boxes([far, c, b, a]) == [(0, 0, 10, 10), far]
+    assert merge_boxes([a, d]) == [(0, 0, 5, 12)]
+    assert merge_boxes([(0, 0, 5, 5), (6, 6, 9, 9)]) == [(0, 0, 5, 5), (6, 6, 9, 9)]  # one pixel apart
+    assert merge_boxes([]) == []
+
+
+box_strategy = st.tuples(st.integers(0, 60), st.integers(0, 60), st.integers(1, 15), st.integers(1, 15)).map(
+    lambda t: (t[0], t[1], t[0] + t[2], t[1] + t[3])
+)
+
+
+@given(boxes=st.lists(box_strategy, max_size=12))
+def test_merged_boxes_are_disjoint_and_each_bounds_the_boxes_inside(boxes: list[tuple[int, int, int, int]]) -> None:
+    merged = merge_boxes(boxes)
+    for i, (y0, x0, y1, x1) in enumerate(merged):
+        for v0, u0, v1, u1 in merged[i + 1 :]:
+            assert v0 > y1 or y0 > v1 or u0 > x1 or x0 > u1  # a gap of at least one pixel
+        inside = [b for b in boxes if y0 <= b[0] and x0 <= b[1] and b[2] <= y1 and b[3] <= x1]
+        assert inside and (y0, x0, y1, x1) == (
+            min(b[0] for b in inside),
+            min(b[1] for b in inside),
+            max(b[2] for b in inside),
+            max(b[3] for b in inside),
+        )
+    assert sum(
+        len([m for m in merged if m[0] <= b[0] and m[1] <= b[1] and b[2] <= m[2] and b[3] <= m[3]]) for b in boxes
+    ) == len(boxes)  # every box lies in exactly one merged box
+
+
+def test_detect_fragments_merges_a_blob_inside_an_l_shaped_pieces_box(tmp_path: Path) -> None:
+    """An L-shaped piece and a blob in its crook are separate tissue, but their boxes overlap: one fragment."""
+    rng = np.random.default_rng(1)
+    image = np.full((512, 768, 3), 245, dtype=np.int16)
+    image[50:450, 50:110] = (150, 80, 172)  # the L: a vertical bar ...
+    image[390:450, 50:450] = (150, 80, 172)  # ... and a horizontal foot
+    image[150:230, 250:330] = (200, 110, 190)  # the blob, 140+ px from the L (the closing joins 80 px gaps)
+    image[100:200, 600:700] = (232, 150, 200)  # a separate piece, far from both
+    image += rng.integers(-3, 4, image.shape, dtype=np.int16)
+    path = _write_pyramid(tmp_path / "l_shape.tiff", np.clip(image, 0, 255).astype(np.uint8), MPP)
+    params = TissueParams(min_area_um2=1000.0)
+    with open_slide(path) as slide:
+        thumb, _ = slide.thumbnail(params.detection_level_size)
+        assert ndimage.label(tissue_mask(thumb, params, MPP))[1] == 3  # three pieces of tissue ...
+        fragments = detect_fragments(slide, params)
+    boxes = [(f.x, f.y, f.x + f.width, f.y + f.height) for f in fragments]
+    # ... but two fragments: the L's box (with its 20 px margin) swallowed the blob's.
+    assert boxes == [
+        (50 - MARGIN_PX, 50 - MARGIN_PX, 450 + MARGIN_PX, 450 + MARGIN_PX),
+        (600 - MARGIN_PX, 100 - MARGIN_PX, 700 + MARGIN_PX, 200 + MARGIN_PX),
+    ]
+    assert [f.name for f in fragments] == ["f000", "f001"]
 
 
 def test_missing_mpp_uses_fallback_and_warns(slide_no_mpp: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -341,3 +496,24 @@ def test_extract_fragments_rejects_tile_not_multiple_of_four(tmp_path: Path, sli
 )
 def test_block_mean_is_mean_of_pixels_present(image: np.ndarray, factor: int) -> None:
     np.testing.assert_array_equal(block_mean(image, factor), _reference_block_mean(image, factor))
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    image=arrays(np.uint8, st.tuples(st.integers(1, 40), st.integers(1, 40), st.just(3))),
+    factor=st.sampled_from([1, 2, 3, 5]),
+    window=st.tuples(st.integers(1, 45), st.integers(1, 45)),
+)
+def test_windowed_block_mean_equals_block_mean_and_reads_within_the_window(
+    image: np.ndarray, factor: int, window: tuple[int, int]
+) -> None:
+    reads = []
+
+    def read(x: int, y: int, w: int, h: int) -> np.ndarray:
+        reads.append((w, h))
+        return image[y : y + h, x : x + w]
+
+    height, width = image.shape[:2]
+    np.testing.assert_array_equal(windowed_block_mean(read, width, height, factor, window), block_mean(image, factor))
+    limit_w, limit_h = (max(1, v // factor) * factor for v in window)  # whole blocks, at least one
+    assert all(w <= limit_w and h <= limit_h for w, h in reads)

@@ -12,6 +12,7 @@ from cellkd.annotations.public import (
     instance_masks,
     polygon_masks,
     read_lizard_mat,
+    read_monuseg_annotation,
     read_monuseg_xml,
     write_image_stores,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "polygon_masks",
     "rasterize_fragment",
     "read_lizard_mat",
+    "read_monuseg_annotation",
     "read_monuseg_xml",
     "read_qupath_annotations",
     "read_qupath_geojson",

@@ -12,10 +12,13 @@ MoNuSeg
     ``NAME.tif`` (or ``.tiff`` / ``.png``) H&E tiles and ``NAME.xml`` Aperio ImageScope annotations,
     e.g. ``Tissue Images/NAME.tif`` + ``Annotations/NAME.xml``. Vertex X/Y are level-0 pixel
     coordinates; masks follow the pixel-centre rule of ``cellkd.annotations.rasterize`` at every level.
+    The resolution is the XML's ``MicronsPerPixel`` (about 0.25, 40x): the tiles' TIFF resolution tags
+    are placeholders (72 dpi or none).
 Lizard
     ``Lizard_Images*/NAME.png`` and ``Lizard_Labels/Labels/NAME.mat`` (MATLAB v5, ``inst_map``
     (H, W) instance ids, 0 = background). PNGs in ``Overlay`` folders (Lizard's label previews) are
-    skipped. A level-k mask pixel is nucleus when at least half of its level-0 block is.
+    skipped. A level-k mask pixel is nucleus when at least half of its level-0 block is. The images
+    carry no resolution; Lizard was released at 20x, ``LIZARD_MPP`` = 0.5 µm/px.
 
 Hidden files and folders (``.name``, ``__MACOSX``: leftovers of zip archives) are skipped for both.
 """
@@ -57,6 +60,9 @@ PUBLIC_KINDS: tuple[str, ...] = get_args(PublicKind)
 
 NUCLEUS_CLASS = "nucleus"
 """The single mask class of a public dataset's patch store."""
+
+LIZARD_MPP = 0.5
+"""µm/px of every Lizard image (20x, as the dataset was released); its PNGs carry no resolution."""
 
 MAX_OUTSIDE_FRACTION = 0.01
 """Share of MoNuSeg nuclei (by centroid) allowed outside their image before the pair is rejected."""
@@ -113,6 +119,14 @@ def read_monuseg_xml(path: PathLike) -> list[Polygon]:
     repaired with ``make_valid`` (a self-intersecting one may become several polygons); regions
     with fewer than 3 distinct vertices or no area are dropped with a warning.
     """
+    return read_monuseg_annotation(path)[0]
+
+
+def read_monuseg_annotation(path: PathLike) -> tuple[list[Polygon], float | None]:
+    """Nucleus polygons (as ``read_monuseg_xml``) and the root's ``MicronsPerPixel`` (None when absent).
+
+    A ``MicronsPerPixel`` that is not a positive number raises ``AnnotationError``.
+    """
     try:
         root = ET.parse(path).getroot()
     except ET.ParseError as err:
@@ -122,6 +136,26 @@ def read_monuseg_xml(path: PathLike) -> list[Polygon]:
     if root.tag != "Annotations":
         msg = f"{path}: root element is <{root.tag}>, not <Annotations>; expected an Aperio ImageScope XML (MoNuSeg)"
         raise AnnotationError(msg)
+    return _monuseg_polygons(root, path), _monuseg_mpp(root, path)
+
+
+def _monuseg_mpp(root: ET.Element, path: PathLike) -> float | None:
+    text = root.get("MicronsPerPixel")
+    if text is None or not text.strip():
+        return None
+    try:
+        mpp = float(text)
+    except ValueError:
+        mpp = float("nan")
+    if not (math.isfinite(mpp) and mpp > 0):
+        msg = (
+            f'{path}: MicronsPerPixel="{text}" is not a positive number; fix it (e.g. "0.252") or delete the attribute'
+        )
+        raise AnnotationError(msg)
+    return mpp
+
+
+def _monuseg_polygons(root: ET.Element, path: PathLike) -> list[Polygon]:
     polygons: list[Polygon] = []
     for index, region in enumerate(root.iter("Region")):
         where = f"region {index} (Id={region.get('Id', '?')})"
@@ -299,11 +333,14 @@ def _read_image(path: Path) -> tuple[RGBImage, float]:
         return image, slide.mpp if slide.mpp is not None else float("nan")
 
 
-def _masks_for(kind: str, annotation: Path, image_path: Path, width: int, height: int) -> list[ClassMask]:
+def _masks_for(
+    kind: str, annotation: Path, image_path: Path, width: int, height: int
+) -> tuple[list[ClassMask], float | None]:
+    """The image's nucleus masks per level and the dataset's µm/px for it (None when it does not say)."""
     if kind == "monuseg":
-        polygons = read_monuseg_xml(annotation)
+        polygons, mpp = read_monuseg_annotation(annotation)
         _check_polygons_fit(polygons, width, height, annotation, image_path)
-        return polygon_masks(polygons, width, height)
+        return polygon_masks(polygons, width, height), mpp
     mask = read_lizard_mat(annotation)
     if mask.shape != (height, width):
         msg = (
@@ -311,7 +348,23 @@ def _masks_for(kind: str, annotation: Path, image_path: Path, width: int, height
             f"{width} x {height} px; the label file belongs to another image"
         )
         raise AnnotationError(msg)
-    return instance_masks(mask)
+    return instance_masks(mask), LIZARD_MPP
+
+
+def _choose_mpp(image_mpp: float, dataset_mpp: float | None, image_path: Path, annotation: Path) -> float:
+    """The dataset's µm/px when it gives one (a warning when the image's own tags disagree), else the image's."""
+    if dataset_mpp is None:
+        return image_mpp
+    if math.isfinite(image_mpp) and not math.isclose(image_mpp, dataset_mpp, rel_tol=0.05):
+        logger.warning(
+            "%s: resolution tags say %.4g µm/px but %s says %.4g; using %.4g",
+            image_path,
+            image_mpp,
+            annotation,
+            dataset_mpp,
+            dataset_mpp,
+        )
+    return dataset_mpp
 
 
 def write_image_stores(
@@ -325,14 +378,16 @@ def write_image_stores(
     """Write one public image as a fragment store and its nucleus masks as a mask store (both atomic).
 
     The image is slide ``image_path.stem`` with one fragment ``f000`` = the whole image, levels
-    0, 1, 2 (block means); the mask store holds ``fragments/f000/{mask_set}/level{k}`` uint8
-    (H_k, W_k, 1), class ``"nucleus"`` (layouts: ``cellkd.store``).
+    0, 1, 2 (block means), at the dataset's resolution (MoNuSeg's XML ``MicronsPerPixel``,
+    ``LIZARD_MPP``; the image's own tags when the XML has none); the mask store holds
+    ``fragments/f000/{mask_set}/level{k}`` uint8 (H_k, W_k, 1), class ``"nucleus"`` (layouts: ``cellkd.store``).
     """
     _layout(kind)
     image_path, annotation_path = Path(image_path), Path(annotation_path)
     image, mpp = _read_image(image_path)
     height, width = image.shape[:2]
-    masks = _masks_for(kind, annotation_path, image_path, width, height)
+    masks, dataset_mpp = _masks_for(kind, annotation_path, image_path, width, height)
+    mpp = _choose_mpp(mpp, dataset_mpp, image_path, annotation_path)
     fragment = Fragment(fragment_name(0), 0, 0, width, height)
     slide = image_path.stem
     writer = FragmentStoreWriter(

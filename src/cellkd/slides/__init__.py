@@ -14,7 +14,7 @@ from cellkd.slides.reader import (
     open_slide,
     resolve_mpp,
 )
-from cellkd.slides.tissue import MPP_FALLBACK, TissueParams, detect_fragments, tissue_mask
+from cellkd.slides.tissue import MPP_FALLBACK, TissueParams, detect_fragments, merge_boxes, tissue_mask
 
 __all__ = [
     "MPP_FALLBACK",
@@ -25,6 +25,7 @@ __all__ = [
     "block_mean",
     "detect_fragments",
     "extract_fragments",
+    "merge_boxes",
     "open_slide",
     "resolve_mpp",
     "tissue_mask",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import numpy.typing as npt
@@ -53,3 +54,24 @@ def block_mean(image: RGBImage, factor: int) -> RGBImage:
     if factor < 1:
         raise ValueError(f"factor={factor} must be >= 1")
     return mean_of_sums(*block_sums(image, factor))
+
+
+def windowed_block_mean(
+    read: Callable[[int, int, int, int], RGBImage], width: int, height: int, factor: int, window: tuple[int, int]
+) -> RGBImage:
+    """uint8 (ceil(H/f), ceil(W/f), 3) block means of a (height, width) image read window by window.
+
+    ``read(x, y, w, h)`` returns the uint8 (h, w, 3) pixels at (x, y). Windows are at most ``window``
+    (width, height) px, rounded down to whole blocks (at least one), so memory stays at one window
+    whatever the image size; the result equals ``block_mean`` of the whole image.
+    """
+    if factor < 1:
+        raise ValueError(f"factor={factor} must be >= 1")
+    step_x = max(1, window[0] // factor) * factor
+    step_y = max(1, window[1] // factor) * factor
+    out = np.empty((math.ceil(height / factor), math.ceil(width / factor), 3), dtype=np.uint8)
+    for y in range(0, height, step_y):
+        for x in range(0, width, step_x):
+            block = block_mean(read(x, y, min(step_x, width - x), min(step_y, height - y)), factor)
+            out[y // factor : y // factor + block.shape[0], x // factor : x // factor + block.shape[1]] = block
+    return out

@@ -2,6 +2,8 @@
 
 Every reader returns uint8 RGB (H, W, 3) pixels in level-0 coordinates; transparent
 pixels (OpenSlide's alpha, RGBA PNGs) are composited on white, the colour of an empty glass slide.
+Plain TIFFs are read lazily (by strip or tile through tifffile's zarr interface, or memory-mapped when
+uncompressed), so a large non-pyramidal TIFF never sits whole in memory.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from types import TracebackType
 import numpy as np
 import openslide
 import tifffile
+import zarr
 from PIL import Image
 
 from cellkd.errors import SlideError
-from cellkd.slides.downsample import block_mean
+from cellkd.slides.downsample import windowed_block_mean
 from cellkd.types import RGBImage
 
 logger = logging.getLogger(__name__)
@@ -42,7 +45,15 @@ THUMBNAIL_READ_EDGE = 2048
 """Edge (pyramid-level px) of the regions a thumbnail is built from: bounds its memory whatever the slide."""
 
 PLAIN_SUFFIXES: tuple[str, ...] = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
-"""Plain (single-resolution) images read whole into memory, e.g. MoNuSeg 1000x1000 tiles."""
+"""Plain (single-resolution) images, e.g. MoNuSeg 1000x1000 tiles: TIFFs read lazily, PNG/JPEG whole."""
+
+THUMBNAIL_BAND_PIXELS = THUMBNAIL_READ_EDGE * THUMBNAIL_READ_EDGE
+"""Plain-image px per thumbnail read: full-width bands, so each TIFF strip is decoded once."""
+
+LARGE_CHUNK_BYTES = 256 * 2**20
+"""A TIFF strip or tile above this is decoded whole for every read that touches it: worth a warning."""
+
+CONVERT_HINT = "convert it to a tiled pyramidal TIFF (e.g. vips tiffsave in.tif out.tif --tile --pyramid)"
 
 SUPPORTED = ", ".join(sorted(set(OPENSLIDE_SUFFIXES) | set(PLAIN_SUFFIXES)))
 
@@ -156,20 +167,19 @@ class OpenSlideReader(SlideReader):
         level_w, level_h = self._slide.level_dimensions[level]
         level_down = self._slide.level_downsamples[level]
         factor = max(1, math.ceil(max(level_w, level_h) / max_size))
-        image = np.empty((math.ceil(level_h / factor), math.ceil(level_w / factor), 3), dtype=np.uint8)
-        step = max(1, THUMBNAIL_READ_EDGE // factor) * factor  # level px per read: whole blocks only
-        for y in range(0, level_h, step):
-            for x in range(0, level_w, step):
-                w, h = min(step, level_w - x), min(step, level_h - y)
-                try:
-                    rgba = np.asarray(
-                        self._slide.read_region((round(x * level_down), round(y * level_down)), level, (w, h))
-                    )
-                except openslide.OpenSlideError as err:
-                    msg = f"{self.path}: cannot read a thumbnail ({err}); the file may be corrupt: {REREAD_HINT}"
-                    raise SlideError(msg) from err
-                block = block_mean(_composite_on_white(rgba), factor)
-                image[y // factor : y // factor + block.shape[0], x // factor : x // factor + block.shape[1]] = block
+
+        def read(x: int, y: int, w: int, h: int) -> RGBImage:
+            try:
+                rgba = np.asarray(
+                    self._slide.read_region((round(x * level_down), round(y * level_down)), level, (w, h))
+                )
+            except openslide.OpenSlideError as err:
+                msg = f"{self.path}: cannot read a thumbnail ({err}); the file may be corrupt: {REREAD_HINT}"
+                raise SlideError(msg) from err
+            return _composite_on_white(rgba)
+
+        edge = THUMBNAIL_READ_EDGE
+        image = windowed_block_mean(read, level_w, level_h, factor, (edge, edge))
         return image, (width / image.shape[1], height / image.shape[0])
 
     def close(self) -> None:
@@ -177,63 +187,116 @@ class OpenSlideReader(SlideReader):
 
 
 class ImageReader(SlideReader):
-    """A plain single-resolution image (TIFF via tifffile, PNG/JPEG via PIL), held in memory.
+    """A plain single-resolution image: TIFF via tifffile (lazily), PNG/JPEG via PIL (whole, in memory).
 
-    Meant for tiles (MoNuSeg 1000x1000, Lizard crops); whole-slide images should be
-    pyramidal files that OpenSlide reads lazily. mpp comes from TIFF resolution tags
-    (centimetre or inch units); PNG/JPEG carry no trustworthy resolution, so mpp is None.
+    TIFF pixels are read on demand: uncompressed contiguous data is memory-mapped, anything else goes
+    through tifffile's zarr store, which decodes only the strips or tiles a region touches. Only the first
+    series' full-resolution level is used. mpp comes from TIFF resolution tags (centimetre or inch units);
+    PNG/JPEG carry no trustworthy resolution, so mpp is None.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = str(path)
+        self._tiff: tifffile.TiffFile | None = None
+        self._lead: tuple[int, ...] = ()
+        self._planar = False
         try:
             if Path(self.path).suffix.lower() in (".tif", ".tiff"):
-                image, mpp = self._read_tiff()
+                pixels, mpp = self._open_tiff()
             else:
-                image, mpp = self._read_pil()
+                pixels, mpp = self._read_pil(), None
+                self._set_layout(pixels.shape, pixels.dtype, "YXS")
         except SlideError:
+            self.close()
             raise
-        except Exception as err:  # tifffile/PIL raise many types for damaged files
+        except Exception as err:  # tifffile/PIL/zarr raise many types for damaged files
+            self.close()
             msg = f"{self.path}: cannot read image ({err}); the file may be corrupt or truncated: {REREAD_HINT}"
             raise SlideError(msg) from err
-        self._image = image
-        self.dimensions = (int(image.shape[1]), int(image.shape[0]))
+        self._pixels = pixels
         self.mpp = _plausible(mpp, self.path)
 
-    def _read_tiff(self) -> tuple[RGBImage, float | None]:
-        with tifffile.TiffFile(self.path) as tif:
-            series = tif.series[0]
-            data = series.levels[0].asarray()
-            axes = series.axes
-            page = tif.pages[0]
-            mpp = None
-            res = page.tags.get("XResolution")
-            unit = page.tags.get("ResolutionUnit")
-            if res is not None and unit is not None:
-                num, den = res.value
-                px_per_unit = num / den if den else 0.0
-                um_per_unit = {2: 25_400.0, 3: 10_000.0}.get(int(unit.value))  # inch, centimetre
-                if um_per_unit and px_per_unit > 0:
-                    mpp = um_per_unit / px_per_unit
-        if axes[-3:] in ("CYX", "SYX") and data.ndim == 3:
-            data = np.moveaxis(data, 0, -1)
-        return self._to_rgb(data), mpp
+    def _open_tiff(self) -> tuple[np.ndarray | zarr.Array, float | None]:
+        """(H, W[, C]) lazy pixel array of the first series' level 0, and the mpp of its resolution tags."""
+        self._tiff = tif = tifffile.TiffFile(self.path)
+        series = tif.series[0]
+        page = series.pages[0]
+        self._check_not_truncated(series)
+        if series.dataoffset is not None:  # uncompressed and contiguous: let the OS page it in
+            pixels = tifffile.memmap(self.path, series=0, level=0, mode="r")
+        else:
+            pixels = zarr.open_array(series.aszarr(level=0), mode="r")
+            chunk_bytes = math.prod(pixels.chunks) * pixels.dtype.itemsize
+            if chunk_bytes > LARGE_CHUNK_BYTES:
+                logger.warning(
+                    "%s: stores its pixels in %d MiB strips or tiles, each decoded whole for every read that "
+                    "touches it; for speed and memory %s",
+                    self.path,
+                    chunk_bytes // 2**20,
+                    CONVERT_HINT,
+                )
+        self._set_layout(pixels.shape, pixels.dtype, series.axes)
+        mpp = None
+        res = page.tags.get("XResolution")
+        unit = page.tags.get("ResolutionUnit")
+        if res is not None and unit is not None:
+            num, den = res.value
+            px_per_unit = num / den if den else 0.0
+            um_per_unit = {2: 25_400.0, 3: 10_000.0}.get(int(unit.value))  # inch, centimetre
+            if um_per_unit and px_per_unit > 0:
+                mpp = um_per_unit / px_per_unit
+        return pixels, mpp
 
-    def _read_pil(self) -> tuple[RGBImage, None]:
+    def _check_not_truncated(self, series: tifffile.TiffPageSeries) -> None:
+        """Raise when a strip or tile of level 0 lies past the end of the file (checked without decoding)."""
+        size = os.path.getsize(self.path)
+        for page in series.pages:
+            if page is None:
+                continue
+            ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts, strict=True) if n]
+            if ends and max(ends) > size:
+                msg = (
+                    f"{self.path}: image data runs to byte {max(ends)} but the file has {size} bytes; "
+                    f"the file is corrupt or truncated: {REREAD_HINT}"
+                )
+                raise SlideError(msg)
+
+    def _set_layout(self, shape: tuple[int, ...], dtype: np.dtype, axes: str) -> None:
+        """Check the layout and dtype before any pixel is read; set ``dimensions`` and how to index the pixels.
+
+        Accepts (Y, X), (Y, X, C) and planar (C, Y, X) with 1, 3 or 4 channels, after leading singleton
+        axes (e.g. a one-page 'IYXS' series), which reads index at 0.
+        """
+        if dtype not in (np.uint8, np.uint16):
+            raise SlideError(f"{self.path}: pixel type {dtype} is not supported; expected 8- or 16-bit RGB")
+        lead = 0
+        while len(shape) - lead > 2 and shape[lead] == 1 and axes[lead] not in "YX":
+            lead += 1
+        shape, axes = shape[lead:], axes[lead:]
+        self._lead = (0,) * lead
+        self._planar = len(shape) == 3 and axes[0] in "CS" and axes[1:] == "YX"
+        yx = shape[1:] if self._planar else shape[:2]
+        channels = shape[0] if self._planar else (shape[2] if len(shape) == 3 else 1)
+        if (
+            len(shape) not in (2, 3)
+            or channels not in (1, 3, 4)
+            or (len(shape) == 3 and not self._planar and axes[:2] != "YX")
+        ):
+            msg = f"{self.path}: image shape {shape} (axes {axes}) is not supported; expected (H, W, 3) RGB"
+            raise SlideError(msg)
+        self.dimensions = (int(yx[1]), int(yx[0]))
+
+    def _read_pil(self) -> RGBImage:
         with Image.open(self.path) as im:
             im.load()
             rgba = np.asarray(im.convert("RGBA"))
-        return _composite_on_white(rgba), None
+        return _composite_on_white(rgba)
 
     def _to_rgb(self, data: np.ndarray) -> RGBImage:
         if data.dtype == np.uint16:
             data = (data >> 8).astype(np.uint8)
-        elif data.dtype != np.uint8:
-            raise SlideError(f"{self.path}: pixel type {data.dtype} is not supported; expected 8- or 16-bit RGB")
         if data.ndim == 2:
-            data = np.repeat(data[..., None], 3, axis=2)
-        if data.ndim != 3 or data.shape[2] not in (1, 3, 4):
-            raise SlideError(f"{self.path}: image shape {data.shape} is not supported; expected (H, W, 3) RGB")
+            data = data[..., None]
         if data.shape[2] == 1:
             data = np.repeat(data, 3, axis=2)
         if data.shape[2] == 4:
@@ -246,18 +309,34 @@ class ImageReader(SlideReader):
         x0, y0 = max(x, 0), max(y, 0)
         x1, y1 = min(x + width, full_w), min(y + height, full_h)
         if x1 > x0 and y1 > y0:
-            out[y0 - y : y1 - y, x0 - x : x1 - x] = self._image[y0:y1, x0:x1]
+            rows, cols = slice(y0, y1), slice(x0, x1)
+            try:
+                if self._planar:
+                    part = np.moveaxis(np.asarray(self._pixels[(*self._lead, slice(None), rows, cols)]), 0, -1)
+                else:
+                    part = np.asarray(self._pixels[(*self._lead, rows, cols)])
+            except Exception as err:  # a damaged strip or tile surfaces only when it is decoded
+                msg = (
+                    f"{self.path}: cannot read region x={x} y={y} {width}x{height} ({err}); "
+                    f"the file may be corrupt: {REREAD_HINT}"
+                )
+                raise SlideError(msg) from err
+            out[y0 - y : y1 - y, x0 - x : x1 - x] = self._to_rgb(part)
         return out
 
     def thumbnail(self, max_size: int) -> tuple[RGBImage, tuple[float, float]]:
-        im = Image.fromarray(self._image)
-        im.thumbnail((max_size, max_size), Image.Resampling.BOX)
-        image = np.asarray(im)
+        """Block means of full-width bands: bounded memory, and each TIFF strip decoded once."""
         width, height = self.dimensions
+        factor = max(1, math.ceil(max(width, height) / max_size))
+        band = max(1, THUMBNAIL_BAND_PIXELS // (width * factor)) * factor
+        image = windowed_block_mean(self.read_region, width, height, factor, (width, band))
         return image, (width / image.shape[1], height / image.shape[0])
 
     def close(self) -> None:
-        self._image = np.empty((0, 0, 3), dtype=np.uint8)
+        self._pixels = np.empty((0, 0, 3), dtype=np.uint8)
+        if self._tiff is not None:
+            self._tiff.close()
+            self._tiff = None
 
 
 def open_slide(path: str | os.PathLike[str], *, min_size: int = MIN_SLIDE_SIZE) -> SlideReader:

@@ -8,7 +8,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
+import shapely
 from scipy import ndimage
+from scipy.sparse import coo_array
+from scipy.sparse.csgraph import connected_components
 from skimage.filters import threshold_otsu
 from skimage.measure import label, regionprops
 
@@ -99,6 +102,39 @@ def tissue_mask(thumbnail: RGBImage, params: TissueParams, pixel_um: float) -> n
     return ndimage.binary_fill_holes(mask)
 
 
+Box = tuple[int, int, int, int]
+"""(y0, x0, y1, x1) in level-0 px, end exclusive."""
+
+
+def merge_boxes(boxes: list[Box]) -> list[Box]:
+    """Merge overlapping or touching boxes into their bounding boxes until no two overlap or touch; sorted.
+
+    Touching includes sharing only an edge or a corner. One pass merges the connected groups of
+    touching boxes (an R-tree finds the pairs); a merged box can reach boxes none of its parts touched
+    (an L-shaped piece's box swallows a blob in its crook), so passes repeat until nothing changes.
+    """
+    merged = np.array(sorted(set(boxes)), dtype=np.int64).reshape(-1, 4)
+    while len(merged) > 1:
+        y0, x0, y1, x1 = merged.T
+        # shapely's closed boxes intersect when they merely share an edge (x1 == other x0: adjacent pixels).
+        polygons = shapely.box(x0, y0, x1, y1)
+        first, second = shapely.STRtree(polygons).query(polygons, predicate="intersects")
+        graph = coo_array((np.ones(len(first), dtype=bool), (first, second)), shape=(len(merged),) * 2)
+        n_groups, group = connected_components(graph, directed=False)
+        if n_groups == len(merged):
+            break
+        merged = np.stack(
+            [
+                ndimage.minimum(y0, group, range(n_groups)),
+                ndimage.minimum(x0, group, range(n_groups)),
+                ndimage.maximum(y1, group, range(n_groups)),
+                ndimage.maximum(x1, group, range(n_groups)),
+            ],
+            axis=1,
+        ).astype(np.int64)
+    return sorted((int(a), int(b), int(c), int(d)) for a, b, c, d in merged)
+
+
 def detect_fragments(
     slide: SlideReader, params: TissueParams | None = None, *, mpp_fallback: float = MPP_FALLBACK
 ) -> list[Fragment]:
@@ -107,6 +143,8 @@ def detect_fragments(
     Boxes are the smallest axis-aligned boxes around each component at thumbnail scale
     (rounded outwards to level-0 px, so accurate to one thumbnail pixel: a thumbnail pixel only
     partly on tissue may fall below the threshold), grown by ``margin_um`` and clipped to the slide.
+    Boxes that then overlap or touch are merged (``merge_boxes``): a nucleus in two boxes would be
+    predicted twice and could land in two splits, so every level-0 pixel belongs to at most one fragment.
     Specks below ``min_area_um2`` are dropped; µm become px with the slide's mpp, or ``mpp_fallback``
     (with a warning) when the file has none.
     Raises ``SlideError`` when no component is large enough.
@@ -119,7 +157,7 @@ def detect_fragments(
     pixel_area_um2 = (mpp * down_x) * (mpp * down_y)
     margin = round(params.margin_um / mpp)
 
-    boxes: list[tuple[int, int, int, int]] = []
+    boxes: list[Box] = []
     regions = regionprops(label(mask, connectivity=2))
     for region in regions:
         if region.area * pixel_area_um2 < params.min_area_um2:
@@ -137,13 +175,16 @@ def detect_fragments(
             "or lower tissue.min_area_um2 / saturation_floor in workflow_config.yaml"
         )
         raise SlideError(msg)
-    boxes.sort()
+    kept = len(boxes)
+    boxes = merge_boxes(boxes)
     fragments = [Fragment(fragment_name(i), x0, y0, x1 - x0, y1 - y0) for i, (y0, x0, y1, x1) in enumerate(boxes)]
     logger.info(
-        "%s: %d fragment(s) from %d region(s) on a %dx%d thumbnail",
+        "%s: %d fragment(s) from %d region(s) (%d above min_area_um2, merged where their boxes overlap or touch) "
+        "on a %dx%d thumbnail",
         slide.path,
         len(fragments),
         len(regions),
+        kept,
         thumb.shape[1],
         thumb.shape[0],
     )

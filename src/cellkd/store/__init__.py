@@ -13,10 +13,12 @@ mask store ``results/masks/{slide}.h5`` (``cellkd.annotations``)
     ``/fragments/{name}/{set}/level{k}`` dataset uint8 (H_k, W_k, C), same H_k, W_k as the fragment level
 
 patch store ``results/patches/{stain}/{source}.h5`` (``cellkd.store.patches``)
-    attrs: complete, source, stain, patch_size, classes, annotation_sets, split_names
+    attrs: complete, source, stain, patch_size, classes, annotation_sets, split_names, split_ratios, levels,
+        seed, split_block_size (level-0 px edge of the area blocks a split is drawn for)
     ``images`` (N, P, P, 3) uint8; ``masks/{set}`` (N, P, P, C) uint8
     provenance 1-D (N,): ``slide`` (str), ``fragment`` (str), ``level`` (int8), ``x``, ``y``
-    (int32, patch origin in that level's fragment pixels), ``split`` (int8: 0 train, 1 val, 2 test)
+    (int32, patch origin in that level's fragment pixels), ``split`` (int8: 0 train, 1 val, 2 test;
+    one per area block, so a patch and its views at other levels share it)
 
 nuclei store ``results/nuclei/{stain}/{slide}.h5`` (``cellkd.store.nuclei``; full layout there)
     attrs: complete, slide, stain, classes (``"background"`` last), label_sets, crop_size,

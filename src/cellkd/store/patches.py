@@ -3,6 +3,16 @@
 See ``cellkd.store`` for the layout. Patches tile every fragment level by a sliding window
 without overlap; windows that run past the right/bottom edge are zero-padded, so every
 fragment pixel at every level lands in exactly one patch.
+
+Splits go by area, not by patch: a patch at level 1 or 2 shows the same tissue as several level-0
+patches, and a test patch whose area was trained on at another level would flatter the test scores.
+Each fragment is cut into square blocks of ``patch_size * 4`` level-0 px (the level-2 patch footprint;
+``patch_size * 2`` when level 1 is the coarsest cut, ``patch_size`` for level 0 alone), aligned with the
+fragment's origin. Every patch at every level lies inside exactly one block, because the block edge is
+a whole multiple of each level's patch footprint. The seeded split is drawn per block (fractions are of
+blocks; edge blocks hold fewer patches, so patch fractions are near the ratios, not equal to them), and
+each patch takes its block's split. Fragments never overlap (``cellkd.slides.merge_boxes``), so no area
+is in two blocks.
 """
 
 from __future__ import annotations
@@ -12,7 +22,7 @@ import hashlib
 import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -25,7 +35,7 @@ from cellkd.errors import ConfigError, StoreError
 from cellkd.store.atomic import atomic_h5, require_complete
 from cellkd.store.attrs import decode_strings
 from cellkd.store.fragments import FragmentStore
-from cellkd.types import SPLIT_NAMES, PathLike
+from cellkd.types import DOWNSAMPLES, SPLIT_NAMES, PathLike
 from cellkd.workflow import progress
 
 logger = logging.getLogger(__name__)
@@ -38,7 +48,7 @@ class PatchParams:
     size: int = 512
     """Patch edge P (px, at the patch's own level)."""
     split: tuple[float, float, float] = (0.70, 0.15, 0.15)
-    """train / val / test fractions of the patches; each >= 0, summing to 1."""
+    """train / val / test fractions of the area blocks (module docstring); each >= 0, summing to 1."""
     levels: tuple[int, ...] = (0, 1, 2)
     """Fragment levels to cut (0 = full size, 1 = 1/2, 2 = 1/4)."""
     seed: int = 0
@@ -62,6 +72,11 @@ class PatchParams:
         object.__setattr__(self, "levels", levels)
         if not (isinstance(self.seed, int) and self.seed >= 0):
             raise ConfigError(f"patch seed={self.seed!r} is invalid; expected an integer >= 0 {where}")
+
+    @property
+    def block_size(self) -> int:
+        """Edge (level-0 px) of the area blocks that splits are drawn for: the coarsest level's patch footprint."""
+        return self.size * DOWNSAMPLES[max(self.levels)]
 
 
 def split_counts(n: int, ratios: Sequence[float]) -> tuple[int, ...]:
@@ -96,6 +111,25 @@ def assign_splits(n: int, ratios: Sequence[float], seed: int, source: str) -> np
         split[order[start : start + count]] = code
         start += count
     return split
+
+
+def assign_area_splits(
+    blocks: Sequence[Hashable], ratios: Sequence[float], seed: int, source: str
+) -> npt.NDArray[np.int8]:
+    """int8 split code per item, equal for items of the same block: ``assign_splits`` over the distinct blocks.
+
+    Blocks are numbered in order of first appearance, so the split is reproducible for a given item order.
+    """
+    index: dict[Hashable, int] = {}
+    codes = np.fromiter((index.setdefault(block, len(index)) for block in blocks), dtype=np.int64, count=len(blocks))
+    return assign_splits(len(index), ratios, seed, source)[codes]
+
+
+def _block(row: tuple[int, str, str, int, int, int], block_size: int) -> tuple[int, str, int, int]:
+    """(input, fragment, block column, block row) of a patch row: the block holding its level-0 footprint."""
+    index, _, name, level, x, y = row
+    down = DOWNSAMPLES[level]
+    return index, name, x * down // block_size, y * down // block_size
 
 
 @dataclass(frozen=True)
@@ -187,7 +221,9 @@ def cut_patches(
     ``fragment_store`` and ``mask_store`` are one path each, or equal-length lists pairing slides
     (a source such as MoNuSeg spans many slides); ``mask_store=None`` writes no masks. Patches run
     fragment by fragment, level by level, row-major; ``x``, ``y`` are the patch origin in that
-    level's fragment px. Streams one patch at a time; written atomically. Returns N, the patch count.
+    level's fragment px. Splits are drawn per area block (module docstring), so a patch and its views
+    at the other levels share one split. Streams one patch at a time; written atomically. Returns N,
+    the patch count.
     """
     params = params or PatchParams()
     fragment_paths = [p for p in _as_list(fragment_store) if p is not None]
@@ -229,7 +265,8 @@ def cut_patches(
                         for x in range(0, width, size)
                     )
     n = len(rows)
-    split = assign_splits(n, params.split, params.seed, source)
+    blocks = [_block(row, params.block_size) for row in rows]
+    split = assign_area_splits(blocks, params.split, params.seed, source)
 
     with atomic_h5(out_path) as h5:
         h5.attrs.update(
@@ -243,6 +280,7 @@ def cut_patches(
                 "split_ratios": np.asarray(params.split),
                 "levels": np.asarray(params.levels, dtype=np.int8),
                 "seed": params.seed,
+                "split_block_size": params.block_size,
             }
         )
         text = h5py.string_dtype()
@@ -275,10 +313,12 @@ def cut_patches(
                 ds[i] = _window(mask_h5[f"fragments/{name}/{set_name}/level{level}"], y, x, size)
     counts = np.bincount(split, minlength=3)
     logger.info(
-        "%s: %d patches (%s) from %d slide(s) -> %s",
+        "%s: %d patches (%s) in %d area block(s) of %d px from %d slide(s) -> %s",
         source,
         n,
         ", ".join(f"{name} {c}" for name, c in zip(SPLIT_NAMES, counts, strict=True)),
+        len(set(blocks)),
+        params.block_size,
         len(inputs),
         out_path,
     )
