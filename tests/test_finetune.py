@@ -300,6 +300,7 @@ def test_write_table6_writes_one_row_per_stain_labels_count_with_a_plot(tmp_path
     assert keys == [("macenko", "wsa", 10), ("raw", "ssa", 10), ("raw", "ssa", 50), ("raw", "ssa", 500)]
     assert table["f1_after"].tolist() == [0.55, 0.65, 0.7, 0.8]
     assert table["f1_before"].tolist() == [0.5, 0.6, 0.6, 0.6]
+    assert table["f1_gain"].tolist() == pytest.approx([0.05, 0.05, 0.1, 0.2])
     assert table["accuracy_after"].tolist() == pytest.approx([0.6, 0.7, 0.75, 0.85])
     assert table.loc[3, "effective_count"] == 212 and table.loc[3, "lr"] == 1e-4
     pd.testing.assert_frame_equal(pd.read_csv(csv), table)
