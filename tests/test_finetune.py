@@ -191,10 +191,13 @@ def test_finetune_params_from_dict_turns_lists_into_tuples_and_names_unknown_key
 
 def test_finetune_student_keeps_the_grid_point_with_the_best_val_f1(finetuned: Path) -> None:
     grid = pd.read_csv(finetuned / "grid.csv")
-    assert list(grid[["lr", "dropout"]].itertuples(index=False, name=None)) == [(1e-3, 0.1), (1e-7, 0.1)]
+    student, points = grid.iloc[0], grid.iloc[1:]
+    assert np.isnan(student["lr"]) and np.isnan(student["dropout"]) and student["best_epoch"] == 0
+    assert list(points[["lr", "dropout"]].itertuples(index=False, name=None)) == [(1e-3, 0.1), (1e-7, 0.1)]
     assert grid["selected"].sum() == 1
     chosen = grid.loc[grid["selected"]].iloc[0]
     assert chosen["val_f1"] == grid["val_f1"].max()
+    assert chosen["val_f1"] > student["val_f1"]  # the lazy student is beaten, so a grid point is kept
     assert chosen["lr"] == 1e-3  # lr 1e-7 cannot move the lazy student in 4 epochs
     history = pd.read_csv(finetuned / "lr0.001_do0.1" / "history.csv")
     assert chosen["val_f1"] == pytest.approx(history["val_f1"].max())
@@ -220,6 +223,22 @@ def test_finetune_student_improves_on_the_lazy_student(finetuned: Path) -> None:
     assert before < 0.75  # the student never saw immune or muscle labels
     assert after >= before - 1e-6
     assert after > 0.9  # chance is ~0.25 for 4 balanced classes; the colours separate them perfectly
+
+
+def test_finetune_never_keeps_a_setting_worse_than_the_student_on_validation(
+    stores: list[Path], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    good = ClassifierTrainParams(arch="rccnet", epochs=3, batch_size=8, lr=1e-3, max_per_class=40, seed=0)
+    student = train_classifier(stores, "truth", tmp_path_factory.mktemp("good_student"), good, device="cpu")
+    out = tmp_path_factory.mktemp("ruinous") / "n20"
+    ruinous = FinetuneParams(lrs=(5.0,), dropouts=(0.0,), epochs=1, batch_size=8, seed=5)  # lr 5 wrecks the weights
+    table = finetune_student(student, stores, 20, out, ruinous, device="cpu")
+    grid = pd.read_csv(out / "grid.csv")
+    assert grid.loc[1, "val_f1"] < grid.loc[0, "val_f1"]  # the setting really is worse on validation
+    assert grid["selected"].tolist() == [True, False]
+    assert (out / "model.pt").read_bytes() == student.read_bytes()
+    before, after = table.set_index("phase").loc[["before", "after"]].to_dict("records")
+    assert np.isnan(after["lr"]) and after["f1"] == before["f1"]
 
 
 @pytest.mark.slow
@@ -281,6 +300,7 @@ def test_write_table6_writes_one_row_per_stain_labels_count_with_a_plot(tmp_path
     assert keys == [("macenko", "wsa", 10), ("raw", "ssa", 10), ("raw", "ssa", 50), ("raw", "ssa", 500)]
     assert table["f1_after"].tolist() == [0.55, 0.65, 0.7, 0.8]
     assert table["f1_before"].tolist() == [0.5, 0.6, 0.6, 0.6]
+    assert table["f1_gain"].tolist() == pytest.approx([0.05, 0.05, 0.1, 0.2])
     assert table["accuracy_after"].tolist() == pytest.approx([0.6, 0.7, 0.75, 0.85])
     assert table.loc[3, "effective_count"] == 212 and table.loc[3, "lr"] == 1e-4
     pd.testing.assert_frame_equal(pd.read_csv(csv), table)

@@ -21,8 +21,9 @@ _KEY_COUNT = "_requested_count"  # the key's count; metrics.csv has its own "cou
 def table6(metrics_csvs: Mapping[tuple[str, str, int], PathLike]) -> pd.DataFrame:
     """One row per (stain, labels, count) from the ``metrics.csv`` files of ``finetune_student``.
 
-    Columns: stain, labels, count (requested), effective_count, lr, dropout (of the chosen grid point),
-    f1_before, f1_after, accuracy_before, accuracy_after, nuclei (test rows); sorted by stain, labels, count.
+    Columns: stain, labels, count (requested), effective_count, lr, dropout (of the chosen grid point;
+    NaN when the un-fine-tuned student won on validation and was kept), f1_before, f1_after, f1_gain
+    (after - before), accuracy_before, accuracy_after, nuclei (test rows); sorted by stain, labels, count.
     """
     if not metrics_csvs:
         raise StoreError(
@@ -56,6 +57,7 @@ def table6(metrics_csvs: Mapping[tuple[str, str, int], PathLike]) -> pd.DataFram
                 "dropout": float(after["dropout"]),
                 "f1_before": float(before["f1"]),
                 "f1_after": float(after["f1"]),
+                "f1_gain": float(after["f1"]) - float(before["f1"]),
                 "accuracy_before": float(before["accuracy"]),
                 "accuracy_after": float(after["accuracy"]),
                 "nuclei": int(after["nuclei"]),

@@ -5,16 +5,19 @@ The expert labelled only a subset of the nuclei (``labels/ea`` is -1 elsewhere, 
 training and validation rows from the EA-labelled nuclei and reserves a test set that is the same
 for every count, so the F1-against-count curve compares like with like. :func:`finetune_student`
 then runs a grid over learning rate and dropout, each point a ``train_classifier`` run started from
-the student's weights, keeps the point with the best validation macro F1 and scores the student
-before and after on the reserved test rows.
+the student's weights, and keeps the candidate with the best validation macro F1. The un-fine-tuned
+student (epoch 0) is one of the candidates and wins ties, so fine-tuning is only kept when it beats
+the student on the expert's validation labels: with few labels it can never make things worse on
+validation. The student before and the chosen model after are scored on the reserved test rows.
 
 The store's ``split`` dataset is ignored here: the EA rows of every split are eligible, since the
 expert's labels are the scarce resource (the teacher and student never trained on EA labels).
 
-Output folder ``results/finetune/{stain}/{labels}/n{count}/``: ``model.pt`` (the chosen grid point's
+Output folder ``results/finetune/{stain}/{weak_set}/n{count}/``: ``model.pt`` (the chosen candidate's
 model, classifier checkpoint format of ``cellkd.models.checkpoint``), ``metrics.csv`` (before/after
-rows, see :func:`finetune_student`), ``grid.csv`` (one row per grid point) and one sub-folder per grid
-point ``lr{lr}_do{dropout}/`` holding that run's history.csv and resume state.
+rows, see :func:`finetune_student`), ``grid.csv`` (one row per candidate: the student, then each grid
+point) and one sub-folder per grid point ``lr{lr}_do{dropout}/`` holding that run's history.csv and
+resume state.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import pandas as pd
 import torch
 
 from cellkd.errors import ConfigError, StoreError
-from cellkd.metrics.classification import CLASSIFICATION_METRICS
+from cellkd.metrics.classification import CLASSIFICATION_METRICS, classification_metrics
 from cellkd.models.checkpoint import read_classifier_checkpoint
 from cellkd.report.classification import summary_row
 from cellkd.store.atomic import atomic_path
@@ -186,11 +189,14 @@ def finetune_student(
 
     Rows come from :func:`select_expert_rows` on ``labels/ea`` of the concatenated ``nuclei_stores``.
     Each (lr, dropout) of ``params.grid`` trains ``out_dir/lr{lr}_do{dropout}/`` from the student's
-    weights (same arch); the point with the best validation macro F1 (ties: the earlier point; without
-    validation rows: the lowest training loss) is copied to ``out_dir/model.pt``. ``grid.csv`` lists
-    every point (lr, dropout, val_f1, best_epoch, train_loss, selected).
+    weights (same arch). Candidates are the student itself (lr and dropout NaN, best_epoch 0) and each
+    grid point; the one with the best validation macro F1 (ties: the earlier candidate, so the student
+    wins a tie) is copied to ``out_dir/model.pt``. Without validation rows the student cannot be
+    compared and the grid point with the lowest training loss is kept. ``grid.csv`` lists every
+    candidate (lr, dropout, val_f1, best_epoch, train_loss, selected).
     Returns and writes ``out_dir/metrics.csv``: two rows, phase "before" (the student as is, lr and
-    dropout NaN) and "after" (the chosen model), each scored on the reserved EA test rows, columns
+    dropout NaN) and "after" (the chosen model; lr and dropout NaN when the student was kept), each
+    scored on the reserved EA test rows, columns
     count (requested), effective_count, phase, lr, dropout, f1, accuracy, precision, recall (macro),
     f1_<class> per class, nuclei (test rows).
     """
@@ -226,7 +232,24 @@ def finetune_student(
         len(test_rows),
     )
 
-    grid = []
+    # The student is candidate 0: its logits serve both its validation score and its "before" test row.
+    student_predictions = predict_logits(student_model, nuclei_stores, device=device).argmax(axis=1)
+    student_val_f1 = math.nan
+    if len(val_rows):
+        val_scores = classification_metrics(rows.labels[val_rows], student_predictions[val_rows], len(classes))
+        student_val_f1 = val_scores["f1"]
+    grid = [
+        {
+            "lr": math.nan,
+            "dropout": math.nan,
+            "val_f1": student_val_f1,
+            "best_epoch": 0,
+            "train_loss": math.nan,
+            "selected": False,
+            "model": Path(student_model),
+        }
+    ]
+    logger.info("candidate: the student as is, val F1 %.4f", student_val_f1)
     for lr, dropout in params.grid:
         run_dir = _grid_dir(out, lr, dropout)
         train_params = ClassifierTrainParams(
@@ -255,7 +278,7 @@ def finetune_student(
         chosen = max(range(len(grid)), key=lambda i: (_finite_or(grid[i]["val_f1"], -math.inf), -i))
     else:
         logger.warning("no validation rows for count=%d; choosing the grid point by training loss", count)
-        chosen = min(range(len(grid)), key=lambda i: (_finite_or(grid[i]["train_loss"], math.inf), i))
+        chosen = min(range(1, len(grid)), key=lambda i: (_finite_or(grid[i]["train_loss"], math.inf), i))
     grid[chosen]["selected"] = True
     best_model = grid[chosen].pop("model")
     with atomic_path(out / "model.pt") as tmp:
@@ -263,17 +286,24 @@ def finetune_student(
     grid_table = pd.DataFrame([{k: point[k] for k in GRID_COLUMNS} for point in grid])
     with atomic_path(out / "grid.csv") as tmp:
         grid_table.to_csv(tmp, index=False)
-    logger.info("selected lr=%g dropout=%g -> %s", grid[chosen]["lr"], grid[chosen]["dropout"], out / "model.pt")
+    if chosen == 0:
+        logger.info(
+            "kept the student: no grid point beat its validation F1 %.4f -> %s", student_val_f1, out / "model.pt"
+        )
+    else:
+        logger.info("selected lr=%g dropout=%g -> %s", grid[chosen]["lr"], grid[chosen]["dropout"], out / "model.pt")
 
     # Score only the reserved test rows: -1 elsewhere makes summary_row skip them.
     y_test = np.full(len(rows.labels), -1, dtype=np.int64)
     y_test[test_rows] = rows.labels[test_rows]
+    after_predictions = (
+        student_predictions if chosen == 0 else predict_logits(out / "model.pt", nuclei_stores, device=device).argmax(1)
+    )
     table_rows = []
-    for phase, model_path, lr, dropout in (
-        ("before", student_model, math.nan, math.nan),
-        ("after", out / "model.pt", grid[chosen]["lr"], grid[chosen]["dropout"]),
+    for phase, predictions, lr, dropout in (
+        ("before", student_predictions, math.nan, math.nan),
+        ("after", after_predictions, grid[chosen]["lr"], grid[chosen]["dropout"]),
     ):
-        predictions = predict_logits(model_path, nuclei_stores, device=device).argmax(axis=1)
         scores = summary_row(y_test, predictions, classes)
         table_rows.append(
             {"count": int(count), "effective_count": effective, "phase": phase, "lr": lr, "dropout": dropout, **scores}
