@@ -126,7 +126,7 @@ def cell_measurements(
     cytoplasm = np.array([TISSUE_HEMATOXYLIN * stain.scales[0], MEAN_TISSUE_EOSIN * stain.scales[1]])
     h_cyto, e_cyto = cytoplasm @ stain.matrix @ np.linalg.pinv(reference)
     noise = rng.standard_normal((8, n))
-    ratio = n_area / np.maximum(c_area, 1e-9)
+    ratio = np.clip(n_area / np.maximum(c_area, 1e-9), 0, 1)
     h_cyto_mean = h_cyto * (1 + 0.15 * noise[0])
     e_cyto_mean = e_cyto * (1 + 0.10 * noise[1])
     e_nucleus = EOSIN_KEPT_IN_NUCLEUS * e_cyto * (1 + 0.10 * noise[2])

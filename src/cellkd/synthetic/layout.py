@@ -104,7 +104,7 @@ def fragment_polygons(rng: np.random.Generator, params: SyntheticSlideParams) ->
         amplitude = rng.uniform(0, 0.25 / harmonics)
         phase = rng.uniform(0, 2 * np.pi, harmonics.size)
         radius = 1 + (amplitude[:, None] * np.cos(harmonics[:, None] * theta + phase[:, None])).sum(axis=0)
-        aspect = rng.uniform(0.55, 1.0)
+        aspect = rng.uniform(*params.fragment_aspect)
         angle = rng.uniform(0, np.pi)
         x, y = radius * np.cos(theta), aspect * radius * np.sin(theta)
         x, y = x * np.cos(angle) - y * np.sin(angle), x * np.sin(angle) + y * np.cos(angle)
@@ -244,13 +244,15 @@ def sample_nuclei(
     kept_rings, kept_centres = [np.zeros((0, _NUCLEUS_VERTICES, 2))], [np.zeros((0, 2))]
     kept_labels = [np.zeros(0, np.int64)]
 
-    for _ in range(_MAX_ROUNDS):
+    # Huge slides need more rounds than _MAX_ROUNDS, since a round holds at most _BATCH candidates.
+    for _ in range(max(_MAX_ROUNDS, 3 * math.ceil(1.5 * target / _BATCH))):
         if not remaining.any():
             break
         count = min(_BATCH, int(1.5 * remaining.sum()) + 16)
         centres, owner = _candidate_centres(rng, fragments, count)
         labels = rng.choice(len(remaining), size=count, p=remaining / remaining.sum())
-        rings = _nucleus_rings(rng, centres, labels, styles, params.mpp, orientation, base_angle)
+        # A nucleus_size factor on every axis is the same as drawing at a proportionally finer mpp.
+        rings = _nucleus_rings(rng, centres, labels, styles, params.mpp / params.nucleus_size, orientation, base_angle)
         polygons = shapely.polygons(closed(rings))
         usable = shapely.contains(fragment_array[owner], polygons)
         placed = np.concatenate(kept_rings)
@@ -277,11 +279,13 @@ def sample_nuclei(
 
     if remaining.any():
         logger.warning(
-            "placed %d of %d nuclei (per class short by %s): tissue too crowded for nuclei_per_mpx=%s",
+            "placed %d of %d nuclei (per class short by %s): tissue too crowded for %s",
             target - int(remaining.sum()),
             target,
             remaining.tolist(),
-            params.nuclei_per_mpx,
+            f"nuclei_per_mpx={params.nuclei_per_mpx}"
+            if params.nuclei_total is None
+            else f"nuclei_total={params.nuclei_total}",
         )
     rings, centres, labels = np.concatenate(kept_rings), np.concatenate(kept_centres), np.concatenate(kept_labels)
     order = np.lexsort((centres[:, 0], centres[:, 1]))

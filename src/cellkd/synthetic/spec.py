@@ -112,7 +112,8 @@ class SyntheticSlideParams:
 
     ``width``/``height`` are level-0 pixels; ``mpp`` is micrometres per level-0 pixel (nucleus sizes
     are physical, so they shrink in pixels as mpp grows). ``nuclei_total``, when set, fixes the number
-    of nuclei whatever the tissue area (``nuclei_per_mpx`` is then unused).
+    of nuclei whatever the tissue area (``nuclei_per_mpx`` is then unused). ``fragment_aspect`` bounds
+    the minor/major ratio of the tissue blobs; ``nucleus_size`` multiplies every nucleus axis (denser tissue).
 
     ``annotator`` says how SSA and WSA labels arise: ``flips`` moves ``*_flip`` of the kept labels to
     another class uniformly at random; ``rules`` classifies every kept nucleus with the decision list
@@ -126,11 +127,13 @@ class SyntheticSlideParams:
     height: int = 3072
     mpp: float = 0.5
     fragments: tuple[int, int] = (2, 4)
+    fragment_aspect: tuple[float, float] = (0.55, 1.0)
     nuclei_per_mpx: float = 800.0
     # 800 nuclei per 1e6 tissue pixels at 0.5 mpp = 3200 per mm², a moderately cellular stroma.
     nuclei_total: int | None = None
     class_fractions: tuple[float, ...] = (0.5, 0.3, 0.2)
     appearance: Literal["distinct", "overlapping"] = "distinct"
+    nucleus_size: float = 1.0
     annotator: Literal["flips", "rules"] = "flips"
     ssa_flip: float = 0.10
     ssa_miss: float = 0.05
@@ -164,6 +167,12 @@ class SyntheticSlideParams:
         ):
             fail("fragments", self.fragments, "(minimum, maximum) integers with 1 <= minimum <= maximum <= 16")
         object.__setattr__(self, "fragments", fragments)
+        aspect = tuple(float(v) for v in self.fragment_aspect)
+        if len(aspect) != 2 or not 0.1 <= aspect[0] <= aspect[1] <= 1.0:
+            fail("fragment_aspect", self.fragment_aspect, "(minimum, maximum) minor/major ratios in [0.1, 1]")
+        object.__setattr__(self, "fragment_aspect", aspect)
+        if not 0.2 <= self.nucleus_size <= 5.0:
+            fail("nucleus_size", self.nucleus_size, "a factor on every nucleus axis in [0.2, 5]")
         if not 0.0 <= self.nuclei_per_mpx <= 10_000.0:
             fail("nuclei_per_mpx", self.nuclei_per_mpx, "nuclei per million tissue pixels in [0, 10000]")
         if self.nuclei_total is not None and (
