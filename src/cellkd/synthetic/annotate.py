@@ -45,13 +45,14 @@ class Stain:
 class Annotation:
     """One simulated annotation set: the nuclei it holds (ascending indices), their labels and contours.
 
-    ``features`` holds the measured features (``RULE_FEATURES``) of the kept nuclei where the
-    annotator measured them (the ``rules`` annotator), else None.
+    ``centres`` are points each contour is star-shaped around. ``features`` holds the measured features
+    (``RULE_FEATURES``) of the kept nuclei where the annotator measured them (the ``rules`` annotator), else None.
     """
 
     kept: npt.NDArray[np.intp]
     labels: npt.NDArray[np.int64]
     rings: npt.NDArray[np.float64]
+    centres: npt.NDArray[np.float64]  # (N, 2): each ring is star-shaped around its centre
     features: Mapping[str, npt.NDArray[np.float64]] | None = None
 
 
@@ -62,13 +63,14 @@ def uuids(rng: np.random.Generator, n: int) -> list[str]:
 
 def jitter_rings(
     rng: np.random.Generator, rings: npt.NDArray[np.float64], centres: npt.NDArray[np.float64], jitter: float
-) -> npt.NDArray[np.float64]:
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     """Move contour vertices by ``jitter`` px RMS: a smooth radial wobble plus a shift of the whole contour.
 
-    Radial moves keep each contour star-shaped around its centre, so polygons stay valid.
+    Radial moves keep each contour star-shaped around its (shifted) centre, so polygons stay valid.
+    Returns the moved rings and those shifted centres.
     """
     if jitter == 0 or len(rings) == 0:
-        return rings
+        return rings, centres
     n, k = rings.shape[:2]
     t = np.linspace(0, 2 * np.pi, k, endpoint=False)
     harmonics = np.arange(1, 4)
@@ -80,7 +82,7 @@ def jitter_rings(
     radius = np.linalg.norm(offset, axis=-1)
     scale = np.maximum(radius + radial, 0.3 * radius) / np.maximum(radius, 1e-9)
     shift = rng.normal(0, 0.6 * jitter / math.sqrt(2), (n, 1, 2))  # 0.8^2 + 0.6^2 = 1: total RMS = jitter
-    return (centres[:, None, :] + offset * scale[..., None] + shift).round(2)
+    return (centres[:, None, :] + offset * scale[..., None] + shift).round(2), centres + shift[:, 0]
 
 
 def kept_selection(rng: np.random.Generator, n: int, miss: float) -> npt.NDArray[np.intp]:
@@ -205,17 +207,17 @@ def weak_annotation(
     miss, flip, jitter = (getattr(params, f"{set_name}_{k}") for k in ("miss", "flip", "jitter_px"))
     if params.annotator == "flips":
         kept, labels = noisy_selection(rng, nuclei.labels, len(classes), miss, flip)
-        rings = jitter_rings(rng, nuclei.rings[kept], nuclei.centres[kept], jitter)
-        return Annotation(kept, labels, rings)
+        rings, centres = jitter_rings(rng, nuclei.rings[kept], nuclei.centres[kept], jitter)
+        return Annotation(kept, labels, rings, centres)
     kept = kept_selection(rng, len(nuclei.labels), miss)
-    rings = jitter_rings(rng, nuclei.rings[kept], nuclei.centres[kept], jitter)
+    rings, centres = jitter_rings(rng, nuclei.rings[kept], nuclei.centres[kept], jitter)
     features = measure_nuclei(rng, rings, nuclei.concentration[kept], nuclei.chromatin[kept], stain, params.mpp)
     labels = rule_labels(features, getattr(params, f"{set_name}_rules"), classes)
-    return Annotation(kept, labels, rings, features)
+    return Annotation(kept, labels, rings, centres, features)
 
 
 def expert_annotation(rng: np.random.Generator, nuclei: Nuclei, params: SyntheticSlideParams) -> Annotation:
     """The ``ea`` set: true labels on ``ea_count`` random nuclei (fewer if the slide has fewer), barely jittered."""
     kept = np.sort(rng.choice(len(nuclei.labels), size=min(params.ea_count, len(nuclei.labels)), replace=False))
-    rings = jitter_rings(rng, nuclei.rings[kept], nuclei.centres[kept], params.ea_jitter_px)
-    return Annotation(kept, nuclei.labels[kept], rings)
+    rings, centres = jitter_rings(rng, nuclei.rings[kept], nuclei.centres[kept], params.ea_jitter_px)
+    return Annotation(kept, nuclei.labels[kept], rings, centres)

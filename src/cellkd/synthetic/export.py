@@ -62,14 +62,19 @@ def write_detections(path: PathLike, ids: Sequence[str], annotation: Annotation,
 
 
 def cell_rings(
-    rings: npt.NDArray[np.float64], neighbours: cKDTree, radii: npt.NDArray[np.float64], mpp: float
+    rings: npt.NDArray[np.float64],
+    centres: npt.NDArray[np.float64],
+    neighbours: cKDTree,
+    radii: npt.NDArray[np.float64],
+    mpp: float,
 ) -> npt.NDArray[np.float64]:
     """(N, 2K, 2) cell contours: each nucleus contour resampled to 2K vertices and pushed out radially.
 
-    The push is ``CELL_EXPANSION_UM``, shrunk so that bounding circles of neighbouring cells stay apart
-    (``neighbours``: a tree of every nucleus centre; ``radii``: every nucleus's bounding radius).
+    Each ring must be star-shaped around its ``centres`` row, so pushing every vertex away from it keeps
+    the nucleus inside its cell. The push is ``CELL_EXPANSION_UM``, shrunk so that bounding circles of
+    neighbouring cells stay apart (``neighbours``: a tree of every nucleus centre; ``radii``: every
+    nucleus's bounding radius around it).
     """
-    centres = rings.mean(axis=1)
     offsets = rings - centres[:, None]
     radius = np.linalg.norm(offsets, axis=-1).max(axis=1)
     most = CELL_EXPANSION_UM / mpp
@@ -183,16 +188,15 @@ def write_cells(
     clicks), the object is instead a point annotation at the nucleus centre, as QuPath exports a click.
     """
     classifications = _classifications(classes)
-    every_centre = nuclei.rings.mean(axis=1)
-    every_radius = np.linalg.norm(nuclei.rings - every_centre[:, None], axis=-1).max(axis=1)
-    tree = cKDTree(every_centre)
+    every_radius = np.linalg.norm(nuclei.rings - nuclei.centres[:, None], axis=-1).max(axis=1)
+    tree = cKDTree(nuclei.centres)
 
     def features() -> Iterator[dict[str, Any]]:
         for start in range(0, len(annotation.kept), _CHUNK):
             chunk = slice(start, start + _CHUNK)
             which = annotation.kept[chunk]
             nucleus = annotation.rings[chunk]
-            cell = cell_rings(nucleus, tree, every_radius, mpp)
+            cell = cell_rings(nucleus, annotation.centres[chunk], tree, every_radius, mpp)
             measured = None
             if annotation.features is not None:
                 measured = {name: values[chunk] for name, values in annotation.features.items()}
@@ -206,7 +210,7 @@ def write_cells(
             for k, label in enumerate(annotation.labels[chunk].tolist()):
                 uid = ids[start + k]
                 if is_point[k]:
-                    x, y = nucleus[k].mean(axis=0).round(2).tolist()
+                    x, y = annotation.centres[start + k].round(2).tolist()
                     yield {
                         "type": "Feature",
                         "id": uid,

@@ -54,7 +54,7 @@ class DrawnSlide:
             if name not in names:
                 continue
             if name == "truth":
-                yield name, Annotation(np.arange(n), self.nuclei.labels, self.nuclei.rings)
+                yield name, Annotation(np.arange(n), self.nuclei.labels, self.nuclei.rings, self.nuclei.centres)
             elif name == "ea":
                 yield name, expert_annotation(self.set_rngs[name], self.nuclei, self.params)
             else:
