@@ -131,18 +131,21 @@ def polygon_moments(
     return area, perimeter, np.stack([half_trace + spread, np.maximum(half_trace - spread, 1e-12)], axis=1)
 
 
-def measured_hematoxylin(concentration: npt.NDArray[np.floating], stain: Stain) -> npt.NDArray[np.float64]:
-    """Mean hematoxylin OD inside nuclei as colour deconvolution with the *reference* vectors reads it.
+def deconvolved(concentrations: npt.NDArray[np.floating], stain: Stain) -> npt.NDArray[np.float64]:
+    """(N, 2) H and E amounts as colour deconvolution with the *reference* vectors reads true (N, 2) ones.
 
-    The slide's real H and E vectors and strengths differ from the reference, so the reading is off by a
-    per-slide factor (and picks up some of the nucleus's eosin): the stain bias a fixed threshold inherits.
+    The slide's real vectors and strengths differ from the reference, so the reading is off by a per-slide
+    factor, and each stain leaks into the other: the stain bias a fixed threshold inherits.
     """
-    mixture = np.stack(
-        [np.asarray(concentration, np.float64) * stain.scales[0], np.full(len(concentration), 0.0)], axis=1
-    )
-    mixture[:, 1] = EOSIN_KEPT_IN_NUCLEUS * MEAN_TISSUE_EOSIN * stain.scales[1]
     reference = REFERENCE_STAIN_MATRIX / np.linalg.norm(REFERENCE_STAIN_MATRIX, axis=1, keepdims=True)
-    return (mixture @ stain.matrix @ np.linalg.pinv(reference))[:, 0]
+    optical_density = np.asarray(concentrations, np.float64) * stain.scales @ stain.matrix
+    return optical_density @ np.linalg.pinv(reference)
+
+
+def measured_hematoxylin(concentration: npt.NDArray[np.floating], stain: Stain) -> npt.NDArray[np.float64]:
+    """Mean hematoxylin OD read inside nuclei of true hematoxylin ``concentration`` (with their eosin)."""
+    eosin = np.full(len(concentration), EOSIN_KEPT_IN_NUCLEUS * MEAN_TISSUE_EOSIN)
+    return deconvolved(np.stack([np.asarray(concentration, np.float64), eosin], axis=1), stain)[:, 0]
 
 
 def measure_nuclei(

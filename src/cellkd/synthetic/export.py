@@ -20,9 +20,9 @@ from scipy.spatial import cKDTree
 
 from cellkd.classes import ClassSpec
 from cellkd.store.atomic import atomic_path
-from cellkd.synthetic.annotate import Annotation, Stain, measure_nuclei, polygon_moments
+from cellkd.synthetic.annotate import Annotation, Stain, deconvolved, measure_nuclei, polygon_moments
 from cellkd.synthetic.layout import Nuclei, geojson_polygon
-from cellkd.synthetic.render import EOSIN_KEPT_IN_NUCLEUS, MEAN_TISSUE_EOSIN, REFERENCE_STAIN_MATRIX, TISSUE_HEMATOXYLIN
+from cellkd.synthetic.render import EOSIN_KEPT_IN_NUCLEUS, MEAN_TISSUE_EOSIN, TISSUE_HEMATOXYLIN
 from cellkd.types import PathLike
 
 CELL_EXPANSION_UM = 5.0
@@ -127,9 +127,7 @@ def cell_measurements(
     um2, um = mpp * mpp, mpp
     h_mean = features["hematoxylin"]
     h_sd = np.maximum(features["texture"], 0.01)
-    reference = REFERENCE_STAIN_MATRIX / np.linalg.norm(REFERENCE_STAIN_MATRIX, axis=1, keepdims=True)
-    cytoplasm = np.array([TISSUE_HEMATOXYLIN * stain.scales[0], MEAN_TISSUE_EOSIN * stain.scales[1]])
-    h_cyto, e_cyto = cytoplasm @ stain.matrix @ np.linalg.pinv(reference)
+    h_cyto, e_cyto = deconvolved(np.array([[TISSUE_HEMATOXYLIN, MEAN_TISSUE_EOSIN]]), stain)[0]
     noise = rng.standard_normal((8, n))
     ratio = np.clip(n_area / np.maximum(c_area, 1e-9), 0, 1)
     h_cyto_mean = h_cyto * (1 + 0.15 * noise[0])
