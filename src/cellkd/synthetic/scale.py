@@ -138,6 +138,7 @@ def generate_scale_fixture(
         counts.append((name, len(annotation.kept)))
         stages[name] = _usage(clock, cpu)
         logger.info("wrote %s (%d objects) in %.1f s", files[name], len(annotation.kept), stages[name]["seconds"])
+        del annotation, points  # before the next set is drawn: one set's arrays in memory at a time
 
     manifest = {
         **identity,
