@@ -1,10 +1,11 @@
-"""Synthetic slides: OpenSlide-readable pyramid, truth that matches the pixels, noisy annotation rates, determinism."""
+"""Synthetic slides: OpenSlide-readable pyramid, truth that matches the pixels, noisy annotation rates, determinism,
+rule-based weak annotators, and the paper-scale fixture with QuPath cell exports."""
 
 from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,11 @@ from cellkd.synthetic import (
     ANNOTATION_SET_NAMES,
     SlideTruth,
     SyntheticSlideParams,
+    annotate,
     generate_slide,
+    layout,
+    render,
+    scale,
 )
 
 SMALL = SyntheticSlideParams(width=1024, height=768, nuclei_per_mpx=1500.0, ea_count=50)
@@ -242,9 +247,9 @@ def test_pixels_do_not_depend_on_strips_or_column_blocks(tmp_path: Path, monkeyp
     """Streaming in 256-row strips of 100-column blocks gives the same lossless image as one strip, one block."""
     params = SyntheticSlideParams(width=512, height=1100, compression="zlib", nuclei_per_mpx=1500.0)
     generate_slide("tall", tmp_path / "one.tiff", {}, params)
-    monkeypatch.setattr(synthetic, "_STRIP_PIXELS", 1)  # forces the minimum strip: one tile row
-    monkeypatch.setattr(synthetic, "_BLOCK_COLUMNS", 100)
-    assert synthetic._strip_rows(params.width) == 256
+    monkeypatch.setattr(render, "_STRIP_PIXELS", 1)  # forces the minimum strip: one tile row
+    monkeypatch.setattr(render, "_BLOCK_COLUMNS", 100)
+    assert render._strip_rows(params.width) == 256
     generate_slide("tall", tmp_path / "strips.tiff", {}, params)
     for level in range(3):
         with openslide.OpenSlide(tmp_path / "one.tiff") as a, openslide.OpenSlide(tmp_path / "strips.tiff") as b:
@@ -265,7 +270,7 @@ def test_stain_jitter_changes_colour_between_slides_but_zero_gives_reference(tmp
     truth = generate_slide("ref", tmp_path / "ref.tiff", {}, reference)
     np.testing.assert_allclose(
         truth.stain_matrix,
-        synthetic.REFERENCE_STAIN_MATRIX / np.linalg.norm(synthetic.REFERENCE_STAIN_MATRIX, axis=1, keepdims=True),
+        render.REFERENCE_STAIN_MATRIX / np.linalg.norm(render.REFERENCE_STAIN_MATRIX, axis=1, keepdims=True),
     )
     jittered = [generate_slide(s, tmp_path / f"{s}.tiff", {}, SMALL).stain_matrix for s in ("a", "b")]
     assert not np.allclose(jittered[0], jittered[1])
@@ -333,8 +338,9 @@ def test_jittered_contours_stay_valid_polygons(jitter: float, semi_major: float,
     t = np.linspace(0, 2 * np.pi, 24, endpoint=False)
     ring = np.stack([semi_major * np.cos(t), semi_major / aspect * np.sin(t)], axis=-1) + 100.0
     rings = np.repeat(ring[None], 8, axis=0)
-    moved = synthetic._jitter_rings(rng, rings, rings.mean(axis=1), jitter)
-    assert shapely.is_valid(shapely.polygons(synthetic._closed(moved))).all()
+    moved, centres = annotate.jitter_rings(rng, rings, rings.mean(axis=1), jitter)
+    assert shapely.contains_xy(shapely.polygons(layout.closed(moved)), centres[:, 0], centres[:, 1]).all()
+    assert shapely.is_valid(shapely.polygons(layout.closed(moved))).all()
 
 
 @settings(max_examples=60, deadline=None)
@@ -350,7 +356,7 @@ def test_noisy_selection_drops_and_flips_exact_counts(
 ) -> None:
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, n_classes, n)
-    kept, noisy = synthetic._noisy_selection(rng, labels, n_classes, miss, flip)
+    kept, noisy = annotate.noisy_selection(rng, labels, n_classes, miss, flip)
     assert len(kept) == n - round(miss * n)
     assert np.all(np.diff(kept) > 0)
     assert ((noisy >= 0) & (noisy < n_classes)).all()
@@ -363,4 +369,225 @@ def test_halve_is_a_rounded_two_by_two_mean_with_edge_padding(height: int, width
     image = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
     padded = np.pad(image, ((0, height % 2), (0, width % 2), (0, 0)), mode="edge").astype(float)
     expected = padded.reshape(padded.shape[0] // 2, 2, padded.shape[1] // 2, 2, 3).mean(axis=(1, 3))
-    np.testing.assert_array_equal(synthetic._halve(image), np.floor(expected + 0.5).astype(np.uint8))
+    np.testing.assert_array_equal(render._halve(image), np.floor(expected + 0.5).astype(np.uint8))
+
+
+# --- rule-based weak annotators --------------------------------------------------------------------------------
+
+REALISTIC = SyntheticSlideParams(width=3072, height=2048, appearance="overlapping", annotator="rules")
+"""The demo's slide size with overlapping classes and rule-based SSA/WSA (drawn only; no pixels needed)."""
+
+
+def _agreement(slide_id: str, params: SyntheticSlideParams = REALISTIC, seed: int = 0) -> dict[str, float]:
+    drawn = synthetic.draw_slide(slide_id, params, seed=seed)
+    return {
+        name: float((a.labels == drawn.nuclei.labels[a.kept]).mean()) for name, a in drawn.annotations(["ssa", "wsa"])
+    }
+
+
+def _feature_row(**values: float) -> dict[str, np.ndarray]:
+    base = {"area_um2": 30.0, "elongation": 1.2, "circularity": 0.95, "hematoxylin": 1.5, "texture": 0.08}
+    return {name: np.array([values.get(name, value)]) for name, value in base.items()}
+
+
+def test_rule_labels_follow_the_first_matching_rule_with_inclusive_bounds() -> None:
+    rules = synthetic.DEFAULT_WSA_RULES  # muscle: elongation >= 2.7; immune: hematoxylin >= 1.02, area <= 55
+    label = lambda **v: int(annotate.rule_labels(_feature_row(**v), rules, DEFAULT_CLASSES)[0])  # noqa: E731
+    other, immune, muscle = range(3)
+    assert label(area_um2=50.0) == immune
+    assert label(area_um2=55.0) == immune
+    assert label(area_um2=55.5) == other, "a larger dark nucleus is 'other' for this rule"
+    assert label(hematoxylin=1.0) == other
+    assert label(elongation=2.7) == muscle
+    assert label(elongation=2.7, area_um2=100.0, hematoxylin=0.2) == muscle, "the first rule wins"
+
+
+def test_wsa_label_of_a_nucleus_flips_when_its_measured_area_crosses_the_rule() -> None:
+    """The real annotator path: one round dark nucleus is immune for WSA until its contour grows past 55 µm²."""
+    t = np.linspace(0, 2 * np.pi, 24, endpoint=False)
+    params = SyntheticSlideParams(annotator="rules", wsa_miss=0.0, wsa_jitter_px=0.0, stain_jitter=0.0)
+    reference = annotate.Stain(
+        render.REFERENCE_STAIN_MATRIX / np.linalg.norm(render.REFERENCE_STAIN_MATRIX, axis=1, keepdims=True), np.ones(2)
+    )
+
+    def wsa_label(radius_um: float) -> tuple[int, float]:
+        radius = radius_um / params.mpp
+        ring = np.stack([100 + radius * np.cos(t), 100 + radius * np.sin(t)], axis=-1)[None]
+        nuclei = layout.Nuclei(
+            ring, ring.mean(axis=1), np.array([1]), np.array([1.6], np.float32), np.array([0.1], np.float32)
+        )
+        result = annotate.weak_annotation(np.random.default_rng(0), nuclei, params, "wsa", DEFAULT_CLASSES, reference)
+        return int(result.labels[0]), float(result.features["area_um2"][0])
+
+    small, small_area = wsa_label(3.8)
+    large, large_area = wsa_label(4.4)
+    assert small_area < 55.0 < large_area
+    assert (small, large) == (1, 0), "immune below the rule's area bound, other above it"
+
+
+def test_measured_hematoxylin_follows_the_slide_stain_strength() -> None:
+    unit = render.REFERENCE_STAIN_MATRIX / np.linalg.norm(render.REFERENCE_STAIN_MATRIX, axis=1, keepdims=True)
+    concentration = np.array([0.8, 1.6])
+    normal = annotate.measured_hematoxylin(concentration, annotate.Stain(unit, np.ones(2)))
+    strong = annotate.measured_hematoxylin(concentration, annotate.Stain(unit, np.full(2, 1.2)))
+    np.testing.assert_allclose(strong, 1.2 * normal)
+    assert normal[1] > normal[0] > 0
+
+
+def test_polygon_moments_of_an_ellipse() -> None:
+    t = np.linspace(0, 2 * np.pi, 400, endpoint=False)
+    ring = np.stack([5000 + 12 * np.cos(t), 9000 + 4 * np.sin(t)], axis=-1)[None]
+    area, perimeter, moments = annotate.polygon_moments(ring)
+    assert area[0] == pytest.approx(np.pi * 12 * 4, rel=1e-3)
+    assert np.sqrt(moments[0, 0] / moments[0, 1]) == pytest.approx(3.0, rel=1e-3)
+    assert perimeter[0] == pytest.approx(shapely.Polygon(ring[0]).length, rel=1e-9)
+
+
+def test_rule_annotators_agree_with_truth_imperfectly_and_ssa_better_than_wsa() -> None:
+    """On demo-size slides with overlapping classes: WSA near the paper's 82%, SSA clearly better, neither perfect."""
+    rates = [_agreement(f"demo{i}") for i in range(3)]
+    ssa, wsa = (float(np.mean([r[name] for r in rates])) for name in ("ssa", "wsa"))
+    assert 0.75 <= wsa <= 0.88
+    assert wsa + 0.03 <= ssa < 0.97
+    assert all(r["wsa"] < 1 and r["ssa"] < 1 for r in rates)
+
+
+def test_rule_errors_are_systematic_not_uniform() -> None:
+    """WSA's mis-set thresholds confuse specific class pairs (muscle -> other, other -> immune), not all alike."""
+    drawn = synthetic.draw_slide("demo0", REALISTIC)
+    ((_, wsa),) = drawn.annotations(["wsa"])
+    confusion = np.zeros((3, 3), int)
+    np.add.at(confusion, (drawn.nuclei.labels[wsa.kept], wsa.labels), 1)
+    assert confusion[1, 2] <= 0.02 * confusion[1].sum(), "immune nuclei are never elongated enough to be muscle"
+    assert confusion[2, 0] >= 0.1 * confusion[2].sum(), "short muscle nuclei fall below the elongation threshold"
+
+
+def test_rules_annotator_is_deterministic_and_differs_from_flips(tmp_path: Path) -> None:
+    params = SyntheticSlideParams(
+        width=768, height=768, nuclei_per_mpx=1500.0, appearance="overlapping", annotator="rules"
+    )
+    first = _generate(tmp_path / "a", params=params)
+    again = _generate(tmp_path / "b", params=params)
+    flips = _generate(tmp_path / "c", params=replace(params, annotator="flips"))
+    for name in ("ssa", "wsa"):
+        assert first.geojson[name].read_bytes() == again.geojson[name].read_bytes()
+        assert first.geojson[name].read_bytes() != flips.geojson[name].read_bytes()
+    assert first.slide.read_bytes() == flips.slide.read_bytes(), "the annotator does not touch the pixels"
+    assert first.geojson["truth"].read_bytes() == flips.geojson["truth"].read_bytes()
+
+
+def test_overlapping_appearance_makes_classes_share_feature_ranges() -> None:
+    """Distinct classes never overlap in elongation (other vs muscle); overlapping ones do, so some are ambiguous."""
+    overlap = {}
+    for appearance in ("distinct", "overlapping"):
+        params = SyntheticSlideParams(width=3072, height=2048, appearance=appearance, stain_jitter=0.0)
+        drawn = synthetic.draw_slide("demo0", params)
+        _, _, moments = annotate.polygon_moments(drawn.nuclei.rings)
+        elongation = np.sqrt(moments[:, 0] / moments[:, 1])
+        other, muscle = (elongation[drawn.nuclei.labels == k] for k in (0, 2))
+        overlap[appearance] = ((other > muscle.min()).mean(), (muscle < other.max()).mean())
+    assert max(overlap["distinct"]) == 0
+    assert min(overlap["overlapping"]) > 0.01
+
+
+def test_default_demo_config_keeps_flips_and_schema_rules_match_the_code() -> None:
+    import yaml
+
+    from cellkd.config import validate_config
+
+    config = yaml.safe_load(Path("workflow_config.yaml").read_text())
+    validate_config(config, "schemas/config.schema.yaml", "workflow_config.yaml")
+    params = synthetic.params_from_config(config["demo"])
+    assert (params.annotator, params.appearance) == ("flips", "distinct")
+    assert params.ssa_rules == synthetic.DEFAULT_SSA_RULES
+    assert params.wsa_rules == synthetic.DEFAULT_WSA_RULES
+
+
+def test_bad_rules_are_rejected_naming_the_problem(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"unknown feature\(s\) \['size'\]"):
+        synthetic.WeakRule("immune", minimum=(("size", 1.0),))
+    with pytest.raises(ValueError, match=r"SyntheticSlideParams\.wsa_rules = .*catch-all"):
+        SyntheticSlideParams(wsa_rules=(synthetic.WeakRule("immune", minimum=(("hematoxylin", 1.0),)),))
+    classes = (ClassSpec("tumor", "Tumor", (200, 0, 0)), ClassSpec("stroma", "Stroma", (150, 200, 150)))
+    params = SyntheticSlideParams(width=512, height=512, class_fractions=(0.5, 0.5), annotator="rules")
+    with pytest.raises(ValueError, match=r"ssa_rules name class\(es\) \['immune', 'muscle', 'other'\]"):
+        generate_slide("c", tmp_path / "c.tiff", {}, params, classes=classes)
+
+
+# --- paper-scale fixture ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_scale(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """The paper-scale fixture at scale 0.04 (1949x716 px, ~750 nuclei), on the real code path."""
+    folder = tmp_path_factory.mktemp("scale")
+    return folder, scale.generate_scale_fixture(folder, scale=0.04)
+
+
+def test_scale_fixture_slide_opens_in_openslide_at_40x(tiny_scale: tuple[Path, dict]) -> None:
+    folder, manifest = tiny_scale
+    with openslide.OpenSlide(folder / "scale.tiff") as slide:
+        assert slide.dimensions == (round(48_724 * 0.04), round(17_910 * 0.04)) == (1949, 716)
+        assert slide.level_count == 3
+        assert float(slide.properties[openslide.PROPERTY_NAME_MPP_X]) == pytest.approx(0.25)
+        assert float(slide.properties[openslide.PROPERTY_NAME_MPP_Y]) == pytest.approx(0.25)
+    truth = manifest["truth"]
+    assert len(truth["fragments"]) == 3
+    asked = round(470_000 * 1949 * 716 / (48_724 * 17_910))
+    assert 0.95 * asked <= sum(truth["nuclei_per_class"]) <= asked
+
+
+def test_scale_fixture_cell_exports_have_qupath_cell_fields(tiny_scale: tuple[Path, dict]) -> None:
+    folder, manifest = tiny_scale
+    truth_ids = {f["id"] for f in _features(folder / "scale.truth.geojson")}
+    assert len(truth_ids) == sum(manifest["truth"]["nuclei_per_class"])
+    names = {c.qupath_name for c in DEFAULT_CLASSES}
+    for set_name in ("truth", "ssa", "wsa"):
+        features = _features(folder / f"scale.{set_name}.geojson")
+        assert len(features) == dict(manifest["truth"]["annotation_counts"])[set_name]
+        assert {f["id"] for f in features} <= truth_ids
+        for feature in features:
+            properties = feature["properties"]
+            assert properties["objectType"] == "cell"
+            assert properties["classification"]["name"] in names
+            cell = shapely.Polygon(feature["geometry"]["coordinates"][0])
+            nucleus = shapely.Polygon(feature["nucleusGeometry"]["coordinates"][0])
+            assert cell.is_valid and nucleus.is_valid
+            assert cell.buffer(0.05).contains(nucleus)
+            measurements = properties["measurements"]
+            assert len(measurements) >= 30
+            assert measurements["Nucleus: Area µm^2"] == pytest.approx(nucleus.area * 0.25**2, rel=1e-4)
+            assert measurements["Cell: Area µm^2"] >= measurements["Nucleus: Area µm^2"] * (
+                1 - 1e-3
+            )  # 0.01 px rounding
+    assert "µm" in (folder / "scale.ssa.geojson").read_text(encoding="utf-8"), "QuPath writes UTF-8, not escapes"
+
+
+def test_scale_fixture_expert_export_mixes_cells_and_point_clicks(tiny_scale: tuple[Path, dict]) -> None:
+    folder, _ = tiny_scale
+    truth = {f["id"]: f for f in _features(folder / "scale.truth.geojson")}
+    expert = _features(folder / "scale.ea.geojson")
+    kinds = {(f["geometry"]["type"], f["properties"]["objectType"]) for f in expert}
+    assert kinds == {("Polygon", "cell"), ("Point", "annotation")}
+    for feature in expert:
+        reference = truth[feature["id"]]
+        assert feature["properties"]["classification"] == reference["properties"]["classification"]
+        if feature["geometry"]["type"] == "Point":
+            nucleus = shapely.Polygon(reference["nucleusGeometry"]["coordinates"][0])
+            assert nucleus.contains(shapely.Point(feature["geometry"]["coordinates"]))
+
+
+def test_scale_fixture_is_cached_and_reused(tiny_scale: tuple[Path, dict]) -> None:
+    folder, manifest = tiny_scale
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    assert scale.generate_scale_fixture(folder, scale=0.04) == manifest
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+    assert manifest["bytes"]["ssa"] == (folder / "scale.ssa.geojson").stat().st_size
+
+
+def test_scale_rejects_factors_outside_the_range(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ValueError, match="scale = 1.5"):
+        scale.scale_params(1.5)
+    with pytest.raises(SystemExit):
+        scale.main(["/nonexistent/never-written", "--scale", "0.001"])
+    assert "use a scale >=" in capsys.readouterr().err

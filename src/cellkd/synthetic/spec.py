@@ -1,0 +1,277 @@
+"""What a synthetic slide looks like: nucleus appearance per class, weak-annotator rules, slide parameters.
+
+Two appearance sets exist. ``distinct`` (the historical demo) keeps the three classes apart in size,
+shape and darkness, so any classifier separates them. ``overlapping`` lets the classes' ranges overlap
+(small dark "other" nuclei look like immune cells, short muscle nuclei like elongated "other"), so some
+nuclei are truly ambiguous and a weak classifier errs systematically on them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from cellkd.classes import ClassSpec
+
+ANNOTATION_SET_NAMES: tuple[str, ...] = ("truth", "ssa", "wsa", "ea")
+"""Keys ``generate_slide`` accepts in ``geojson_paths``."""
+
+RULE_FEATURES: tuple[str, ...] = ("area_um2", "elongation", "circularity", "hematoxylin", "texture")
+"""Measured nucleus features a weak-annotator rule may test (see ``annotate.measure_nuclei``)."""
+
+
+@dataclass(frozen=True)
+class NucleusStyle:
+    """How one class of nucleus looks. Sizes in micrometres; concentrations in optical-density units."""
+
+    semi_major_um: tuple[float, float]  # uniform range of the semi-major axis
+    aspect: tuple[float, float]  # uniform range of major / minor axis ratio
+    roughness: float  # relative amplitude of the smooth radial wobble of the contour
+    hematoxylin: float  # mean hematoxylin concentration inside the nucleus
+    hematoxylin_sd: float  # relative per-nucleus spread of that concentration
+    chromatin: float  # relative amplitude of per-pixel chromatin texture
+    aligned: bool  # long axis follows the slide's smooth fibre-orientation field
+
+
+DISTINCT_STYLES: Mapping[str, NucleusStyle] = {
+    "other": NucleusStyle((3.8, 5.0), (1.2, 1.6), 0.05, 0.80, 0.10, 0.45, aligned=False),
+    "immune": NucleusStyle((2.5, 3.2), (1.0, 1.15), 0.03, 1.70, 0.07, 0.08, aligned=False),
+    "muscle": NucleusStyle((5.0, 8.0), (3.0, 5.0), 0.03, 1.15, 0.10, 0.15, aligned=True),
+}
+"""Classes that never overlap: medium oval light textured / small round dark / long aligned."""
+
+OVERLAPPING_STYLES: Mapping[str, NucleusStyle] = {
+    "other": NucleusStyle((3.2, 5.4), (1.1, 2.0), 0.06, 0.85, 0.15, 0.35, aligned=False),
+    "immune": NucleusStyle((2.4, 3.8), (1.0, 1.35), 0.04, 1.65, 0.12, 0.12, aligned=False),
+    "muscle": NucleusStyle((4.5, 8.0), (2.0, 4.5), 0.04, 1.10, 0.15, 0.20, aligned=True),
+}
+"""The same three kinds with overlapping size, elongation, darkness and texture ranges."""
+
+APPEARANCES: Mapping[str, Mapping[str, NucleusStyle]] = {"distinct": DISTINCT_STYLES, "overlapping": OVERLAPPING_STYLES}
+"""Appearance sets by name (``SyntheticSlideParams.appearance``)."""
+
+NUCLEUS_STYLES = DISTINCT_STYLES
+"""The default appearance set."""
+
+
+def style_for(spec: ClassSpec, index: int, styles: Mapping[str, NucleusStyle] = DISTINCT_STYLES) -> NucleusStyle:
+    """The style of class ``spec``: by name, else the style at its position (mod the number of styles)."""
+    return styles.get(spec.name) or list(styles.values())[index % len(styles)]
+
+
+@dataclass(frozen=True)
+class WeakRule:
+    """One line of a QuPath-like decision list: nuclei whose features lie inside all bounds get ``class_name``.
+
+    ``minimum`` / ``maximum`` map a feature of ``RULE_FEATURES`` to an inclusive bound. A rule with no
+    bounds matches every nucleus (the list's catch-all).
+    """
+
+    class_name: str
+    minimum: tuple[tuple[str, float], ...] = ()
+    maximum: tuple[tuple[str, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        for side in ("minimum", "maximum"):
+            bounds = getattr(self, side)
+            items = bounds.items() if isinstance(bounds, Mapping) else bounds
+            normalised = tuple((str(name), float(value)) for name, value in items)
+            unknown = sorted({name for name, _ in normalised} - set(RULE_FEATURES))
+            if unknown:
+                msg = f"weak rule for {self.class_name!r}: unknown feature(s) {unknown} in {side}; use {RULE_FEATURES}"
+                raise ValueError(msg)
+            object.__setattr__(self, side, normalised)
+
+    @classmethod
+    def from_config(cls, entry: Mapping[str, Any]) -> WeakRule:
+        """From a config mapping ``{class: NAME, min: {feature: value}, max: {feature: value}}``."""
+        return cls(str(entry["class"]), tuple(entry.get("min", {}).items()), tuple(entry.get("max", {}).items()))
+
+
+DEFAULT_SSA_RULES: tuple[WeakRule, ...] = (
+    WeakRule("muscle", minimum=(("elongation", 2.3),)),
+    WeakRule("immune", minimum=(("hematoxylin", 1.12),), maximum=(("area_um2", 42.0),)),
+    WeakRule("other"),
+)
+"""A careful annotator's classifier: thresholds near (not at) the classes' true boundaries."""
+
+DEFAULT_WSA_RULES: tuple[WeakRule, ...] = (
+    WeakRule("muscle", minimum=(("elongation", 2.7),)),
+    WeakRule("immune", minimum=(("hematoxylin", 1.02),), maximum=(("area_um2", 55.0),)),
+    WeakRule("other"),
+)
+"""A hasty classifier: elongation threshold too high (short muscle nuclei become other), darkness too low and
+area too generous (small dark 'other' nuclei become immune)."""
+
+
+@dataclass(frozen=True)
+class SyntheticSlideParams:
+    """What one synthetic slide looks like and how noisy its simulated annotations are.
+
+    ``width``/``height`` are level-0 pixels; ``mpp`` is micrometres per level-0 pixel (nucleus sizes
+    are physical, so they shrink in pixels as mpp grows). ``nuclei_total``, when set, fixes the number
+    of nuclei whatever the tissue area (``nuclei_per_mpx`` is then unused). ``fragment_aspect`` bounds
+    the minor/major ratio of the tissue blobs; ``nucleus_size`` multiplies every nucleus axis (denser tissue).
+
+    ``annotator`` says how SSA and WSA labels arise: ``flips`` moves ``*_flip`` of the kept labels to
+    another class uniformly at random; ``rules`` classifies every kept nucleus with the decision list
+    ``*_rules`` applied to features measured on the annotator's own (jittered) contour, the way a
+    parametric QuPath classifier errs (systematically, by size, shape and stain). Either way
+    ``*_miss`` is the fraction of nuclei left out and ``*_jitter_px`` the RMS displacement of contour
+    vertices in level-0 pixels.
+    """
+
+    width: int = 4096
+    height: int = 3072
+    mpp: float = 0.5
+    fragments: tuple[int, int] = (2, 4)
+    fragment_aspect: tuple[float, float] = (0.55, 1.0)
+    nuclei_per_mpx: float = 800.0
+    # 800 nuclei per 1e6 tissue pixels at 0.5 mpp = 3200 per mm², a moderately cellular stroma.
+    nuclei_total: int | None = None
+    class_fractions: tuple[float, ...] = (0.5, 0.3, 0.2)
+    appearance: Literal["distinct", "overlapping"] = "distinct"
+    nucleus_size: float = 1.0
+    annotator: Literal["flips", "rules"] = "flips"
+    ssa_flip: float = 0.10
+    ssa_miss: float = 0.05
+    ssa_jitter_px: float = 1.5
+    ssa_rules: tuple[WeakRule, ...] = field(default=DEFAULT_SSA_RULES)
+    wsa_flip: float = 0.18
+    wsa_miss: float = 0.08
+    wsa_jitter_px: float = 2.5
+    wsa_rules: tuple[WeakRule, ...] = field(default=DEFAULT_WSA_RULES)
+    ea_count: int = 300
+    ea_jitter_px: float = 0.3
+    stain_jitter: float = 0.05
+    compression: Literal["jpeg", "zlib"] = "jpeg"
+    jpeg_quality: int = 90
+
+    def __post_init__(self) -> None:
+        def fail(name: str, value: Any, allowed: str) -> None:
+            raise ValueError(f"SyntheticSlideParams.{name} = {value!r} is invalid; expected {allowed}")
+
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 256 <= value <= 2**20:
+                fail(name, value, "an integer number of level-0 pixels in [256, 1048576]")
+        if not 0.05 <= self.mpp <= 10.0:
+            fail("mpp", self.mpp, "micrometres per pixel in [0.05, 10]")
+        fragments = tuple(self.fragments)
+        if (
+            len(fragments) != 2
+            or not all(isinstance(v, int) for v in fragments)
+            or not 1 <= fragments[0] <= fragments[1] <= 16
+        ):
+            fail("fragments", self.fragments, "(minimum, maximum) integers with 1 <= minimum <= maximum <= 16")
+        object.__setattr__(self, "fragments", fragments)
+        aspect = tuple(float(v) for v in self.fragment_aspect)
+        if len(aspect) != 2 or not 0.1 <= aspect[0] <= aspect[1] <= 1.0:
+            fail("fragment_aspect", self.fragment_aspect, "(minimum, maximum) minor/major ratios in [0.1, 1]")
+        object.__setattr__(self, "fragment_aspect", aspect)
+        if not 0.2 <= self.nucleus_size <= 5.0:
+            fail("nucleus_size", self.nucleus_size, "a factor on every nucleus axis in [0.2, 5]")
+        if not 0.0 <= self.nuclei_per_mpx <= 10_000.0:
+            fail("nuclei_per_mpx", self.nuclei_per_mpx, "nuclei per million tissue pixels in [0, 10000]")
+        if self.nuclei_total is not None and (
+            not isinstance(self.nuclei_total, int) or isinstance(self.nuclei_total, bool) or self.nuclei_total < 0
+        ):
+            fail("nuclei_total", self.nuclei_total, "None or a non-negative integer")
+        fractions = tuple(float(f) for f in self.class_fractions)
+        if not fractions or min(fractions) < 0 or not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
+            fail("class_fractions", self.class_fractions, "non-negative fractions, one per class, summing to 1")
+        object.__setattr__(self, "class_fractions", fractions)
+        if self.appearance not in APPEARANCES:
+            fail("appearance", self.appearance, f"one of {sorted(APPEARANCES)}")
+        if self.annotator not in ("flips", "rules"):
+            fail("annotator", self.annotator, "'flips' or 'rules'")
+        for name in ("ssa_rules", "wsa_rules"):
+            rules = tuple(getattr(self, name))
+            if not rules or not all(isinstance(r, WeakRule) for r in rules) or rules[-1].minimum or rules[-1].maximum:
+                fail(
+                    name, getattr(self, name), "a non-empty list of WeakRule whose last rule has no bounds (catch-all)"
+                )
+            object.__setattr__(self, name, rules)
+        for name in ("ssa_flip", "ssa_miss", "wsa_flip", "wsa_miss"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                fail(name, getattr(self, name), "a fraction in [0, 1)")
+        for name in ("ssa_jitter_px", "wsa_jitter_px", "ea_jitter_px"):
+            if not 0.0 <= getattr(self, name) <= 20.0:
+                fail(name, getattr(self, name), "an RMS displacement in [0, 20] level-0 pixels")
+        if not isinstance(self.ea_count, int) or self.ea_count < 0:
+            fail("ea_count", self.ea_count, "a non-negative integer")
+        if not 0.0 <= self.stain_jitter <= 0.3:
+            fail("stain_jitter", self.stain_jitter, "a relative perturbation in [0, 0.3]")
+        if self.compression not in ("jpeg", "zlib"):
+            fail("compression", self.compression, "'jpeg' or 'zlib'")
+        if not 1 <= self.jpeg_quality <= 100:
+            fail("jpeg_quality", self.jpeg_quality, "an integer in [1, 100]")
+
+    @property
+    def styles(self) -> Mapping[str, NucleusStyle]:
+        """The appearance set named by ``appearance``."""
+        return APPEARANCES[self.appearance]
+
+    def check_classes(self, classes: Sequence[ClassSpec], slide_id: str) -> None:
+        """Raise ``ValueError`` when ``classes`` do not fit these parameters (fractions, flips, rule classes)."""
+        if len(classes) != len(self.class_fractions):
+            msg = (
+                f"slide {slide_id}: {len(classes)} classes {[c.name for c in classes]} but class_fractions has "
+                f"{len(self.class_fractions)} entries {self.class_fractions}; give one fraction per class"
+            )
+            raise ValueError(msg)
+        if self.annotator == "flips" and len(classes) < 2 and max(self.ssa_flip, self.wsa_flip) > 0:
+            msg = f"slide {slide_id}: label flips need at least two classes; set ssa_flip and wsa_flip to 0"
+            raise ValueError(msg)
+        if self.annotator == "rules":
+            names = {c.name for c in classes}
+            for set_name in ("ssa", "wsa"):
+                unknown = sorted({r.class_name for r in getattr(self, f"{set_name}_rules")} - names)
+                if unknown:
+                    msg = (
+                        f"slide {slide_id}: {set_name}_rules name class(es) {unknown} that are not among the "
+                        f"configured classes {sorted(names)}; write rules for your classes (demo.{set_name}_rules)"
+                    )
+                    raise ValueError(msg)
+
+
+def params_from_config(demo: Mapping[str, Any]) -> SyntheticSlideParams:
+    """Slide parameters from the config's ``demo:`` block (``slides`` is the workflow's, not a slide's)."""
+    values = {key: value for key, value in demo.items() if key != "slides"}
+    if "fragments" in values:
+        values["fragments"] = tuple(values["fragments"])
+    for name in ("ssa_rules", "wsa_rules"):
+        if name in values:
+            values[name] = tuple(WeakRule.from_config(entry) for entry in values[name])
+    return SyntheticSlideParams(**values)
+
+
+@dataclass(frozen=True)
+class SlideTruth:
+    """What ``generate_slide`` drew.
+
+    ``fragments``: (x, y, width, height) boxes in level-0 pixels that hold every tissue pixel of each
+    fragment (including a 2-pixel optical-blur halo); outside them the slide is background.
+    ``nuclei_per_class``: nucleus counts in ``class_names`` order. ``annotation_counts``: features
+    written per GeoJSON set. ``stain_matrix``: the H and E optical-density rows actually used.
+    """
+
+    slide_id: str
+    width: int
+    height: int
+    mpp: float
+    fragments: tuple[tuple[int, int, int, int], ...]
+    class_names: tuple[str, ...]
+    nuclei_per_class: tuple[int, ...]
+    annotation_counts: tuple[tuple[str, int], ...]
+    stain_matrix: tuple[tuple[float, float, float], tuple[float, float, float]]
+
+    @property
+    def n_nuclei(self) -> int:
+        return sum(self.nuclei_per_class)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form."""
+        return asdict(self)
