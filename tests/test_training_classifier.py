@@ -30,6 +30,7 @@ from cellkd.training.classifier import (
     train_classifier,
 )
 from cellkd.training.classifier.distillation import class_weights
+from cellkd.training.classifier.train import epochs_without_improvement
 
 CLASSES = ["other", "immune", "muscle", "background"]
 BG = (205, 170, 195)  # pinkish eosin background
@@ -467,6 +468,35 @@ def test_train_classifier_without_val_rows_selects_by_train_loss(
 
 
 # ---------------------------------------------------------------------------------------------- errors
+
+
+def test_epochs_without_improvement_counts_from_the_first_best_epoch() -> None:
+    def rows(f1s: list[float], losses: list[float] | None = None) -> list[dict[str, float]]:
+        losses = losses or [1.0] * len(f1s)
+        return [{"val_f1": f, "train_loss": loss} for f, loss in zip(f1s, losses, strict=True)]
+
+    assert epochs_without_improvement([], use_val=True) == 0
+    assert epochs_without_improvement(rows([0.5, 0.7, 0.9]), use_val=True) == 0
+    assert epochs_without_improvement(rows([0.5, 0.9, 0.9, 0.8]), use_val=True) == 2  # a tie is no improvement
+    # a NaN training loss never counts as best; without validation the lowest training loss is the best
+    assert epochs_without_improvement(rows([0.5, 0.99], [1.0, float("nan")]), use_val=True) == 1
+    assert epochs_without_improvement(rows([0.0] * 3, [0.9, 0.4, 0.6]), use_val=False) == 1
+
+
+def test_patience_stops_training_at_the_first_epoch_without_improvement(stores: list[Path], tmp_path: Path) -> None:
+    # lr 1e-12 all but freezes the weights (only BatchNorm statistics move), so validation F1 soon stops improving
+    frozen = replace(TINY, epochs=10, lr=1e-12, patience=1)
+    train_classifier(stores, "ssa", tmp_path, frozen, device="cpu")
+    history = read_history(tmp_path / "history.csv")
+    assert len(history) < 10
+    assert epochs_without_improvement(history, use_val=True) == 1  # it stopped at the first stalled epoch...
+    assert all(
+        epochs_without_improvement(history[:n], use_val=True) == 0 for n in range(1, len(history))
+    )  # ...not later
+    assert (tmp_path / "model.pt").exists()
+    # without patience the same run goes past that epoch
+    train_classifier(stores, "ssa", tmp_path / "all", replace(frozen, patience=None, epochs=len(history) + 1))
+    assert len(read_history(tmp_path / "all" / "history.csv")) == len(history) + 1
 
 
 def test_unknown_label_set_names_the_available_sets(stores: list[Path], tmp_path: Path) -> None:

@@ -59,11 +59,13 @@ class FinetuneParams:
     lrs, dropouts: the grid (every pair is one ``train_classifier`` run). val_fraction: share of the
     selected labels per class held out to choose the best epoch and grid point. test_reserve: at
     least this fraction of each class's EA nuclei is never trained on; those rows are the test set.
+    patience: each grid point stops after this many epochs without a better validation F1 (None = never).
     """
 
     lrs: tuple[float, ...] = (1e-4,)
     dropouts: tuple[float, ...] = (0.3,)
     epochs: int = 10
+    patience: int | None = 3
     batch_size: int = 64
     val_fraction: float = 0.2
     test_reserve: float = 0.3
@@ -80,6 +82,7 @@ class FinetuneParams:
             (len(set(self.lrs)) == len(self.lrs), "lrs", "distinct values"),
             (len(set(self.dropouts)) == len(self.dropouts), "dropouts", "distinct values"),
             (self.epochs >= 1, "epochs", ">= 1"),
+            (self.patience is None or self.patience >= 1, "patience", ">= 1 or None"),
             (self.batch_size >= 2, "batch_size", ">= 2 (BatchNorm needs two samples per batch)"),
             (0.0 <= self.val_fraction < 1.0, "val_fraction", "in [0, 1)"),
             (0.0 < self.test_reserve < 1.0, "test_reserve", "in (0, 1)"),
@@ -255,6 +258,7 @@ def finetune_student(
         train_params = ClassifierTrainParams(
             arch=str(checkpoint["arch"]),
             epochs=params.epochs,
+            patience=params.patience,
             batch_size=params.batch_size,
             lr=lr,
             dropout=dropout,

@@ -60,7 +60,24 @@ logger = logging.getLogger(__name__)
 HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_accuracy", "val_f1", "seconds")
 
 # More epochs extends a run; workers are unused (see the package doc). Everything else restarts it.
-_RESUMABLE_CHANGES = frozenset({"epochs", "num_workers"})
+_RESUMABLE_CHANGES = frozenset({"epochs", "num_workers", "patience"})
+
+
+def epochs_without_improvement(history: list[dict[str, float]], *, use_val: bool) -> int:
+    """Epochs since the best one in ``history`` (the first best, as the loop keeps the first), 0 if the last is best.
+
+    The score is the validation macro F1 (``use_val``) or minus the training loss; an epoch whose
+    training loss is not finite never counts as best. Computed from the history alone, so a resumed
+    run stops where an uninterrupted one would.
+    """
+    scores = [
+        (row["val_f1"] if use_val else -row["train_loss"]) if math.isfinite(row["train_loss"]) else -math.inf
+        for row in history
+    ]
+    if not scores:
+        return 0
+    best = max(range(len(scores)), key=lambda i: (scores[i], -i))
+    return len(scores) - 1 - best
 
 
 def _classifier_archs() -> list[str]:
@@ -74,8 +91,10 @@ class ClassifierTrainParams:
     ``class_weighting``: weight the cross-entropy by inverse class frequency of the training targets,
     ``w_c = n / (K_present * n_c)`` (0 for a class without rows). ``temperature``, ``w_task``, ``w_kd``:
     see :func:`distillation_loss`; ``w_kd`` > 0 needs teacher logits. ``max_per_class``: keep at most
-    this many training rows per target class, drawn with ``seed``; None = all. ``num_workers``: no
-    effect (crops are held in memory).
+    this many training rows per target class, drawn with ``seed``; None = all. ``patience``: stop
+    early once this many epochs in a row have not beaten the best score (validation macro F1, or the
+    training loss without validation rows); None = run every epoch. ``num_workers``: no effect (crops
+    are held in memory).
     """
 
     arch: str = "resnet18"
@@ -90,6 +109,7 @@ class ClassifierTrainParams:
     seed: int = 0
     num_workers: int = 0
     max_per_class: int | None = None
+    patience: int | None = None
 
     def __post_init__(self) -> None:
         archs = _classifier_archs()
@@ -106,6 +126,7 @@ class ClassifierTrainParams:
             (self.w_task + self.w_kd > 0, "w_task", "> 0 when w_kd = 0 (the loss would be zero)"),
             (self.num_workers >= 0, "num_workers", ">= 0"),
             (self.max_per_class is None or self.max_per_class >= 1, "max_per_class", ">= 1 or None"),
+            (self.patience is None or self.patience >= 1, "patience", ">= 1 or None"),
         ]
         check_parameters(self, checks, "classifier training")
 
@@ -340,6 +361,11 @@ def train_classifier(
             }
             torch_save_atomic(resume_state, last_path)
             atomic_write_text(out / "history.csv", history_csv(history, HISTORY_COLUMNS))
+            if epochs_without_improvement(history, use_val=bool(len(val_rows))) >= (params.patience or math.inf):
+                logger.info(
+                    "stopping early after epoch %d: %d epochs without a better %s", epoch, params.patience, criterion
+                )
+                break
 
     atomic_write_text(out / "history.csv", history_csv(history, HISTORY_COLUMNS))
     if not best_path.exists():
