@@ -1,12 +1,12 @@
-#!/usr/bin/env python
 """Parsing speed and peak memory of a QuPath 0.5 cell export: ``read_qupath_geojson`` vs ``json.load``.
 
-    python benchmarks/qupath_parse.py [--quick] [--cells N] [--work-dir DIR]
+    python benchmarks/run.py --only qupath_parse [--quick]
 
 The input is a generated QuPath 0.5-style cell export (``objectType: "cell"``, a cell ``geometry``, a
 ``nucleusGeometry``, a ``classification`` and a ``measurements`` dict of 30 QuPath-like entries;
 about 2.2 KB per cell, so 470,563 cells make a 1.05 GB file, the size of issue 13's measurement).
-It is cached under ``--work-dir`` (default ``benchmarks/work``, git-ignored); generating it is not timed.
+It is cached under the runner's ``--work-dir`` (default ``benchmarks/work``, git-ignored); generating it
+is not timed.
 
 Each reader runs in a fresh child process, whose own peak RSS (``VmHWM``) is reported:
 
@@ -15,24 +15,21 @@ Each reader runs in a fresh child process, whose own peak RSS (``VmHWM``) is rep
 - ``ijson``: ``ijson.items`` with its C backend (yajl2_c), the other streaming candidate, which builds
   every feature dict (measurements included) before the caller can drop it. Run on a part of the
   file (its speed does not depend on the file size) and only when ijson is installed.
-
-``run(quick)`` returns the table rows; the ``__main__`` block prints them.
 """
 
 from __future__ import annotations
 
-import argparse
+import itertools
 import json
 import math
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from harness import Context, Row, met, peak_rss_mib, run_child
 
-REPO = Path(__file__).resolve().parents[1]
-WORK = REPO / "benchmarks" / "work"
+NAME = "qupath_parse"
+ORDER = 35
 
 PAPER_CELLS = 470_563
 """Nuclei of the paper's largest slide (Table 1), the size of issue 13's 1.05 GB export."""
@@ -108,7 +105,7 @@ def write_cell_export(path: Path, cells: int, seed: int = 0) -> Path:
     return path
 
 
-def cell_export(cells: int, work: Path = WORK) -> Path:
+def cell_export(cells: int, work: Path) -> Path:
     """The cached cell export of ``cells`` cells under ``work`` (written on first use)."""
     path = work / "qupath" / f"cells_{cells}.geojson"
     return path if path.exists() else write_cell_export(path, cells)
@@ -116,40 +113,25 @@ def cell_export(cells: int, work: Path = WORK) -> Path:
 
 # ------------------------------------------------------------------------------------------ the readers
 
-_CHILD = r"""
-import json, sys, time
-from pathlib import Path
-path, reader, limit = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-if reader == "cellkd":  # imported before the clock starts: geopandas alone takes a second or two
-    from cellkd.annotations import read_qupath_geojson
-    from cellkd.classes import DEFAULT_CLASSES
-began, cpu = time.perf_counter(), time.process_time()
-if reader == "cellkd":
-    n = len(read_qupath_geojson(path, DEFAULT_CLASSES))
-elif reader == "json.load":
-    with path.open("rb") as f:
-        n = len(json.load(f)["features"])
-else:
-    import itertools, ijson
-    assert ijson.backend == "yajl2_c", ijson.backend
-    with path.open("rb") as f:
-        n = sum(1 for _ in itertools.islice(ijson.items(f, "features.item", use_float=True), limit))
-seconds, cpu_seconds = time.perf_counter() - began, time.process_time() - cpu
-hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
-print(json.dumps({"features": n, "seconds": seconds, "cpu_seconds": cpu_seconds, "peak_gib": hwm / 2**20}))
-"""
 
+def read_export(path: str, reader: str, limit: int = 0) -> dict[str, float]:
+    """One reader on ``path`` (a child step): features read, wall and CPU seconds, peak RSS in GiB (VmHWM)."""
+    if reader == "cellkd":  # imported before the clock starts: geopandas alone takes a second or two
+        from cellkd.annotations import read_qupath_geojson
+        from cellkd.classes import DEFAULT_CLASSES
+    began, cpu = time.perf_counter(), time.process_time()
+    if reader == "cellkd":
+        n = len(read_qupath_geojson(path, DEFAULT_CLASSES))
+    elif reader == "json.load":
+        with open(path, "rb") as f:
+            n = len(json.load(f)["features"])
+    else:
+        import ijson
 
-def measure(path: Path, reader: str, limit: int = 0) -> dict[str, float]:
-    """Run ``reader`` on ``path`` in a fresh process: features read, wall and CPU seconds, peak RSS (GiB, VmHWM)."""
-    env_path = str(REPO / "src")
-    cmd = [sys.executable, "-c", _CHILD, str(path), reader, str(limit)]
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, check=False, env={"PYTHONPATH": env_path, "PATH": ""}, timeout=3600
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"{reader} on {path} failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        with open(path, "rb") as f:
+            n = sum(1 for _ in itertools.islice(ijson.items(f, "features.item", use_float=True), limit))
+    seconds, cpu_seconds = time.perf_counter() - began, time.process_time() - cpu
+    return {"features": n, "seconds": seconds, "cpu_seconds": cpu_seconds, "peak_gib": peak_rss_mib() / 1024}
 
 
 def _ijson_available() -> bool:
@@ -160,70 +142,55 @@ def _ijson_available() -> bool:
     return ijson.backend == "yajl2_c"
 
 
-def run(quick: bool, work: Path = WORK, cells: int | None = None) -> list[dict[str, str]]:
-    """Rows {benchmark, cellkd, comparator, target, met, notes}: features/s and peak RSS of each reader."""
-    n = cells or (QUICK_CELLS if quick else PAPER_CELLS)
+def run(ctx: Context) -> list[Row]:
+    """features/s and peak RSS of cellkd's reader against json.load (and ijson's, where installed)."""
+    n = QUICK_CELLS if ctx.quick else PAPER_CELLS
     began = time.perf_counter()
-    path = cell_export(n, work)
+    path = cell_export(n, ctx.work)
     size_gb = path.stat().st_size / 1e9
     generated_s = time.perf_counter() - began
-    new = measure(path, "cellkd")
+    new = run_child(read_export, path=str(path), reader="cellkd")
     if new["features"] != n:
         raise RuntimeError(f"read_qupath_geojson read {new['features']} nuclei of {n}")
-    old = measure(path, "json.load")
+    old = run_child(read_export, path=str(path), reader="json.load")
     new_rate, old_rate = n / new["seconds"], n / old["seconds"]
     what = f"QuPath 0.5 cell export, {n:,} cells, {size_gb:.2f} GB"
     rows = [
-        {
-            "benchmark": f"qupath parse: {what}, features/s",
-            "cellkd": f"{new_rate:,.0f}",
-            "comparator": f"{old_rate:,.0f}",
-            "target": f">= {TARGET_FEATURES_PER_S:,}",
-            "met": "yes" if new_rate >= TARGET_FEATURES_PER_S else "no",
-            "notes": f"read_qupath_geojson {new['seconds']:.1f} s vs json.load {old['seconds']:.1f} s wall; "
-            f"per CPU second (what a quiet core gives): {n / new['cpu_seconds']:,.0f} vs {n / old['cpu_seconds']:,.0f} "
-            f"features/s (file generated in {generated_s:.0f} s if not cached)",
-        },
-        {
-            "benchmark": f"qupath parse: {what}, peak RSS GiB",
-            "cellkd": f"{new['peak_gib']:.2f}",
-            "comparator": f"{old['peak_gib']:.2f}",
-            "target": f"<= {TARGET_PEAK_GIB:g}",
-            "met": "yes" if new["peak_gib"] <= TARGET_PEAK_GIB else "no",
-            "notes": "VmHWM of a fresh process per reader (cellkd's includes ~0.15 GiB of imports: geopandas, "
-            "shapely); comparator json.load of the whole file",
-        },
+        Row(
+            f"QuPath parse: {what}, features/s",
+            f"{new_rate:,.0f}",
+            f"{old_rate:,.0f} (json.load)",
+            f"{new_rate / old_rate:.1f}×",
+            f">= {TARGET_FEATURES_PER_S:,}",
+            met(new_rate >= TARGET_FEATURES_PER_S),
+            f"read_qupath_geojson {new['seconds']:.1f} s vs json.load {old['seconds']:.1f} s wall; per CPU second "
+            f"(what a quiet core gives): {n / new['cpu_seconds']:,.0f} vs {n / old['cpu_seconds']:,.0f} features/s "
+            f"(file generated in {generated_s:.0f} s if not cached)",
+        ),
+        Row(
+            f"QuPath parse: {what}, peak RSS GiB",
+            f"{new['peak_gib']:.2f}",
+            f"{old['peak_gib']:.2f} (json.load)",
+            f"{old['peak_gib'] / new['peak_gib']:.1f}× less",
+            f"<= {TARGET_PEAK_GIB:g}",
+            met(new["peak_gib"] <= TARGET_PEAK_GIB),
+            "VmHWM of a fresh process per reader (cellkd's includes ~0.15 GiB of imports: geopandas, shapely)",
+        ),
     ]
     if _ijson_available():
         limit = min(n, 20_000)
-        streamed = measure(path, "ijson", limit)
+        streamed = run_child(read_export, path=str(path), reader="ijson", limit=limit)
+        ijson_rate = streamed["features"] / streamed["seconds"]
         rows.append(
-            {
-                "benchmark": f"qupath parse: ijson.items (yajl2_c) on {limit:,} cells, features/s",
-                "cellkd": f"{new_rate:,.0f}",
-                "comparator": f"{streamed['features'] / streamed['seconds']:,.0f}",
-                "target": f">= {TARGET_FEATURES_PER_S:,}",
-                "met": "yes" if new_rate >= TARGET_FEATURES_PER_S else "no",
-                "notes": "the streaming alternative: it builds every feature dict, measurements included; "
+            Row(
+                f"QuPath parse: ijson.items (yajl2_c) on {limit:,} cells, features/s",
+                f"{new_rate:,.0f}",
+                f"{ijson_rate:,.0f} (ijson)",
+                f"{new_rate / ijson_rate:.1f}×",
+                "–",
+                met(None),
+                "the other streaming candidate: it builds every feature dict, measurements included; "
                 f"{limit / streamed['cpu_seconds']:,.0f} features per CPU second",
-            }
+            )
         )
     return rows
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help=f"{QUICK_CELLS:,} cells instead of {PAPER_CELLS:,}")
-    parser.add_argument("--cells", type=int, help="number of cells (overrides --quick)")
-    parser.add_argument("--work-dir", type=Path, default=WORK, help="where the generated export is cached")
-    args = parser.parse_args()
-    rows = run(args.quick, args.work_dir, args.cells)
-    keys = ["benchmark", "cellkd", "comparator", "target", "met", "notes"]
-    print("| " + " | ".join(keys) + " |")
-    print("|" + "---|" * len(keys))
-    for row in rows:
-        print("| " + " | ".join(row[k] for k in keys) + " |")
-
-
-if __name__ == "__main__":
-    main()
