@@ -87,6 +87,41 @@ rule tabulate_segmentation:
         "../scripts/tabulate_segmentation.py"
 
 
+rule tabulate_instances:
+    input:
+        nuclei=expand(
+            "results/nuclei/{stain}/{slide}.h5",
+            stain=STAINS,
+            slide=slides_with("truth"),
+        ),
+        truth=[SLIDES[slide].annotations["truth"] for slide in slides_with("truth")],
+        fragments=expand("results/fragments/raw/{slide}.h5", slide=slides_with("truth")),
+    output:
+        csv=report(
+            "results/tables/table2_instances.csv",
+            caption="../report/table2_instances.rst",
+            category="Phase I: segmentation",
+        ),
+        md="results/tables/table2_instances.md",
+    log:
+        "logs/tabulate_instances.log",
+    benchmark:
+        "benchmarks/tabulate_instances.tsv"
+    conda:
+        "../envs/cellkd.yaml"
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    params:
+        stains=STAINS,
+        slides=slides_with("truth"),
+        classes=config["classes"],
+        annotations=config["annotations"],
+        mpp_fallback=config["mpp_fallback"],
+    script:
+        "../scripts/tabulate_instances.py"
+
+
 rule segment_slide:
     input:
         selected="results/segmentation/{stain}/selected.json",

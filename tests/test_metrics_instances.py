@@ -7,7 +7,7 @@ import math
 import pytest
 import shapely
 
-from cellkd.metrics.instances import INSTANCE_METRICS, InstanceCounts, instance_counts
+from cellkd.metrics.instances import INSTANCE_METRICS, InstanceCounts, instance_counts, instance_counts_by_class
 
 
 def _box(x: float, y: float, w: float = 10, h: float = 10) -> shapely.Polygon:
@@ -62,3 +62,33 @@ def test_counts_add_up_over_fragments_and_empty_sides_are_safe() -> None:
     assert total.metrics()["matched"] == pytest.approx(1 / 3)
     assert math.isnan(InstanceCounts().metrics()["matched"])
     assert b.metrics()["pq"] == 0.0
+
+
+def test_by_class_counts_follow_the_true_class_and_sum_to_the_total() -> None:
+    truth = [_box(0, 0), _box(100, 0, 40, 10), _box(200, 0), _box(212, 0)]
+    true_class = [0, 2, 0, 1]  # other, muscle, other, immune
+    predicted = [
+        _box(1, 0),  # matches the first "other"
+        _box(100, 0, 20, 10),  # the muscle nucleus cut in two
+        _box(120, 0, 20, 10),
+        _box(200, 0, 20, 10),  # an "other" and an "immune" nucleus fused (overlaps the "other" most)
+        _box(500, 500),  # on no true nucleus: in the total only
+    ]
+    other, immune, muscle = instance_counts_by_class(predicted, truth, true_class, 3)
+    assert other == InstanceCounts(true=2, predicted=2, matches=1, iou_sum=pytest.approx(90 / 110), split=0, merged=1)
+    assert immune == InstanceCounts(true=1, predicted=0, matches=0, iou_sum=0.0, split=0, merged=1)
+    assert muscle == InstanceCounts(true=1, predicted=2, matches=0, iou_sum=0.0, split=1, merged=0)
+    total = instance_counts(predicted, truth)
+    summed = other + immune + muscle
+    assert (summed.true, summed.matches, summed.split, summed.merged) == (
+        total.true,
+        total.matches,
+        total.split,
+        total.merged,
+    )
+    assert summed.predicted == total.predicted - 1
+
+
+def test_by_class_needs_one_class_per_true_nucleus() -> None:
+    with pytest.raises(ValueError, match="one class per true nucleus"):
+        instance_counts_by_class([_box(0, 0)], [_box(0, 0), _box(20, 0)], [0], 3)

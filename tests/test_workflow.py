@@ -291,6 +291,7 @@ def test_report_holds_every_table_and_plot_with_a_caption(demo_run: Path) -> Non
     }
     expected = {
         **{f"results/tables/table{n}.csv": None for n in range(2, 7)},
+        "results/tables/table2_instances.csv": "Phase I: segmentation",
         "results/report/figure4.png": "Phase I: segmentation",
         "results/report/training_curves.png": "Training curves",
         "results/report/finetune_curve.png": "Phase IV: human in the loop",
@@ -464,6 +465,7 @@ def test_dry_run_of_a_real_sheet_plans_the_paper_models(tmp_path: Path) -> None:
     assert "results/finetune/raw/wsa/n1900/model.pt" in result.stdout
     assert planned["finetune_student"] == 2 * 2 * 11  # stains x label sets x the paper's 11 counts
     assert "generate_demo_slide" not in planned
+    assert "tabulate_instances" not in planned  # no truth set: nothing to score instances against
 
 
 def test_dry_run_of_the_demo_plans_the_demo_models(tmp_path: Path) -> None:
@@ -472,6 +474,7 @@ def test_dry_run_of_the_demo_plans_the_demo_models(tmp_path: Path) -> None:
     assert "cellkd preset: demo" in result.stdout + result.stderr
     assert "results/teacher/raw/wsa/vgg4/model.pt" in result.stdout
     assert planned_jobs(result.stdout)["finetune_student"] == 2 * 2 * 4  # the demo's 4 counts
+    assert planned_jobs(result.stdout)["tabulate_instances"] == 1  # the demo's slides have a truth set
 
 
 def test_sheet_without_ea_skips_phase_four_and_predicts_with_the_plain_student(tmp_path: Path) -> None:

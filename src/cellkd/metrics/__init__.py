@@ -9,7 +9,7 @@ from cellkd.metrics.classification import (
     confusion_matrix,
     metrics_from_confusion,
 )
-from cellkd.metrics.instances import INSTANCE_METRICS, InstanceCounts, instance_counts
+from cellkd.metrics.instances import INSTANCE_METRICS, InstanceCounts, instance_counts, instance_counts_by_class
 from cellkd.metrics.pixel import PIXEL_METRICS, BoolMask, PixelCounts, pixel_counts, pixel_metrics
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "classification_metrics",
     "confusion_matrix",
     "instance_counts",
+    "instance_counts_by_class",
     "metrics_from_confusion",
     "pixel_counts",
     "pixel_metrics",

@@ -13,6 +13,9 @@ that each overlap a third by more than half of their union cannot both exist). T
   instance as held when at least half of its area lies inside the true nucleus (over-splitting);
 - ``merged``: share of true nuclei whose area lies at least half inside a predicted instance that also
   holds another true nucleus that way (under-splitting).
+
+:func:`instance_counts_by_class` gives the same counts per class of the true nuclei (elongated muscle
+nuclei are the ones a watershed over-splits, so a slide total can hide them).
 """
 
 from __future__ import annotations
@@ -73,10 +76,64 @@ def instance_counts(
     true: Sequence[shapely.Geometry] | npt.NDArray[np.object_],
 ) -> InstanceCounts:
     """Compare predicted nucleus polygons with true ones (same pixel frame); see the module docstring."""
+    outcomes = _outcomes(predicted, true)
+    return outcomes.counts(np.ones(outcomes.matched.size, dtype=bool), np.ones(outcomes.owner.size, dtype=bool))
+
+
+def instance_counts_by_class(
+    predicted: Sequence[shapely.Geometry] | npt.NDArray[np.object_],
+    true: Sequence[shapely.Geometry] | npt.NDArray[np.object_],
+    true_class: Sequence[int] | npt.NDArray[np.integer],
+    n_classes: int,
+) -> list[InstanceCounts]:
+    """:func:`instance_counts` per class of the true nuclei (``true_class``: (n,) index in ``0..n_classes-1``).
+
+    A true nucleus counts for its own class. A predicted instance counts for the class of the true
+    nucleus it overlaps most (so the pieces of a cut nucleus lower its class's precision); one that
+    overlaps no true nucleus counts in no class, only in :func:`instance_counts`. Splits and merges
+    are judged against all true nuclei, so a nucleus fused with one of another class is merged.
+    """
+    classes = np.asarray(true_class, dtype=np.int64)
+    if classes.shape != (len(true),):
+        raise ValueError(f"true_class has shape {classes.shape}; expected one class per true nucleus ({len(true)},)")
+    outcomes = _outcomes(predicted, true)
+    owner_class = np.where(outcomes.owner >= 0, classes[np.maximum(outcomes.owner, 0)], -1)
+    return [outcomes.counts(classes == k, owner_class == k) for k in range(n_classes)]
+
+
+@dataclass(frozen=True)
+class _Outcomes:
+    """What happened to each true nucleus and where each predicted instance lies."""
+
+    matched: npt.NDArray[np.bool_]  # (n_true,) matched one-to-one at IoU > MATCH_IOU
+    iou: npt.NDArray[np.float64]  # (n_true,) IoU of that match, 0 when unmatched
+    split: npt.NDArray[np.bool_]  # (n_true,) holds two or more predicted instances
+    merged: npt.NDArray[np.bool_]  # (n_true,) held by an instance that holds another true nucleus
+    owner: npt.NDArray[np.int64]  # (n_pred,) the true nucleus overlapping it most, -1 for none
+
+    def counts(self, true_rows: npt.NDArray[np.bool_], predicted_rows: npt.NDArray[np.bool_]) -> InstanceCounts:
+        """The counts over the selected true nuclei and predicted instances."""
+        return InstanceCounts(
+            true=int(true_rows.sum()),
+            predicted=int(predicted_rows.sum()),
+            matches=int(self.matched[true_rows].sum()),
+            iou_sum=float(self.iou[true_rows].sum()),
+            split=int(self.split[true_rows].sum()),
+            merged=int(self.merged[true_rows].sum()),
+        )
+
+
+def _outcomes(
+    predicted: Sequence[shapely.Geometry] | npt.NDArray[np.object_],
+    true: Sequence[shapely.Geometry] | npt.NDArray[np.object_],
+) -> _Outcomes:
     pred = np.asarray(predicted, dtype=object)
     truth = np.asarray(true, dtype=object)
-    if not len(pred) or not len(truth):
-        return InstanceCounts(true=len(truth), predicted=len(pred))
+    n_true, n_pred = len(truth), len(pred)
+    matched, iou_of_true = np.zeros(n_true, dtype=bool), np.zeros(n_true)
+    owner = np.full(n_pred, -1, dtype=np.int64)
+    if not n_pred or not n_true:
+        return _Outcomes(matched, iou_of_true, np.zeros(n_true, dtype=bool), np.zeros(n_true, dtype=bool), owner)
     # Every overlapping (true, predicted) pair, from the true polygons' spatial index.
     pred_index, true_index = shapely.STRtree(truth).query(pred, predicate="intersects")
     inter = shapely.area(shapely.intersection(pred[pred_index], truth[true_index]))
@@ -84,19 +141,17 @@ def instance_counts(
     true_area = shapely.area(truth)[true_index]
     iou = inter / np.maximum(pred_area + true_area - inter, np.finfo(float).tiny)
 
-    matched = iou > MATCH_IOU
+    match = iou > MATCH_IOU
+    matched[true_index[match]] = True
+    iou_of_true[true_index[match]] = iou[match]
     # A predicted instance held by a true nucleus (split test) / a true nucleus held by a predicted one (merge test).
     pred_held = inter >= HELD_FRACTION * pred_area
     true_held = inter >= HELD_FRACTION * true_area
-    pieces_per_true = np.bincount(true_index[pred_held], minlength=len(truth))
-    true_per_pred = np.bincount(pred_index[true_held], minlength=len(pred))
-    merged_true = np.zeros(len(truth), dtype=bool)
-    merged_true[true_index[true_held & (true_per_pred[pred_index] >= 2)]] = True
-    return InstanceCounts(
-        true=len(truth),
-        predicted=len(pred),
-        matches=int(matched.sum()),
-        iou_sum=float(iou[matched].sum()),
-        split=int((pieces_per_true >= 2).sum()),
-        merged=int(merged_true.sum()),
-    )
+    pieces_per_true = np.bincount(true_index[pred_held], minlength=n_true)
+    true_per_pred = np.bincount(pred_index[true_held], minlength=n_pred)
+    merged = np.zeros(n_true, dtype=bool)
+    merged[true_index[true_held & (true_per_pred[pred_index] >= 2)]] = True
+    # Largest overlap last within each predicted instance, so the assignment keeps it.
+    order = np.lexsort((inter, pred_index))
+    owner[pred_index[order]] = true_index[order]
+    return _Outcomes(matched, iou_of_true, pieces_per_true >= 2, merged, owner)

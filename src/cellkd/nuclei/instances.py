@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
-from skimage.morphology import h_maxima
+from skimage.morphology import convex_hull_image, h_maxima
 from skimage.segmentation import watershed
 
 from cellkd.nuclei.params import NucleiParams
@@ -32,8 +32,9 @@ def find_instances(
 ) -> LabelImage:
     """int32 (H, W) instance labels (0 background, 1..N) of a (H, W) nucleus ``mask`` (nonzero = nucleus).
 
-    Instances are 8-connected components; with ``params.split_touching`` a component whose distance
-    transform has several h-maxima (``params.split_depth``) is split by a watershed from them.
+    Instances are 8-connected components; with ``params.split_touching`` a component that is clearly
+    several nuclei (several h-maxima of its distance transform and a waist between them) is split by a
+    watershed: see :func:`_split_touching`.
     ``downsample``: level-0 px per mask px, so that ``params.min_area`` (level-0 px) applies at any level.
     Labels are consecutive, in raster order of the components (split parts follow the last component).
     """
@@ -44,7 +45,7 @@ def find_instances(
     labels, n = ndimage.label(foreground, structure=_EIGHT, output=np.int32)
     min_pixels = math.ceil(params.min_area / downsample**2)
     if params.split_touching and n:
-        n = _split_touching(labels, n, params.split_depth, 2 * min_pixels)
+        n = _split_touching(labels, n, params, 2 * min_pixels)
     if n == 0:
         return labels
     keep = _areas(labels, n) >= min_pixels
@@ -71,8 +72,15 @@ def _apply_lookup(labels: LabelImage, lookup: npt.NDArray[np.int32]) -> LabelIma
     return labels
 
 
-def _split_touching(labels: LabelImage, n: int, depth: float, min_pixels: int) -> int:
-    """Split components of ``labels`` (in place) at distance-transform saddles deeper than ``depth``; new count."""
+def _split_touching(labels: LabelImage, n: int, params: NucleiParams, min_pixels: int) -> int:
+    """Split components of ``labels`` (in place) that are clearly several nuclei; the new label count.
+
+    Markers are the h-maxima (``params.split_depth``) of the distance transform, parts the watershed
+    from them. Pixel staircases and contour wobble put several such maxima on one thin elongated
+    nucleus, so the markers alone over-split it; a shape test decides instead (``params.split_waist``):
+    a component without a waist is never split, and two adjacent parts whose union has no waist are
+    joined again (see :func:`_waist_depth`).
+    """
     next_id = n + 1
     for index, box in enumerate(ndimage.find_objects(labels), start=1):
         if box is None:
@@ -81,7 +89,7 @@ def _split_touching(labels: LabelImage, n: int, depth: float, min_pixels: int) -
         inside = view == index
         if np.count_nonzero(inside) < min_pixels:
             continue  # both parts would fall below min_area
-        # A one-pixel margin: the box edge must count as background for the distance transform.
+        # A one-pixel margin: the box edge must count as background for the distance transforms.
         padded = np.zeros((inside.shape[0] + 2, inside.shape[1] + 2), dtype=bool)
         padded[1:-1, 1:-1] = inside
         distance = ndimage.distance_transform_edt(padded)
@@ -89,15 +97,72 @@ def _split_touching(labels: LabelImage, n: int, depth: float, min_pixels: int) -
         local = (distance == ndimage.maximum_filter(distance, size=3)) & padded
         if ndimage.label(local, structure=_EIGHT)[1] < 2:
             continue
-        markers, count = ndimage.label(h_maxima(distance, depth).astype(bool) & padded, structure=_EIGHT)
+        markers, count = ndimage.label(h_maxima(distance, params.split_depth).astype(bool) & padded, structure=_EIGHT)
+        if count < 2 or _waist_depth(padded) < params.split_waist:
+            continue
+        parts = watershed(-distance, markers, mask=padded, connectivity=2)
+        parts, count = _join_parts_without_waist(parts, count, params.split_waist)
         if count < 2:
             continue
-        parts = watershed(-distance, markers, mask=padded, connectivity=2)[1:-1, 1:-1]
-        # Marker 1 keeps the component's id; the others get new ids.
+        parts = parts[1:-1, 1:-1]
+        # Part 1 keeps the component's id; the others get new ids.
         moved = inside & (parts > 1)
         view[moved] = next_id + parts[moved] - 2
         next_id += count - 1
     return next_id - 1
+
+
+def _waist_depth(mask: npt.NDArray[np.bool_]) -> float:
+    """Depth (px) of the deepest concavity of ``mask``: how far its convex-hull deficit reaches into the hull.
+
+    The hull is that of the pixel corners, so the staircase of any convex outline leaves a deficit
+    exactly 1 px deep; two touching round nuclei leave a notch on each side of their neck, as deep as
+    the neck is narrower than the nuclei. ``mask`` needs a background margin of one pixel.
+    """
+    hull = convex_hull_image(mask)
+    deficit = hull & ~mask
+    if not deficit.any():
+        return 0.0
+    return float(ndimage.distance_transform_edt(hull)[deficit].max())
+
+
+def _join_parts_without_waist(
+    parts: npt.NDArray[np.int32], count: int, waist: float
+) -> tuple[npt.NDArray[np.int32], int]:
+    """Join adjacent watershed ``parts`` (1..count) whose union has no waist; relabelled parts and their count.
+
+    Each 8-adjacent pair is tested on its own and joins are transitive, so a long nucleus cut into
+    three pieces becomes whole again while a waist between two nuclei keeps them apart.
+    """
+    group = np.arange(count + 1)
+
+    def root(part: int) -> int:
+        while group[part] != part:
+            part = group[part]
+        return part
+
+    for a, b in _adjacent_pairs(parts):
+        if _waist_depth((parts == a) | (parts == b)) < waist:
+            group[max(root(a), root(b))] = min(root(a), root(b))
+    roots = np.array([root(part) for part in range(count + 1)])
+    # Consecutive ids in order of each group's first part: the group holding part 1 stays 1.
+    _, lookup = np.unique(roots, return_inverse=True)
+    return lookup.astype(np.int32)[parts], int(lookup.max())
+
+
+def _adjacent_pairs(parts: npt.NDArray[np.int32]) -> list[tuple[int, int]]:
+    """Sorted (a, b), a < b, of the nonzero parts that touch (8-connectivity)."""
+    pairs: set[tuple[int, int]] = set()
+    shifted = (
+        (parts[:, :-1], parts[:, 1:]),
+        (parts[:-1], parts[1:]),
+        (parts[:-1, :-1], parts[1:, 1:]),
+        (parts[:-1, 1:], parts[1:, :-1]),
+    )
+    for a, b in shifted:
+        touching = (a != b) & (a > 0) & (b > 0)
+        pairs.update(zip(np.minimum(a, b)[touching].tolist(), np.maximum(a, b)[touching].tolist(), strict=True))
+    return sorted(pairs)
 
 
 @dataclass

@@ -23,6 +23,10 @@ class NucleiParams:
     split_depth: float = 1.5
     """Distance-transform peaks (segmentation-level px) split a component only when they rise at least
     this much above the saddle between them (h-maxima): smaller bumps of one outline do not split it."""
+    split_waist: float = 2.0
+    """Two watershed parts stay split only when their union has a waist: a concavity (convex-hull deficit)
+    at least this deep (segmentation-level px). A convex outline of any elongation (a muscle nucleus) has
+    none: its pixel staircase is 1 px deep, while two touching round nuclei pinch in by 2 px or more."""
     match: str = "iou"
     """``"iou"`` (best-overlapping annotated nucleus) or ``"centroid"`` (annotated nucleus containing it)."""
     min_iou: float = 0.1
@@ -52,6 +56,8 @@ class NucleiParams:
             fail("split_touching", "true or false")
         if not (math.isfinite(float(self.split_depth)) and self.split_depth > 0):
             fail("split_depth", "a number > 0 (pixels)")
+        if not (math.isfinite(float(self.split_waist)) and self.split_waist > 0):
+            fail("split_waist", "a number > 0 (pixels)")
         if self.match not in ("iou", "centroid"):
             fail("match", "'iou' or 'centroid'")
         if not (math.isfinite(float(self.min_iou)) and 0.0 < self.min_iou <= 1.0):
