@@ -141,10 +141,15 @@ class PatchDataset(Dataset):
         self.seed = seed
         self.epoch = 0
         self._stores: dict[int, PatchStore] = {}
+        self.pixel_stores: list[Path] = []
+        """The fragment and mask stores the patches are read from (each once, in order)."""
         index: list[np.ndarray] = []
         sizes: set[int] = set()
         for store, path in enumerate(self.paths):
             with PatchStore(path) as patches:
+                for pixels in (*patches.fragment_stores, *patches.mask_stores):
+                    if pixels is not None and pixels not in self.pixel_stores:
+                        self.pixel_stores.append(pixels)
                 if mask_set not in patches.annotation_sets:
                     msg = (
                         f"{path}: no annotation set {mask_set!r} in the patch store (it has "
@@ -335,7 +340,8 @@ def train_segmentation(
         dev.type == "cuda" and use_accelerator_default(params.pin_memory, dev),
     )
 
-    data = data_fingerprint(patch_stores)
+    # The pixels live in the fragment and mask stores: a rewritten one is new data too.
+    data = data_fingerprint([*patch_stores, *train_set.pixel_stores])
     generator = torch.Generator()
     train_loader = _loader(train_set, params, dev, generator=generator)
     val_loader = _loader(val_set, params, dev)
