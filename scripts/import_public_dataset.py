@@ -1,4 +1,4 @@
-"""Snakemake adapter: a public dataset (MoNuSeg / Lizard) -> fragment + mask stores and a patch store of nucleus masks."""
+"""Snakemake adapter: a public dataset (MoNuSeg / Lizard) -> its fragment + mask stores and a patch store."""
 
 import functools
 

@@ -45,6 +45,7 @@ from cellkd.store.atomic import atomic_h5, require_complete
 from cellkd.store.attrs import decode_strings
 from cellkd.store.fragments import FragmentStore
 from cellkd.types import DOWNSAMPLES, SPLIT_NAMES, PathLike
+from cellkd.workflow import progress
 
 logger = logging.getLogger(__name__)
 
@@ -296,20 +297,34 @@ def cut_patches(
             }
         )
 
-        def strings(name: str, values: Sequence[str]) -> None:
-            h5.create_dataset(name, data=np.array(values, dtype=object), dtype=h5py.string_dtype())
-
-        strings("stores/fragments", [_relative_to(item.fragments, folder) for item in inputs])
-        strings("stores/masks", [_relative_to(item.masks, folder) if item.masks else "" for item in inputs])
-        strings("stores/slide", [item.slide for item in inputs])
-        strings("stores/fragment_boxes", [item.boxes for item in inputs])
-        h5.create_dataset("store", data=np.array([r[0] for r in rows], dtype=np.int32))
-        strings("slide", [r[1] for r in rows])
-        strings("fragment", [r[2] for r in rows])
-        h5.create_dataset("level", data=np.array([r[3] for r in rows], dtype=np.int8))
-        h5.create_dataset("x", data=np.array([r[4] for r in rows], dtype=np.int32))
-        h5.create_dataset("y", data=np.array([r[5] for r in rows], dtype=np.int32))
-        h5.create_dataset("split", data=split)
+        text = h5py.string_dtype()
+        per_slide = {
+            "fragments": [_relative_to(item.fragments, folder) for item in inputs],
+            "masks": [_relative_to(item.masks, folder) if item.masks else "" for item in inputs],
+            "slide": [item.slide for item in inputs],
+            "fragment_boxes": [item.boxes for item in inputs],
+        }
+        for name, values in per_slide.items():
+            h5.create_dataset(f"stores/{name}", data=np.array(values, dtype=object), dtype=text)
+        per_patch = {
+            "store": np.array([r[0] for r in rows], dtype=np.int32),
+            "slide": np.array([r[1] for r in rows], dtype=object),
+            "fragment": np.array([r[2] for r in rows], dtype=object),
+            "level": np.array([r[3] for r in rows], dtype=np.int8),
+            "x": np.array([r[4] for r in rows], dtype=np.int32),
+            "y": np.array([r[5] for r in rows], dtype=np.int32),
+            "split": split,
+        }
+        columns = {
+            name: h5.create_dataset(name, shape=(len(rows),), dtype=text if values.dtype == object else values.dtype)
+            for name, values in per_patch.items()
+        }
+        # Slide by slide, so a source of many slides (MoNuSeg) shows progress; rows are grouped by slide.
+        bounds = np.searchsorted(per_patch["store"], np.arange(len(inputs) + 1))
+        for index in progress(range(len(inputs)), desc=f"patches {source}", total=len(inputs)):
+            rows_of_slide = slice(bounds[index], bounds[index + 1])
+            for name, ds in columns.items():
+                ds[rows_of_slide] = per_patch[name][rows_of_slide]
     counts = np.bincount(split, minlength=3)
     logger.info(
         "%s: %d patches (%s) in %d area block(s) of %d px from %d slide(s) -> %s",
