@@ -413,6 +413,8 @@ def test_dry_run_with_a_public_dataset_adds_its_patch_store_to_segmentation_trai
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "import_public_dataset" in result.stdout
     assert "results/patches/raw/monuseg.h5" in result.stdout
+    # the patch store reads its pixels from the stores kept beside it: training declares them as inputs
+    assert "results/patches/raw/monuseg.stores" in result.stdout
 
 
 def test_public_dataset_named_like_a_slide_is_rejected(tmp_path: Path) -> None:
