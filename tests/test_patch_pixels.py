@@ -156,3 +156,19 @@ def test_stores_are_blosc_compressed_and_readable_by_plain_h5py_with_hdf5plugin(
     )
     result = subprocess.run([sys.executable, "-c", code, str(fragments[0])], capture_output=True, text=True, check=True)
     assert int(result.stdout) == checksum
+
+
+def test_every_cellkd_module_that_opens_hdf5_imports_the_store_package() -> None:
+    """Importing ``cellkd.store`` registers the Blosc filter (hdf5plugin); a module that opens HDF5 without it
+    would fail on the stores with "required filter is not available"."""
+    src = Path(__file__).resolve().parents[1] / "src" / "cellkd"
+    missing = [
+        str(path.relative_to(src))
+        for path in sorted(src.rglob("*.py"))
+        if "h5py.File(" in (text := path.read_text(encoding="utf-8"))
+        and path.parent.name != "store"
+        and "from cellkd.store" not in text
+    ]
+    assert missing == []
+    assert "hdf5plugin" in (src / "store" / "compression.py").read_text(encoding="utf-8")
+    assert "cellkd.store.compression import" in (src / "store" / "__init__.py").read_text(encoding="utf-8")
