@@ -21,7 +21,8 @@ Artifacts, in data-flow order (path under ``results/``: writer -> layout -> read
     ``cellkd.store.patches``, ``cellkd.inference``, ``cellkd.nuclei`` and ``cellkd.report.overlay``.
 ``masks/{slide}.h5`` (mask store: one class mask per annotation set)
     writer ``cellkd.annotations.rasterize.write_mask_store``; layout in ``cellkd.store``; readers
-    ``cellkd.store.patches`` (patch masks, read through the patch index) and ``cellkd.report.segmentation`` (QuPath comparison).
+    ``cellkd.store.patches`` (patch masks, read through the patch index) and ``cellkd.report.segmentation``
+    (QuPath comparison).
 ``patches/{stain}/{slide or dataset}.h5`` (patch store: an index of 512x512 patches of the fragment and
     mask stores, provenance, split; no pixels) writer ``cellkd.store.patches`` (``cellkd.annotations.public``
     feeds it the public datasets, whose fragment and mask stores go to ``patches/{stain}/{dataset}.stores/``);
