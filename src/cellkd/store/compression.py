@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import h5py
 import hdf5plugin
 
 COMPRESSION: Mapping[str, Any] = hdf5plugin.Blosc(cname="zstd", clevel=1, shuffle=hdf5plugin.Blosc.BITSHUFFLE)
@@ -39,6 +40,7 @@ FILTER_ID: int = hdf5plugin.BLOSC_ID
 """HDF5 filter id of ``COMPRESSION`` (what ``h5py.Dataset._filters`` / ``h5dump`` show)."""
 
 
-def is_compressed(dataset: Any) -> bool:
-    """Whether an ``h5py.Dataset`` was written with ``COMPRESSION``'s filter."""
-    return str(FILTER_ID) in dataset._filters
+def is_compressed(dataset: h5py.Dataset) -> bool:
+    """Whether ``dataset`` was written with ``COMPRESSION``'s filter."""
+    plist = dataset.id.get_create_plist()
+    return any(plist.get_filter(i)[0] == FILTER_ID for i in range(plist.get_nfilters()))
