@@ -116,6 +116,23 @@ def get_segmentation_patch_stores(wildcards):
     )
 
 
+def get_segmentation_pixel_stores(wildcards):
+    """The stores the segmentation patch stores read their pixels from (patch stores hold only an index)."""
+    mask_set = config["segmentation"]["mask_set"]
+    slides = slides_with(mask_set)
+    return [
+        *expand(
+            "results/fragments/{stain}/{slide}.h5", stain=wildcards.stain, slide=slides
+        ),
+        *expand("results/masks/{slide}.h5", slide=slides),
+        *expand(
+            "results/patches/{stain}/{dataset}.stores",
+            stain=wildcards.stain,
+            dataset=DATASETS,
+        ),
+    ]
+
+
 def get_segmentation_train_params(wildcards):
     settings = {
         k: v

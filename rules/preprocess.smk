@@ -89,7 +89,8 @@ rule import_public_dataset:
     input:
         get_dataset_path,
     output:
-        "results/patches/{stain}/{dataset}.h5",
+        patches="results/patches/{stain}/{dataset}.h5",
+        stores=directory("results/patches/{stain}/{dataset}.stores"),
     log:
         "logs/import_public_dataset/{stain}/{dataset}.log",
     benchmark:

@@ -1,6 +1,7 @@
 rule train_segmentation:
     input:
         patches=get_segmentation_patch_stores,
+        pixels=get_segmentation_pixel_stores,
     output:
         model="results/segmentation/{stain}/{arch}/model.pt",
         history="results/segmentation/{stain}/{arch}/history.csv",
@@ -25,6 +26,7 @@ rule evaluate_segmentation:
     input:
         model="results/segmentation/{stain}/{arch}/model.pt",
         patches=get_segmentation_patch_stores,
+        pixels=get_segmentation_pixel_stores,
     output:
         "results/segmentation/{stain}/{arch}/metrics.csv",
     log:

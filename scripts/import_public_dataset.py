@@ -1,4 +1,4 @@
-"""Snakemake adapter: a public dataset (MoNuSeg / Lizard) -> a patch store of binary nucleus masks."""
+"""Snakemake adapter: a public dataset (MoNuSeg / Lizard) -> its fragment + mask stores and a patch store."""
 
 import functools
 
@@ -15,7 +15,7 @@ if snakemake.wildcards.stain == "macenko":
 import_public_dataset(
     snakemake.input[0],
     snakemake.params.kind,
-    snakemake.output[0],
+    snakemake.output.patches,  # its stores go to snakemake.output.stores (public_store_dir)
     mask_set=snakemake.params.mask_set,
     params=PatchParams(**snakemake.params.patches, seed=seed),
     normalize=normalize,

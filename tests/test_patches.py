@@ -151,8 +151,11 @@ def test_patch_store_round_trip_attrs_and_layout(stores: tuple) -> None:
     out = frag.parent / "p.h5"
     n = cut_patches(frag, mask, out, "demo", PatchParams(size=8))
     with h5py.File(out) as h5:
-        assert h5["images"].chunks == (1, 8, 8, 3) and h5["images"].compression == "lzf"
-        assert h5["masks/wsa"].shape == (n, 8, 8, len(CLASSES))
+        assert "images" not in h5 and "masks" not in h5, "the patch store must not copy pixels"
+        assert h5["stores/fragments"].asstr()[:].tolist() == ["s1.frag.h5"]  # relative to the patch store
+        assert h5["stores/masks"].asstr()[:].tolist() == ["s1.mask.h5"]
+        assert h5["store"].shape == (n,) and not h5["store"][:].any()
+        assert "zero-padded" in h5.attrs["pixels"]
         assert h5py.check_string_dtype(h5["fragment"].dtype) is not None
         assert h5.attrs["split_names"].tolist() == ["train", "val", "test"] and h5.attrs["complete"]
     with PatchStore(out) as store:
@@ -160,7 +163,9 @@ def test_patch_store_round_trip_attrs_and_layout(stores: tuple) -> None:
         assert (store.source, store.stain, store.patch_size) == ("demo", "raw", 8)
         assert store.classes == CLASSES and store.annotation_sets == SETS
         assert store.split_names == ["train", "val", "test"]
+        assert store.images.shape == (n, 8, 8, 3) and store.masks("wsa").shape == (n, 8, 8, len(CLASSES))
         first = store.images[0]
+        np.testing.assert_array_equal(first, store.image(0))
         np.testing.assert_array_equal(first, pixels["f000", 0][:8, :8])
         np.testing.assert_array_equal(store.masks("wsa")[0], _mask_from_image(pixels["f000", 0][:8, :8], 1))
         all_indices = np.concatenate([store.split_indices(s) for s in ("train", "val", "test")])

@@ -21,6 +21,7 @@ from cellkd.annotations import (
     import_public_dataset,
     instance_masks,
     polygon_masks,
+    public_store_dir,
     read_lizard_mat,
     read_monuseg_annotation,
     read_monuseg_xml,
@@ -455,6 +456,18 @@ def test_import_monuseg_writes_patches_with_masks_in_place(monuseg_dir: Path, tm
                 # Boxes have corners on multiples of 4, so level k is the level-0 mask sampled every d px.
                 np.testing.assert_array_equal(mask[..., 0], expected_padded(full[::d, ::d].astype(np.uint8), 64))
     assert int(mask.sum()) == sum((x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in B_BOXES) // 16
+    # The patch store copies no pixels: it reads them from the stores kept beside it.
+    stores = public_store_dir(out)
+    assert stores == tmp_path / "patches" / "raw" / "monuseg.stores"
+    assert sorted(p.relative_to(stores).as_posix() for p in stores.rglob("*.h5")) == [
+        "fragments/A.h5",
+        "fragments/B.h5",
+        "masks/A.h5",
+        "masks/B.h5",
+    ]
+    with PatchStore(out) as store:
+        assert store.fragment_stores == [stores / "fragments/A.h5", stores / "fragments/B.h5"]
+        assert store.mask_stores == [stores / "masks/A.h5", stores / "masks/B.h5"]
 
 
 def test_import_lizard_writes_at_least_half_masks_per_level(lizard_dir: Path, tmp_path: Path) -> None:
@@ -496,6 +509,10 @@ def test_import_applies_normalize_hook_and_removes_temporary_stores(lizard_dir: 
     import_public_dataset(lizard_dir, "lizard", out, MASK_SET, PatchParams(size=32), work_dir=work, normalize=invert)
     assert len(calls) == 2
     assert list(work.iterdir()) == [], "the temporary folder must be removed"
+    assert [out for _, out in calls] == [
+        public_store_dir(out) / "fragments/L1.h5",
+        public_store_dir(out) / "fragments/L2.h5",
+    ]
     with PatchStore(out) as store:
         assert store.stain == "inverted"
         image, _ = stitch(store, "L1", 0, LIZARD_SHAPES["L1"])

@@ -497,10 +497,12 @@ def test_sigkill_mid_write_leaves_no_output_and_rerun_completes_identically(
     assert all(p.name.startswith(f".{out.name}.") for p in stale)
 
     WRITERS[kind](paths, str(out))  # the rerun, with the killed run's .partial still there
-    WRITERS[kind](paths, str(tmp_path / "clean.h5"))
+    # Same folder depth as ``out``: a patch store records its fragment/mask stores relative to its folder.
+    clean = tmp_path / "clean" / "s1.h5"
+    WRITERS[kind](paths, str(clean))
     with h5py.File(out, "r") as h5:
         assert h5.attrs["complete"]
-    assert store_contents(out) == store_contents(tmp_path / "clean.h5")
+    assert store_contents(out) == store_contents(clean)
     assert partials(out.parent) == stale  # the rerun neither used nor removed the stale file
 
 

@@ -19,6 +19,9 @@ from torch import nn
 from cellkd.errors import ConfigError, StoreError
 from cellkd.models.checkpoint import load_segmentation_model
 from cellkd.models.segmentation import create_segmentation_model
+from cellkd.store.atomic import atomic_h5
+from cellkd.store.fragments import Fragment, FragmentStoreWriter
+from cellkd.store.patches import PatchParams, PatchStore, cut_patches
 from cellkd.training.segmentation import (
     PatchDataset,
     SegmentationTrainParams,
@@ -46,30 +49,20 @@ TINY = SegmentationTrainParams(
 
 
 def write_patch_store(path: Path, images: np.ndarray, masks: dict[str, np.ndarray], split: np.ndarray) -> Path:
-    """Write a complete patch store with the layout of ``cellkd.store`` (provenance filled with dummies)."""
-    n = len(images)
-    with h5py.File(path, "w") as h5:
-        h5.attrs.update(
-            {
-                "complete": True,
-                "source": path.stem,
-                "stain": "raw",
-                "patch_size": images.shape[1],
-                "classes": ["tumor", "other"],
-                "annotation_sets": sorted(masks),
-                "split_names": ["train", "val", "test"],
-            }
-        )
-        h5.create_dataset("images", data=images, chunks=(1, *images.shape[1:]))
+    """Patches side by side in one fragment (+ mask) store next to ``path``, indexed by ``cut_patches`` at
+    level 0 (patch i at x = i * P), with the split set to ``split``."""
+    n, size = len(images), images.shape[1]
+    fragment = Fragment("f000", 0, 0, n * size, size)
+    fragments, mask_store = path.with_suffix(".fragments.h5"), path.with_suffix(".masks.h5")
+    with FragmentStoreWriter(fragments, slide="s1", source="s1.tiff", stain="raw", mpp=0.5) as writer:
+        writer.create_level(fragment, 0)[:] = np.concatenate(list(images), axis=1)
+    with atomic_h5(mask_store) as h5:
+        h5.attrs.update({"slide": "s1", "classes": ["tumor", "other"], "annotation_sets": sorted(masks)})
         for name, mask in masks.items():
-            h5.create_dataset(f"masks/{name}", data=mask, chunks=(1, *mask.shape[1:]))
-        strings = h5py.string_dtype()
-        h5.create_dataset("slide", data=np.array(["s1"] * n, dtype=object), dtype=strings)
-        h5.create_dataset("fragment", data=np.array(["f000"] * n, dtype=object), dtype=strings)
-        h5.create_dataset("level", data=np.zeros(n, dtype=np.int8))
-        h5.create_dataset("x", data=(np.arange(n) * PATCH).astype(np.int32))
-        h5.create_dataset("y", data=np.zeros(n, dtype=np.int32))
-        h5.create_dataset("split", data=split.astype(np.int8))
+            h5[f"fragments/f000/{name}/level0"] = np.concatenate(list(mask), axis=1)
+    assert cut_patches(fragments, mask_store, path, path.stem, PatchParams(size=size, levels=(0,))) == n
+    with h5py.File(path, "a") as h5:
+        h5["split"][...] = split.astype(np.int8)
     return path
 
 
@@ -160,10 +153,10 @@ def test_evaluate_segmentation_returns_metrics_in_unit_interval(trained: Path, p
 @pytest.mark.parametrize("mask_set", ["ssa", "wsa"])
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_evaluate_model_matches_hand_counted_pixels(patch_store: Path, mask_set: str, split: str) -> None:
-    with h5py.File(patch_store) as h5:
-        rows = h5["split"][:] == {"train": 0, "test": 2}[split]
-        pred = h5["images"][:][rows][..., 0] == BRIGHT
-        truth = h5[f"masks/{mask_set}"][:][rows].any(axis=-1)
+    with PatchStore(patch_store) as store:
+        rows = store.split_indices(split)
+        pred = store.images[rows][..., 0] == BRIGHT
+        truth = store.masks(mask_set)[rows].any(axis=-1)
     tp, fp = np.sum(pred & truth), np.sum(pred & ~truth)
     fn, tn = np.sum(~pred & truth), np.sum(~pred & ~truth)
     metrics = evaluate_model(BrightnessModel(), [patch_store], split=split, mask_set=mask_set, device="cpu")
@@ -225,6 +218,23 @@ def test_train_segmentation_restarts_when_a_store_was_rewritten(
     train_segmentation([store], tmp_path / "out", params, device="cpu")
     images, ssa, _ = blob_patches(10, 9)
     write_patch_store(store, images, {"ssa": ssa}, np.zeros(9))  # the upstream rule ran again
+    with caplog.at_level(logging.WARNING):
+        train_segmentation([store], tmp_path / "out", params, device="cpu")
+    assert "trained on other patch stores" in caplog.text
+
+
+def test_train_segmentation_restarts_when_only_the_pixels_were_rewritten(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The patch store indexes the fragment store: new pixels there (same shapes) are new training data."""
+    images, ssa, _ = blob_patches(9, 8)
+    store = write_patch_store(tmp_path / "store.h5", images, {"ssa": ssa}, np.zeros(8))
+    params = replace(TINY, epochs=1)
+    train_segmentation([store], tmp_path / "out", params, device="cpu")
+    index_before = store.stat().st_mtime_ns
+    with FragmentStoreWriter(store.with_suffix(".fragments.h5"), slide="s1", source="s", stain="raw", mpp=0.5) as w:
+        w.create_level(Fragment("f000", 0, 0, 8 * PATCH, PATCH), 0)[:] = 255 - np.concatenate(list(images), axis=1)
+    assert store.stat().st_mtime_ns == index_before
     with caplog.at_level(logging.WARNING):
         train_segmentation([store], tmp_path / "out", params, device="cpu")
     assert "trained on other patch stores" in caplog.text
@@ -331,9 +341,8 @@ def test_patch_dataset_augmentation_keeps_image_and_mask_aligned(patch_store: Pa
 
 def test_patch_dataset_mask_is_union_of_class_channels(patch_store: Path) -> None:
     dataset = PatchDataset([patch_store], 1, "ssa")
-    with h5py.File(patch_store) as h5:
-        row = int(np.flatnonzero(h5["split"][:] == 1)[0])
-        classes = h5["masks/ssa"][row]
+    with PatchStore(patch_store) as store:
+        classes = store.masks("ssa")[int(store.split_indices("val")[0])]
     assert classes[..., 0].any() or classes[..., 1].any()
     assert np.array_equal(dataset[0][1][0].numpy(), classes.max(axis=-1))
 

@@ -22,6 +22,7 @@ from cellkd.annotations import read_qupath_geojson
 from cellkd.classes import DEFAULT_CLASSES
 from cellkd.predict import BACKGROUND_CLASS
 from cellkd.store.fragments import FragmentStore
+from cellkd.store.patches import PatchStore
 
 REPO = Path(__file__).resolve().parents[1]
 STAIN_LABELS = [(stain, labels) for stain in ("raw", "macenko") for labels in ("ssa", "wsa")]
@@ -71,16 +72,19 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_workflow_writes_patch_stores_for_every_stain_and_slide(demo_run: Path) -> None:
     for stain in ("raw", "macenko"):
         for slide in ("demo0", "demo1"):
-            with h5py.File(demo_run / f"results/patches/{stain}/{slide}.h5") as h5:
-                assert h5.attrs["complete"]
-                images = h5["images"]
+            with PatchStore(demo_run / f"results/patches/{stain}/{slide}.h5") as store:
+                images = store.images
                 assert images.shape[1:] == (128, 128, 3)
-                assert set(h5["masks"]) == {"ssa", "wsa", "ea", "truth"}
-                assert h5["masks/truth"].shape[:3] == images.shape[:3]
-                assert h5["masks/truth"].shape[3] == 3
+                assert set(store.annotation_sets) == {"ssa", "wsa", "ea", "truth"}
+                assert store.masks("truth").shape[:3] == images.shape[:3]
+                assert store.masks("truth").shape[3] == 3
                 # the demo's nuclei must land in the truth masks
-                assert int(np.asarray(h5["masks/truth"]).sum()) > 0
-                assert set(np.unique(h5["split"][:])) <= {0, 1, 2}
+                assert int(np.asarray(store.masks("truth")).sum()) > 0
+                assert set(np.unique(store.provenance.split)) <= {0, 1, 2}
+                # the patch store reads its pixels from this workflow's fragment store
+                assert (
+                    store.fragment_stores[0].resolve() == (demo_run / f"results/fragments/{stain}/{slide}.h5").resolve()
+                )
 
 
 @pytest.mark.slow
@@ -410,6 +414,8 @@ def test_dry_run_with_a_public_dataset_adds_its_patch_store_to_segmentation_trai
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "import_public_dataset" in result.stdout
     assert "results/patches/raw/monuseg.h5" in result.stdout
+    # the patch store reads its pixels from the stores kept beside it: training declares them as inputs
+    assert "results/patches/raw/monuseg.stores" in result.stdout
 
 
 def test_public_dataset_named_like_a_slide_is_rejected(tmp_path: Path) -> None:

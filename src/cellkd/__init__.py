@@ -21,10 +21,13 @@ Artifacts, in data-flow order (path under ``results/``: writer -> layout -> read
     ``cellkd.store.patches``, ``cellkd.inference``, ``cellkd.nuclei`` and ``cellkd.report.overlay``.
 ``masks/{slide}.h5`` (mask store: one class mask per annotation set)
     writer ``cellkd.annotations.rasterize.write_mask_store``; layout in ``cellkd.store``; readers
-    ``cellkd.store.patches`` (patch masks) and ``cellkd.report.segmentation`` (QuPath comparison).
-``patches/{stain}/{slide or dataset}.h5`` (patch store: 512x512 patches, masks, provenance, split)
-    writer ``cellkd.store.patches`` (``cellkd.annotations.public`` feeds it the public datasets);
-    layout in ``cellkd.store``; reader ``cellkd.training.segmentation`` (training and evaluation).
+    ``cellkd.store.patches`` (patch masks, read through the patch index) and ``cellkd.report.segmentation``
+    (QuPath comparison).
+``patches/{stain}/{slide or dataset}.h5`` (patch store: an index of 512x512 patches of the fragment and
+    mask stores, provenance, split; no pixels) writer ``cellkd.store.patches`` (``cellkd.annotations.public``
+    feeds it the public datasets, whose fragment and mask stores go to ``patches/{stain}/{dataset}.stores/``);
+    layout in ``cellkd.store``; reader ``cellkd.store.patches.PatchStore``, used by
+    ``cellkd.training.segmentation`` (training and evaluation).
 ``segmentation/{stain}/{arch}/model.pt``, ``history.csv``, ``metrics.csv``, ``selected.json``
     writer ``cellkd.training.segmentation`` (checkpoint format and resume state with
     ``cellkd.training.common``) and ``cellkd.report.segmentation`` (metrics, selection); readers

@@ -25,6 +25,7 @@ from cellkd.errors import ConfigError
 from cellkd.models.checkpoint import load_segmentation_model
 from cellkd.models.segmentation import preprocess
 from cellkd.store.atomic import atomic_h5
+from cellkd.store.compression import COMPRESSION
 from cellkd.store.fragments import CHUNK, FragmentStore
 from cellkd.types import PathLike
 from cellkd.workflow import progress
@@ -200,7 +201,7 @@ def segment_fragment_store(
                 shape=(height, width),
                 dtype=np.uint8,
                 chunks=(min(CHUNK, height), min(CHUNK, width)),
-                compression="lzf",
+                **COMPRESSION,
             )
             desc = f"segment {store.slide} {fragment.name} ({number}/{len(images)})"
             predict_fragment(model, image, tile, overlap, batch_size, out=mask, threshold=threshold, desc=desc)

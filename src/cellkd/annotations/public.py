@@ -1,8 +1,9 @@
 """Public nucleus segmentation datasets (MoNuSeg, Lizard) as patch stores for Phase I training.
 
 Each image of a dataset becomes one slide with a single fragment ``f000`` (box = the whole image,
-level-0 px), written to temporary fragment and mask stores that ``cut_patches`` turns into the
-usual patch store ``results/patches/{stain}/{source}.h5`` (layout: ``cellkd.store``). The masks
+level-0 px), written to fragment and mask stores in ``results/patches/{stain}/{source}.stores/`` that
+``cut_patches`` indexes in the usual patch store ``results/patches/{stain}/{source}.h5`` (layout:
+``cellkd.store``; the patch store reads its pixels from them). The masks
 have one class channel, ``"nucleus"``, under the annotation set the caller names (the set the
 segmentation trainer reads as its target).
 
@@ -46,6 +47,7 @@ from cellkd.errors import AnnotationError, ConfigError, StoreError
 from cellkd.slides.downsample import block_mean
 from cellkd.slides.reader import open_slide
 from cellkd.store.atomic import atomic_h5
+from cellkd.store.compression import COMPRESSION
 from cellkd.store.fragments import CHUNK, Fragment, FragmentStoreWriter, fragment_name
 from cellkd.store.patches import PatchParams, cut_patches
 from cellkd.types import DOWNSAMPLES, ClassMask, PathLike, RGBImage
@@ -414,8 +416,16 @@ def write_image_stores(
                 f"{mask_set}/level{level}",
                 data=mask,
                 chunks=(min(CHUNK, mask.shape[0]), min(CHUNK, mask.shape[1]), 1),
-                compression="lzf",
+                **COMPRESSION,
             )
+
+
+def public_store_dir(out_path: PathLike) -> Path:
+    """Folder of the fragment and mask stores that the patch store ``out_path`` of a public dataset reads.
+
+    ``results/patches/{stain}/{dataset}.h5`` -> ``results/patches/{stain}/{dataset}.stores``.
+    """
+    return Path(out_path).with_suffix(".stores")
 
 
 def import_public_dataset(
@@ -429,39 +439,44 @@ def import_public_dataset(
     *,
     source: str | None = None,
 ) -> int:
-    """Cut every image/annotation pair of a MoNuSeg or Lizard folder into the patch store ``out_path``.
+    """Turn every image/annotation pair of a MoNuSeg or Lizard folder into stores and the patch store ``out_path``.
 
-    Each image becomes a slide (provenance ``slide`` = image stem) with one fragment, written to
-    temporary fragment/mask stores (``write_image_stores``) in a folder created under ``work_dir``
-    (default: the system temp folder) and removed afterwards; then ``cut_patches`` writes the
+    Each image becomes a slide (provenance ``slide`` = image stem) with one fragment: its fragment and
+    mask stores (``write_image_stores``) go to ``public_store_dir(out_path)`` as ``fragments/{stem}.h5``
+    and ``masks/{stem}.h5``, which the patch store reads its pixels from; then ``cut_patches`` writes the
     patch store atomically with ``masks/{mask_set}`` of class ``"nucleus"``. ``normalize(raw, out)``,
-    when given, turns each temporary raw fragment store into a new one at ``out`` (e.g. Macenko via
-    ``cellkd.stain.normalize_fragment_store``) before cutting. ``source`` names the patch store's
-    source and seeds its split (default: ``kind``). Returns N, the patch count.
+    when given, turns each raw fragment store, written to a temporary folder under ``work_dir`` (default:
+    the system temp folder, removed afterwards), into the kept one at ``out`` (e.g. Macenko via
+    ``cellkd.stain.normalize_fragment_store``). ``source`` names the patch store's source and seeds its
+    split (default: ``kind``). Returns N, the patch count.
     """
     _layout(kind)
     if not mask_set or "/" in mask_set:
         raise ConfigError(f"annotation set name {mask_set!r} must be non-empty and contain no '/'")
     pairs = find_pairs(dataset_dir, kind)
+    stores = public_store_dir(out_path)
     if work_dir is not None:
         Path(work_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f"cellkd-{kind}-", dir=work_dir) as tmp:
         fragment_paths: list[Path] = []
         mask_paths: list[Path] = []
-        for index, (image, annotation) in enumerate(progress(pairs, desc=f"import {kind}", total=len(pairs))):
-            fragments = Path(tmp) / f"{index:05d}.fragments.h5"
-            masks = Path(tmp) / f"{index:05d}.masks.h5"
-            write_image_stores(image, annotation, kind, mask_set, fragments, masks)
-            if normalize is not None:
-                normalized = Path(tmp) / f"{index:05d}.normalized.h5"
-                normalize(fragments, normalized)
-                if not normalized.is_file():
-                    msg = f"normalize hook {normalize!r} wrote no fragment store at {normalized} for image {image}"
+        for image, annotation in progress(pairs, desc=f"import {kind}", total=len(pairs)):
+            fragments = stores / "fragments" / f"{image.stem}.h5"
+            masks = stores / "masks" / f"{image.stem}.h5"
+            if normalize is None:
+                write_image_stores(image, annotation, kind, mask_set, fragments, masks)
+            else:
+                raw = Path(tmp) / "raw.h5"
+                write_image_stores(image, annotation, kind, mask_set, raw, masks)
+                normalize(raw, fragments)
+                if not fragments.is_file():
+                    msg = f"normalize hook {normalize!r} wrote no fragment store at {fragments} for image {image}"
                     raise StoreError(msg)
-                fragments.unlink()  # keeps the temporary folder at one copy of the dataset
-                fragments = normalized
+                raw.unlink()  # keeps the temporary folder at one image
             fragment_paths.append(fragments)
             mask_paths.append(masks)
         count = cut_patches(fragment_paths, mask_paths, out_path, source or kind, params)
-    logger.info("%s: %d %s image(s) -> %d patches in %s", dataset_dir, len(pairs), kind, count, out_path)
+    logger.info(
+        "%s: %d %s image(s) -> %d patches in %s (stores in %s)", dataset_dir, len(pairs), kind, count, out_path, stores
+    )
     return count

@@ -28,6 +28,7 @@ from rasterio.transform import Affine
 
 from cellkd.annotations.qupath import AnnotationOptions, check_annotations_fit, gc_paused, read_qupath_geojson
 from cellkd.store.atomic import atomic_h5
+from cellkd.store.compression import COMPRESSION
 from cellkd.store.fragments import CHUNK, Fragment, FragmentStore
 from cellkd.types import DOWNSAMPLES, ClassMask
 from cellkd.workflow import progress
@@ -145,7 +146,7 @@ def write_mask_store(
     """Rasterize each annotation set onto every fragment and level of ``fragment_store`` (atomic).
 
     ``annotations``: set name (e.g. ``ssa``, ``wsa``, ``ea``, ``truth``) -> QuPath GeoJSON path.
-    Writes ``/fragments/{name}/{set}/level{k}`` uint8 (H_k, W_k, C) datasets (chunked, lzf) with
+    Writes ``/fragments/{name}/{set}/level{k}`` uint8 (H_k, W_k, C) datasets (chunked, compressed) with
     store attrs ``slide``, ``classes``, ``annotation_sets`` (layout: ``cellkd.store``).
     ``slide_size``: level-0 (width, height) of the slide; when given, each GeoJSON is checked to
     belong to it (``check_annotations_fit``). ``options`` (the config's ``annotations:``) and ``mpp``
@@ -188,7 +189,7 @@ def _write_level(group: Any, name: str, selected: _FragmentShapes, fragment: Fra
         shape=(height, width, n),
         dtype=np.uint8,
         chunks=(min(CHUNK, height), min(CHUNK, width), n),
-        compression="lzf",
+        **COMPRESSION,
     )
     for r0, r1 in _bands(height, width, n):
         ds[r0:r1] = _burn(selected, fragment, level, n, (r0, r1))

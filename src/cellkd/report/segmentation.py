@@ -21,6 +21,7 @@ from cellkd.metrics import PIXEL_METRICS, PixelCounts, pixel_counts, pixel_metri
 from cellkd.report.figures import png_figure
 from cellkd.report.tables import concat_tables, write_table
 from cellkd.store.atomic import atomic_path, atomic_write_text, require_complete
+from cellkd.store.patches import PatchStore
 from cellkd.training.segmentation import evaluate_segmentation
 from cellkd.types import PathLike
 
@@ -52,8 +53,8 @@ def evaluate_architecture(
 
 
 def _has_mask_set(patch_store: PathLike, mask_set: str) -> bool:
-    with h5py.File(patch_store, "r") as h5:
-        return f"masks/{mask_set}" in h5
+    with PatchStore(patch_store) as store:
+        return mask_set in store.annotation_sets
 
 
 def select_architecture(metrics_csvs: Mapping[str, PathLike], reference: str, out_json: PathLike) -> str:

@@ -18,6 +18,7 @@ import numpy as np
 
 from cellkd.errors import StoreError
 from cellkd.store.atomic import atomic_h5, require_complete
+from cellkd.store.compression import COMPRESSION
 from cellkd.types import DOWNSAMPLES, RGBImage
 
 CHUNK = 256
@@ -154,7 +155,7 @@ class FragmentStoreWriter:
             shape=(height, width, 3),
             dtype=np.uint8,
             chunks=(min(CHUNK, height), min(CHUNK, width), 3),
-            compression="lzf",
+            **COMPRESSION,
         )
 
     def write_tiles(self, fragment: Fragment, level: int, tiles: Iterator[tuple[int, int, RGBImage]]) -> None:

@@ -14,7 +14,7 @@ Nuclei store ``results/nuclei/{stain}/{slide}.h5`` (written atomically)
         ``area`` (int32, level-0 px), ``split`` (int8: 0 train, 1 val, 2 test)
     ``bbox`` (N, 4) int32: x0, y0, x1, y1 in level-0 slide px, half-open
     ``crops/level0`` (N, crop_size, crop_size, 3) uint8; ``crops/level1``, ``crops/level2``
-        (N, multiscale_size, multiscale_size, 3) uint8; chunked (``CROP_CHUNK`` rows), lzf; centred
+        (N, multiscale_size, multiscale_size, 3) uint8; chunked (``CROP_CHUNK`` rows), compressed; centred
         on the centroid at downsample 1, 2, 4 (``cellkd.nuclei.crops``)
     ``labels/{set}`` int8 (N,): class index ``i`` is ``classes[i]``, ``len(classes) - 1`` is
         background, ``UNLABELLED`` (-1) a nucleus a partial set does not cover (``cellkd.nuclei.matching``)
@@ -41,6 +41,7 @@ import shapely
 from cellkd.errors import StoreError
 from cellkd.store.atomic import require_complete
 from cellkd.store.attrs import decode_strings
+from cellkd.store.compression import COMPRESSION
 from cellkd.types import SPLIT_NAMES, PathLike
 
 UNLABELLED = -1
@@ -127,7 +128,7 @@ class NucleiWriter:
                     maxshape=(None, size, size, 3),
                     dtype=np.uint8,
                     chunks=(CROP_CHUNK, size, size, 3),
-                    compression="lzf",
+                    **COMPRESSION,
                 )
             )
             for k, size in zip(CROP_LEVELS, self.crop_sizes, strict=True)

@@ -1,8 +1,14 @@
-"""Patch store: fixed-size image (+ mask) patches cut from fragment stores, with provenance and split.
+"""Patch store: an index of fixed-size image (+ mask) patches of fragment stores, with provenance and split.
 
 See ``cellkd.store`` for the layout. Patches tile every fragment level by a sliding window
 without overlap; windows that run past the right/bottom edge are zero-padded, so every
 fragment pixel at every level lands in exactly one patch.
+
+The store copies no pixels: it records each patch's slide, fragment, level and origin, and the paths of
+the fragment and mask stores it was cut from (relative to the patch store's folder, so a results tree
+moves whole). ``PatchStore`` reads each window from those stores when the patch is used; the chunks of
+both are 256² (``cellkd.store.fragments.CHUNK``), so a 256² or 512² patch is whole chunks. A copy of the
+pixels would double the disk of every slide and of every stain for nothing.
 
 Splits go by area, not by patch: a patch at level 1 or 2 shows the same tissue as several level-0
 patches, and a test patch whose area was trained on at another level would flatter the test scores.
@@ -19,12 +25,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import math
 import os
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import h5py
 import numpy as np
@@ -39,6 +48,13 @@ from cellkd.types import DOWNSAMPLES, SPLIT_NAMES, PathLike
 from cellkd.workflow import progress
 
 logger = logging.getLogger(__name__)
+
+PIXELS = (
+    "not copied: patch i is the patch_size window at (y[i], x[i]) of fragments/{fragment[i]}/level{level[i]} in "
+    "stores/fragments[store[i]] (masks: fragments/{fragment[i]}/{set}/level{level[i]} in stores/masks[store[i]]), "
+    "zero-padded past the edge; paths are relative to this file's folder"
+)
+"""Root attribute ``pixels`` of every patch store: how to read a patch without cellkd."""
 
 
 @dataclass(frozen=True)
@@ -142,6 +158,8 @@ class _Input:
     stain: str
     classes: tuple[str, ...]
     sets: tuple[str, ...]
+    boxes: str
+    """JSON ``[[name, x, y, width, height], ...]`` of the fragments: tells one fragment extraction from another."""
 
 
 def _check_input(fragment_path: PathLike, mask_path: PathLike | None, levels: Sequence[int]) -> _Input:
@@ -151,8 +169,9 @@ def _check_input(fragment_path: PathLike, mask_path: PathLike | None, levels: Se
             raise StoreError(f"{fragment_path}: fragment store holds no fragments; rerun extract_fragments")
         shapes = {(f.name, k): frag.level(f, k).shape[:2] for f in frag.fragments for k in levels}
         slide, stain = frag.slide, frag.stain
+        boxes = json.dumps([[f.name, f.x, f.y, f.width, f.height] for f in frag.fragments])
     if mask_path is None:
-        return _Input(str(fragment_path), None, slide, stain, (), ())
+        return _Input(str(fragment_path), None, slide, stain, (), (), boxes)
     try:
         h5 = h5py.File(mask_path, "r")
     except OSError as err:
@@ -175,7 +194,7 @@ def _check_input(fragment_path: PathLike, mask_path: PathLike | None, levels: Se
                         "fragment extractions: rerun the rasterize rule"
                     )
                     raise StoreError(msg)
-    return _Input(str(fragment_path), str(mask_path), slide, stain, classes, sets)
+    return _Input(str(fragment_path), str(mask_path), slide, stain, classes, sets, boxes)
 
 
 def _as_list(value: PathLike | Sequence[PathLike | None] | None) -> list[PathLike | None]:
@@ -194,19 +213,12 @@ def _window(ds: h5py.Dataset, y: int, x: int, size: int) -> np.ndarray:
     return out
 
 
-def _iter_patches(
-    inputs: Sequence[_Input], rows: Sequence[tuple[int, str, str, int, int, int]]
-) -> Iterator[tuple[str, int, int, int, FragmentStore, h5py.File | None]]:
-    """Yield (fragment, level, x, y, fragment store, mask file) per row, keeping one input pair open."""
-    i = 0
-    for index, item in enumerate(inputs):
-        with contextlib.ExitStack() as stack:
-            frag = stack.enter_context(FragmentStore(item.fragments))
-            mask_h5 = stack.enter_context(h5py.File(item.masks, "r")) if item.masks else None
-            while i < len(rows) and rows[i][0] == index:
-                _, _, name, level, x, y = rows[i]
-                yield name, level, x, y, frag, mask_h5
-                i += 1
+def _relative_to(path: PathLike, folder: Path) -> str:
+    """``path`` relative to ``folder`` (so that a results tree can be moved whole); absolute when impossible."""
+    try:
+        return os.path.relpath(Path(path).resolve(), folder)
+    except ValueError:  # another drive (Windows)
+        return str(Path(path).resolve())
 
 
 def cut_patches(
@@ -216,14 +228,14 @@ def cut_patches(
     source: str,
     params: PatchParams | None = None,
 ) -> int:
-    """Cut P x P patches from fragment store(s) (+ mask store(s)) into the patch store ``out_path``.
+    """Index the P x P patches of fragment store(s) (+ mask store(s)) in the patch store ``out_path``.
 
     ``fragment_store`` and ``mask_store`` are one path each, or equal-length lists pairing slides
-    (a source such as MoNuSeg spans many slides); ``mask_store=None`` writes no masks. Patches run
+    (a source such as MoNuSeg spans many slides); ``mask_store=None`` gives no masks. Patches run
     fragment by fragment, level by level, row-major; ``x``, ``y`` are the patch origin in that
     level's fragment px. Splits are drawn per area block (module docstring), so a patch and its views
-    at the other levels share one split. Streams one patch at a time; written atomically. Returns N,
-    the patch count.
+    at the other levels share one split. The store holds the index and the paths of the stores
+    (no pixels; ``PatchStore`` reads the windows from them); written atomically. Returns N, the patch count.
     """
     params = params or PatchParams()
     fragment_paths = [p for p in _as_list(fragment_store) if p is not None]
@@ -251,7 +263,7 @@ def cut_patches(
             )
             raise StoreError(msg)
 
-    # Pass 1: provenance from shapes alone, so N (and the split) is known before any pixel moves.
+    # Provenance from shapes alone: the windows are read from the stores when a patch is used.
     rows: list[tuple[int, str, str, int, int, int]] = []
     size = params.size
     for index, item in enumerate(inputs):
@@ -264,10 +276,10 @@ def cut_patches(
                         for y in range(0, height, size)
                         for x in range(0, width, size)
                     )
-    n = len(rows)
     blocks = [_block(row, params.block_size) for row in rows]
     split = assign_area_splits(blocks, params.split, params.seed, source)
 
+    folder = Path(out_path).resolve().parent
     with atomic_h5(out_path) as h5:
         h5.attrs.update(
             {
@@ -281,66 +293,112 @@ def cut_patches(
                 "levels": np.asarray(params.levels, dtype=np.int8),
                 "seed": params.seed,
                 "split_block_size": params.block_size,
+                "pixels": PIXELS,
             }
         )
-        text = h5py.string_dtype()
-        h5.create_dataset("slide", data=np.array([r[1] for r in rows], dtype=object), dtype=text)
-        h5.create_dataset("fragment", data=np.array([r[2] for r in rows], dtype=object), dtype=text)
-        h5.create_dataset("level", data=np.array([r[3] for r in rows], dtype=np.int8))
-        h5.create_dataset("x", data=np.array([r[4] for r in rows], dtype=np.int32))
-        h5.create_dataset("y", data=np.array([r[5] for r in rows], dtype=np.int32))
-        h5.create_dataset("split", data=split)
-        images = h5.create_dataset(
-            "images", shape=(n, size, size, 3), dtype=np.uint8, chunks=(1, size, size, 3), compression="lzf"
-        )
-        masks = {
-            name: h5.create_dataset(
-                f"masks/{name}",
-                shape=(n, size, size, len(first.classes)),
-                dtype=np.uint8,
-                chunks=(1, size, size, len(first.classes)),
-                compression="lzf",
-            )
-            for name in first.sets
-        }
 
-        # Pass 2: stream patch by patch, one input pair open at a time.
-        patches = _iter_patches(inputs, rows)
-        for i, (name, level, x, y, frag, mask_h5) in enumerate(progress(patches, desc=f"patches {source}", total=n)):
-            images[i] = _window(frag.level(name, level), y, x, size)
-            for set_name, ds in masks.items():
-                assert mask_h5 is not None  # masks exist only when every input has a mask store
-                ds[i] = _window(mask_h5[f"fragments/{name}/{set_name}/level{level}"], y, x, size)
+        text = h5py.string_dtype()
+        per_slide = {
+            "fragments": [_relative_to(item.fragments, folder) for item in inputs],
+            "masks": [_relative_to(item.masks, folder) if item.masks else "" for item in inputs],
+            "slide": [item.slide for item in inputs],
+            "fragment_boxes": [item.boxes for item in inputs],
+        }
+        for name, values in per_slide.items():
+            h5.create_dataset(f"stores/{name}", data=np.array(values, dtype=object), dtype=text)
+        per_patch = {
+            "store": np.array([r[0] for r in rows], dtype=np.int32),
+            "slide": np.array([r[1] for r in rows], dtype=object),
+            "fragment": np.array([r[2] for r in rows], dtype=object),
+            "level": np.array([r[3] for r in rows], dtype=np.int8),
+            "x": np.array([r[4] for r in rows], dtype=np.int32),
+            "y": np.array([r[5] for r in rows], dtype=np.int32),
+            "split": split,
+        }
+        columns = {
+            name: h5.create_dataset(name, shape=(len(rows),), dtype=text if values.dtype == object else values.dtype)
+            for name, values in per_patch.items()
+        }
+        # Slide by slide, so a source of many slides (MoNuSeg) shows progress; rows are grouped by slide.
+        bounds = np.searchsorted(per_patch["store"], np.arange(len(inputs) + 1))
+        for index in progress(range(len(inputs)), desc=f"patches {source}", total=len(inputs)):
+            rows_of_slide = slice(bounds[index], bounds[index + 1])
+            for name, ds in columns.items():
+                ds[rows_of_slide] = per_patch[name][rows_of_slide]
     counts = np.bincount(split, minlength=3)
     logger.info(
         "%s: %d patches (%s) in %d area block(s) of %d px from %d slide(s) -> %s",
         source,
-        n,
+        len(rows),
         ", ".join(f"{name} {c}" for name, c in zip(SPLIT_NAMES, counts, strict=True)),
         len(set(blocks)),
         params.block_size,
         len(inputs),
         out_path,
     )
-    return n
+    return len(rows)
+
+
+class PatchArray:
+    """Lazy uint8 (N, P, P, C) array of patches, read window by window through the stores.
+
+    Index it like an array: ``a[i]`` (P, P, C); ``a[:]``, ``a[2:5]``, ``a[[0, 3]]``, ``a[bool mask]``
+    (n, P, P, C); ``np.asarray(a)`` reads all.
+    """
+
+    def __init__(self, read: Callable[[int], np.ndarray], n: int, channels: int, size: int) -> None:
+        self._read = read
+        self.shape: tuple[int, int, int, int] = (n, size, size, channels)
+        self.dtype = np.dtype(np.uint8)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: int | slice | Sequence[int] | npt.NDArray[Any]) -> np.ndarray:
+        n = self.shape[0]
+        if isinstance(key, (int, np.integer)):
+            i = int(key) + n if key < 0 else int(key)
+            if not 0 <= i < n:
+                raise IndexError(f"patch {key} is out of range for {n} patches")
+            return self._read(i)
+        rows = np.arange(n)[key]
+        if rows.ndim != 1:
+            raise IndexError(f"patches are indexed by an int, a slice or 1-D indices, not {key!r}")
+        out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+        for j, i in enumerate(rows):
+            out[j] = self._read(int(i))
+        return out
+
+    def __array__(self, dtype: npt.DTypeLike = None, copy: bool | None = None) -> np.ndarray:
+        data = self[:]
+        return data if dtype is None else data.astype(dtype)
 
 
 class PatchStore:
     """Read-only view of a patch store. Use as a context manager.
 
-    ``images``: uint8 (N, P, P, 3) dataset; ``masks(set)``: uint8 (N, P, P, C) dataset;
-    ``provenance``: DataFrame with columns slide, fragment, level, x, y, split (N rows).
+    ``image(i)`` / ``mask(set, i)``: patch ``i`` read from its fragment / mask store, zero-padded past the
+    edge (uint8 (P, P, 3) / (P, P, C) 0/1); ``images`` / ``masks(set)``: the same as ``PatchArray`` views;
+    ``provenance``: DataFrame with columns slide, fragment, level, x, y, split (N rows). The index is read
+    at opening; the fragment and mask stores are opened at the first patch read from them, and checked
+    to be the ones the index was cut from.
     """
 
     def __init__(self, path: PathLike) -> None:
+        self.path = str(path)
         try:
-            self._h5 = h5py.File(path, "r")
+            h5 = h5py.File(path, "r")
         except OSError as err:
-            raise StoreError(f"{path}: cannot open patch store ({err}); rerun the cut_patches rule") from err
-        try:
-            require_complete(self._h5)
-            attrs = self._h5.attrs
-            self.path = str(path)
+            raise StoreError(f"{path}: cannot open patch store ({err}); rerun the rule that cuts patches") from err
+        with h5:
+            require_complete(h5)
+            if "stores" not in h5:
+                msg = (
+                    f"{path}: patch store has no stores/ index (it is not a cellkd patch store, or one written "
+                    "by an older cellkd that copied the pixels); delete it and rerun the rule that cuts patches"
+                )
+                raise StoreError(msg)
+            attrs = h5.attrs
             self.source: str = str(attrs["source"])
             self.stain: str = str(attrs["stain"])
             self.patch_size: int = int(attrs["patch_size"])
@@ -349,39 +407,92 @@ class PatchStore:
                 decode_strings(attrs["annotation_sets"]) if len(attrs["annotation_sets"]) else []
             )
             self.split_names: list[str] = decode_strings(attrs["split_names"])
-        except BaseException:
-            self._h5.close()
-            raise
+            self._levels = [int(k) for k in attrs["levels"]]
+            folder = Path(path).parent
+            self.fragment_stores: list[Path] = [folder / p for p in h5["stores/fragments"].asstr()[:]]
+            """Fragment store of each slide (the paths recorded relative to the patch store's folder)."""
+            self.mask_stores: list[Path | None] = [folder / p if p else None for p in h5["stores/masks"].asstr()[:]]
+            """Mask store of each slide, or None (a store cut without masks)."""
+            self._store_slides = list(h5["stores/slide"].asstr()[:])
+            self._store_boxes = list(h5["stores/fragment_boxes"].asstr()[:])
+            self._store = h5["store"][:]
+            self._slide = h5["slide"].asstr()[:]
+            self._fragment = h5["fragment"].asstr()[:]
+            self._level = h5["level"][:]
+            self._x = h5["x"][:]
+            self._y = h5["y"][:]
+            self._split = h5["split"][:]
+        self._open: dict[int, tuple[FragmentStore, h5py.File | None]] = {}
         self._provenance: pd.DataFrame | None = None
 
     def __len__(self) -> int:
-        return int(self._h5["images"].shape[0])
+        return len(self._store)
 
-    @property
-    def images(self) -> h5py.Dataset:
-        """uint8 (N, P, P, 3) RGB patches; index to read."""
-        return self._h5["images"]
+    def _stores(self, index: int) -> tuple[FragmentStore, h5py.File | None]:
+        """The open fragment and mask stores of slide ``index``, checked against the index at first use."""
+        if index in self._open:
+            return self._open[index]
+        fragments, masks = self.fragment_stores[index], self.mask_stores[index]
+        where = f"{self.path}: reads its pixels from {fragments}" + (f" and {masks}" if masks else "")
+        try:
+            found = _check_input(fragments, masks, self._levels)
+        except StoreError as err:
+            raise StoreError(f"{where}, but: {err}") from err
+        recorded = (self._store_slides[index], self.stain, tuple(self.classes), tuple(self.annotation_sets))
+        if (found.slide, found.stain, found.classes, found.sets) != recorded or found.boxes != self._store_boxes[index]:
+            msg = (
+                f"{where}, but they hold another extraction (slide, stain, classes, annotation sets or fragment "
+                "boxes differ from those the patches were cut from); rerun the rule that cuts patches"
+            )
+            raise StoreError(msg)
+        with contextlib.ExitStack() as stack:
+            frag = stack.enter_context(FragmentStore(fragments))
+            mask_h5 = stack.enter_context(h5py.File(masks, "r")) if masks else None
+            stack.pop_all()
+        self._open[index] = (frag, mask_h5)
+        return frag, mask_h5
 
-    def masks(self, annotation_set: str) -> h5py.Dataset:
-        """uint8 (N, P, P, C) 0/1 class masks of ``annotation_set``, aligned with ``images``."""
+    def image(self, i: int) -> np.ndarray:
+        """uint8 (P, P, 3) RGB patch ``i``, zero-padded past the fragment's edge."""
+        frag, _ = self._stores(int(self._store[i]))
+        level = frag.level(str(self._fragment[i]), int(self._level[i]))
+        return _window(level, int(self._y[i]), int(self._x[i]), self.patch_size)
+
+    def mask(self, annotation_set: str, i: int) -> np.ndarray:
+        """uint8 (P, P, C) 0/1 class masks of ``annotation_set`` for patch ``i``, zero-padded like ``image``."""
+        self._require_set(annotation_set)
+        _, mask_h5 = self._stores(int(self._store[i]))
+        assert mask_h5 is not None  # every slide has a mask store when the store has annotation sets
+        ds = mask_h5[f"fragments/{self._fragment[i]}/{annotation_set}/level{int(self._level[i])}"]
+        return _window(ds, int(self._y[i]), int(self._x[i]), self.patch_size)
+
+    def _require_set(self, annotation_set: str) -> None:
         if annotation_set not in self.annotation_sets:
             msg = f"{self.path}: no masks for annotation set {annotation_set!r}; available: {self.annotation_sets}"
             raise StoreError(msg)
-        return self._h5[f"masks/{annotation_set}"]
+
+    @property
+    def images(self) -> PatchArray:
+        """uint8 (N, P, P, 3) RGB patches; index to read."""
+        return PatchArray(self.image, len(self), 3, self.patch_size)
+
+    def masks(self, annotation_set: str) -> PatchArray:
+        """uint8 (N, P, P, C) 0/1 class masks of ``annotation_set``, aligned with ``images``."""
+        self._require_set(annotation_set)
+        return PatchArray(lambda i: self.mask(annotation_set, i), len(self), len(self.classes), self.patch_size)
 
     @property
     def provenance(self) -> pd.DataFrame:
         """One row per patch: slide, fragment (str), level (int8), x, y (int32, level-k fragment px), split (int8)."""
         if self._provenance is None:
-            h5 = self._h5
             self._provenance = pd.DataFrame(
                 {
-                    "slide": h5["slide"].asstr()[:],
-                    "fragment": h5["fragment"].asstr()[:],
-                    "level": h5["level"][:],
-                    "x": h5["x"][:],
-                    "y": h5["y"][:],
-                    "split": h5["split"][:],
+                    "slide": self._slide,
+                    "fragment": self._fragment,
+                    "level": self._level,
+                    "x": self._x,
+                    "y": self._y,
+                    "split": self._split,
                 }
             )
         return self._provenance
@@ -392,10 +503,15 @@ class PatchStore:
             if split not in self.split_names:
                 raise StoreError(f"{self.path}: unknown split {split!r}; expected one of {self.split_names}")
             split = self.split_names.index(split)
-        return np.flatnonzero(self._h5["split"][:] == split).astype(np.int64)
+        return np.flatnonzero(self._split == split).astype(np.int64)
 
     def close(self) -> None:
-        self._h5.close()
+        """Close the fragment and mask stores opened so far (the index stays readable)."""
+        for frag, mask_h5 in self._open.values():
+            frag.close()
+            if mask_h5 is not None:
+                mask_h5.close()
+        self._open.clear()
 
     def __enter__(self) -> PatchStore:
         return self

@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import torch
 from segmentation_models_pytorch.losses import DiceLoss
@@ -35,6 +34,7 @@ from cellkd.models.checkpoint import (
 )
 from cellkd.models.segmentation import SEGMENTATION_ARCHS, create_segmentation_model, preprocess
 from cellkd.store.atomic import atomic_write_text
+from cellkd.store.patches import PatchStore
 from cellkd.training.common import (
     check_parameters,
     data_fingerprint,
@@ -124,35 +124,40 @@ class PatchDataset(Dataset):
     """The patches of one split across several patch stores.
 
     Item ``i``: ``(image, mask)`` with image uint8 (P, P, 3) and mask uint8 (1, P, P) 0/1, the
-    union of the class channels of ``masks/{mask_set}``. With ``augment``, a random element of the
-    8 flips/rotations is applied, drawn from ``(seed, epoch, i)`` so that results do not depend on
-    the number of DataLoader workers; call ``set_epoch`` before each epoch.
+    union of the class channels of ``mask_set``, read through ``PatchStore`` from the fragment and
+    mask stores the patches index. With ``augment``, a random element of the 8 flips/rotations is
+    applied, drawn from ``(seed, epoch, i)`` so that results do not depend on the number of DataLoader
+    workers; call ``set_epoch`` before each epoch.
 
-    HDF5 files are opened lazily in the process that reads them (h5py handles do not survive fork).
+    Stores are opened lazily in the process that reads them (h5py handles do not survive fork).
     """
 
     def __init__(
         self, paths: Sequence[PathLike], split: int, mask_set: str, *, augment: bool = False, seed: int = 0
     ) -> None:
         self.paths = [str(p) for p in paths]
-        self.mask_key = f"masks/{mask_set}"
+        self.mask_set = mask_set
         self.augment = augment
         self.seed = seed
         self.epoch = 0
-        self._files: dict[int, h5py.File] = {}
+        self._stores: dict[int, PatchStore] = {}
+        self.pixel_stores: list[Path] = []
+        """The fragment and mask stores the patches are read from (each once, in order)."""
         index: list[np.ndarray] = []
         sizes: set[int] = set()
         for store, path in enumerate(self.paths):
-            with _open_patch_store(path) as h5:
-                if self.mask_key not in h5:
-                    available = sorted(h5["masks"]) if "masks" in h5 else []
+            with PatchStore(path) as patches:
+                for pixels in (*patches.fragment_stores, *patches.mask_stores):
+                    if pixels is not None and pixels not in self.pixel_stores:
+                        self.pixel_stores.append(pixels)
+                if mask_set not in patches.annotation_sets:
                     msg = (
-                        f"{path}: no annotation set {mask_set!r} in the patch store (it has {available}); "
-                        "set mask_set to one of them"
+                        f"{path}: no annotation set {mask_set!r} in the patch store (it has "
+                        f"{patches.annotation_sets}); set mask_set to one of them"
                     )
                     raise StoreError(msg)
-                sizes.add(int(h5["images"].shape[1]))
-                rows = np.flatnonzero(h5["split"][:] == split)
+                sizes.add(patches.patch_size)
+                rows = patches.split_indices(split)
             index.append(np.stack([np.full_like(rows, store), rows], axis=1))
         if len(sizes) > 1:
             raise StoreError(f"{self.paths}: patch stores have different patch sizes {sorted(sizes)}; use one size")
@@ -167,11 +172,11 @@ class PatchDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         store, row = (int(v) for v in self.index[i])
-        h5 = self._files.get(store)
-        if h5 is None:
-            h5 = self._files[store] = h5py.File(self.paths[store], "r")
-        image = h5["images"][row]
-        mask = h5[self.mask_key][row].any(axis=-1).astype(np.uint8)
+        patches = self._stores.get(store)
+        if patches is None:
+            patches = self._stores[store] = PatchStore(self.paths[store])
+        image = patches.image(row)
+        mask = patches.mask(self.mask_set, row).any(axis=-1).astype(np.uint8)
         if self.augment:
             rng = np.random.default_rng((self.seed, self.epoch, i))
             k, flip = int(rng.integers(4)), bool(rng.integers(2))
@@ -182,32 +187,13 @@ class PatchDataset(Dataset):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_files"] = {}
+        state["_stores"] = {}
         return state
 
     def close(self) -> None:
-        for h5 in self._files.values():
-            h5.close()
-        self._files.clear()
-
-
-def _open_patch_store(path: PathLike) -> h5py.File:
-    try:
-        h5 = h5py.File(path, "r")
-    except OSError as err:
-        raise StoreError(f"{path}: cannot open patch store ({err}); rerun the rule that cuts patches") from err
-    try:
-        if not bool(h5.attrs.get("complete", False)):
-            raise StoreError(
-                f"{path}: patch store is incomplete (a job was interrupted); delete it and rerun snakemake"
-            )
-        missing = [key for key in ("images", "split") if key not in h5]
-        if missing:
-            raise StoreError(f"{path}: patch store lacks {missing}; it is not a cellkd patch store (see cellkd.store)")
-    except BaseException:
-        h5.close()
-        raise
-    return h5
+        for patches in self._stores.values():
+            patches.close()
+        self._stores.clear()
 
 
 def loader_workers(num_workers: int | None, device: torch.device) -> int:
@@ -354,7 +340,8 @@ def train_segmentation(
         dev.type == "cuda" and use_accelerator_default(params.pin_memory, dev),
     )
 
-    data = data_fingerprint(patch_stores)
+    # The pixels live in the fragment and mask stores: a rewritten one is new data too.
+    data = data_fingerprint([*patch_stores, *train_set.pixel_stores])
     generator = torch.Generator()
     train_loader = _loader(train_set, params, dev, generator=generator)
     val_loader = _loader(val_set, params, dev)
