@@ -27,8 +27,8 @@ PREDICTION_JOBS = {"extract_fragments", "segment_slide", "extract_nuclei", "clas
 """Everything `snakemake predict` with a raw-stain bundle may run: preprocessing, segmentation, nuclei, classes."""
 
 
-def predict_config(workdir: Path, bundle: Path, slide: str = "new.svs") -> dict:
-    (workdir / "new.tsv").write_text(f"slide\tpath\nnewslide\t{slide}\n")
+def predict_config(workdir: Path, bundle: Path, slide: str = "new.svs", mpp: str = "") -> dict:
+    (workdir / "new.tsv").write_text(f"slide\tpath\tmpp\nnewslide\t{slide}\t{mpp}\n")
     return {**TINY, "predict_sheet": str(workdir / "new.tsv"), "predict_model": str(bundle)}
 
 
@@ -143,8 +143,10 @@ def test_export_then_predict_on_a_fresh_folder_trains_nothing_and_reads_back_in_
     slide = np.full((384, 384, 3), 255, dtype=np.uint8)
     slide[32:352, 32:352] = TISSUE
     truth = draw_nuclei(slide[32:352, 32:352], np.random.default_rng(1), 40)
-    tifffile.imwrite(fresh / "new.tif", slide, photometric="rgb")  # no resolution tag: the bundle's mpp applies
-    result = run_snakemake(fresh, "predict", "--cores", "2", config=predict_config(fresh, bundle, "new.tif"))
+    tifffile.imwrite(fresh / "new.tif", slide, photometric="rgb")
+    # scanned at 1 µm/px, twice the bundle's 0.5: predicted all the same, with a warning
+    config = predict_config(fresh, bundle, "new.tif", mpp="1.0")
+    result = run_snakemake(fresh, "predict", "--cores", "2", config=config)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     ran = {p.parent.name for p in (fresh / "logs").glob("*/*.log")} | {p.name for p in (fresh / "logs").iterdir()}
@@ -158,9 +160,9 @@ def test_export_then_predict_on_a_fresh_folder_trains_nothing_and_reads_back_in_
     annotations = read_qupath_geojson(geojson, (*DEFAULT_CLASSES, BACKGROUND_CLASS))
     assert 10 <= len(annotations) <= 80  # ~40 painted nuclei, some touching
     features = json.loads(geojson.read_text(encoding="utf-8"))["features"]
-    # the slide has no mpp: its areas in µm² use the bundle's training resolution (0.5 µm/px)
     first = features[0]["properties"]["measurements"]
-    assert first["Nucleus: Area µm^2"] == pytest.approx(first["Area px"] * 0.25)
+    assert first["Nucleus: Area µm^2"] == pytest.approx(first["Area px"] * 1.0)
+    assert "trained at 0.5 µm/px" in (fresh / "logs/classify_slide/newslide.log").read_text(encoding="utf-8")
     # the bundle's trained segmentation finds the painted nuclei: nearly every detection sits on one
     inside = [truth[int(p.y) - 32, int(p.x) - 32] for p in annotations.geometry.representative_point()]
     assert np.mean(inside) >= 0.9
