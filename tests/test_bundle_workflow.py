@@ -10,14 +10,14 @@ import h5py
 import numpy as np
 import pytest
 import tifffile
-from test_bundle import export, fragment_store, settings, tiny_models
+from test_bundle import export, fragment_store, settings, tables, tiny_models
 from test_training_segmentation import TINY as TINY_SEGMENTATION
 from test_training_segmentation import write_patch_store
 from test_workflow import TINY, planned_jobs, run_snakemake
 
 from cellkd.annotations import read_qupath_geojson
 from cellkd.classes import DEFAULT_CLASSES
-from cellkd.models.bundle import SEGMENTATION_WEIGHTS, export_bundle
+from cellkd.models.bundle import SEGMENTATION_WEIGHTS, export_bundle, read_bundle
 from cellkd.predict import BACKGROUND_CLASS
 from cellkd.training.segmentation import train_segmentation
 
@@ -86,6 +86,40 @@ def test_export_model_plans_the_bundle_from_the_predicting_models(tmp_path: Path
         tmp_path, "export_model", "--dry-run", "--cores", "1", config={**TINY, "export": {"name": "lab-v1"}}
     )
     assert "results/models/lab-v1" in named.stdout
+
+
+def test_export_model_rule_writes_a_bundle_from_the_trained_files(tmp_path: Path) -> None:
+    """The rule and its adapter on hand-made training outputs (--allowed-rules: nothing upstream is rerun)."""
+    results = tmp_path / "results"
+    seg, cls = tiny_models(tmp_path)
+    for source, target in [
+        (seg, "segmentation/raw/unet/model.pt"),
+        (cls, "finetune/raw/wsa/n10/model.pt"),
+        (fragment_store(tmp_path, "demo0", "raw", 0.5), "fragments/raw/demo0.h5"),
+        *((path, f"tables/{name}.csv") for name, path in tables(tmp_path).items()),
+    ]:
+        (results / target).parent.mkdir(parents=True, exist_ok=True)
+        source.rename(results / target)
+    (results / "segmentation/raw/selected.json").write_text(json.dumps({"arch": "unet"}))
+    (results / "nuclei/raw").mkdir(parents=True)
+    with h5py.File(results / "nuclei/raw/demo0.h5", "w") as h5:  # the minimal nuclei store NucleiStore reads
+        h5.attrs.update({"complete": True, "classes": ["other", "immune", "muscle", "background"]})
+        h5["crops/level0"] = np.zeros((3, 32, 32, 3), np.uint8)
+        h5["split"] = np.zeros(3, np.int8)
+        h5["labels/wsa"] = np.array([0, 1, 1], np.int8)
+    config = {**TINY, "demo": {**TINY["demo"], "slides": 1}, "stains": ["raw"], "segmentation": {"archs": ["unet"]}}
+    result = run_snakemake(tmp_path, "export_model", "--allowed-rules", "export_model", "--cores", "1", config=config)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    bundle = read_bundle(tmp_path / "results/models/cellkd-raw-wsa", DEFAULT_CLASSES)
+    assert bundle.manifest["classifier"]["count"] == 10
+    assert bundle.manifest["training"]["labelled_nuclei"]["wsa"] == {
+        "other": 1,
+        "immune": 2,
+        "muscle": 0,
+        "background": 0,
+    }
+    assert bundle.manifest["metrics"]["table6"] == [{"stain": "raw", "labels": "wsa", "count": 10, "macro_f1": 0.55}]
+    assert (bundle.path / "MODEL_CARD.md").is_file()
 
 
 # ---------------------------------------------------------------------------------------- for real

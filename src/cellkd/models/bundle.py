@@ -305,7 +305,10 @@ def export_bundle(
         manifest = _jsonable(manifest)
         (tmp / MODEL_CARD).write_text(model_card(manifest), encoding="utf-8")
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be shared
+        # mkdtemp and safetensors make private files; a bundle is meant to be shared
+        tmp.chmod(0o755)
+        for path in tmp.iterdir():
+            path.chmod(0o644)
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old")
             shutil.rmtree(old, ignore_errors=True)
