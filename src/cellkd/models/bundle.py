@@ -43,7 +43,6 @@ import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -76,10 +75,9 @@ _INFERENCE_KEYS = ("level", "tile", "overlap", "threshold")
 
 
 def cellkd_version() -> str:
-    try:
-        return metadata.version("cellkd")
-    except metadata.PackageNotFoundError:  # a source checkout on PYTHONPATH
-        return "unknown"
+    from cellkd import __version__
+
+    return __version__
 
 
 def _sha256(path: Path) -> str:
