@@ -15,7 +15,7 @@ from cellkd.config import (
 )
 from cellkd.classes import classes_from_config
 from cellkd.errors import ConfigError
-from cellkd.models.bundle import bundle_config, read_bundle
+from cellkd.bundle import bundle_config, read_bundle
 
 SCHEMAS = Path(workflow.basedir) / "schemas"
 
@@ -243,7 +243,7 @@ def get_segmentation_model_inputs(wildcards):
     return selected_segmentation_inputs(wildcards.stain)
 
 
-# `snakemake export_model` writes the predicting models as a bundle (cellkd.models.bundle).
+# `snakemake export_model` writes the predicting models as a bundle (cellkd.bundle).
 BUNDLE_NAME = (
     config["export"]["name"] or f"cellkd-{PREDICT['stain']}-{PREDICT['labels']}"
 )

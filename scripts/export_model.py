@@ -1,6 +1,6 @@
 """Snakemake adapter: write the predicting models as a self-describing bundle (results/models/{name}/)."""
 
-from cellkd.models.bundle import ExportSettings, export_bundle
+from cellkd.bundle import ExportSettings, export_bundle
 from cellkd.report.segmentation import selected_model_path
 from cellkd.workflow import log_to
 

@@ -16,7 +16,7 @@ import yaml
 from cellkd.classes import DEFAULT_CLASSES, ClassSpec
 from cellkd.errors import ConfigError, StoreError
 from cellkd.models import create_model
-from cellkd.models.bundle import (
+from cellkd.bundle import (
     BUNDLE_FORMAT_VERSION,
     CLASSIFIER_WEIGHTS,
     MANIFEST,

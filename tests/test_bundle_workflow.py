@@ -17,7 +17,7 @@ from test_workflow import TINY, planned_jobs, run_snakemake
 
 from cellkd.annotations import read_qupath_geojson
 from cellkd.classes import DEFAULT_CLASSES
-from cellkd.models.bundle import SEGMENTATION_WEIGHTS, export_bundle, read_bundle
+from cellkd.bundle import SEGMENTATION_WEIGHTS, export_bundle, read_bundle
 from cellkd.predict import BACKGROUND_CLASS
 from cellkd.training.segmentation import train_segmentation
 

@@ -41,7 +41,7 @@ import numpy.typing as npt
 from cellkd.annotations.qupath import class_lookup, write_qupath_geojson
 from cellkd.classes import ClassSpec
 from cellkd.errors import ConfigError
-from cellkd.models.bundle import check_resolution, is_bundle_weights, read_bundle
+from cellkd.bundle import check_resolution, is_bundle_weights, read_bundle
 from cellkd.store.nuclei import NucleiStore
 from cellkd.types import PathLike
 
@@ -171,7 +171,7 @@ def classify_nuclei(
     """Classify every nucleus of ``nuclei_store`` with a trained classifier and export QuPath GeoJSON.
 
     ``model_path``: a classifier ``model.pt``, or a model bundle's classifier weights
-    (``cellkd.models.bundle``; its classes must be ``classes``, and a slide scanned at another resolution
+    (``cellkd.bundle``; its classes must be ``classes``, and a slide scanned at another resolution
     than the bundle's training slides is warned about). ``fragment_store``: the slide's fragment store,
     whose mpp gives the areas in µm² (None: px only).
     Returns the number of exported detections (see ``export_predictions``).

@@ -48,9 +48,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-
 from cellkd.classes import ClassSpec, classes_from_config
 from cellkd.errors import ConfigError, StoreError
 from cellkd.types import PathLike
@@ -183,6 +180,8 @@ def headline_rows(table_csv: PathLike, **keys: Any) -> list[dict[str, Any]]:
 
 
 def _save_weights(state_dict: Mapping[str, Any], path: Path) -> str:
+    from safetensors.torch import save_file  # torch: not imported when Snakemake merely reads a bundle's manifest
+
     # contiguous copies: safetensors refuses views, and tensors sharing storage
     save_file({k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}, str(path))
     return _sha256(path)
@@ -431,6 +430,9 @@ class Bundle:
 
         Read with safetensors, which parses a JSON header and raw bytes: no pickle, so no code, can run.
         """
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
         entry = self.manifest[component]
         path = self.path / entry["weights"]
         if not path.is_file():
