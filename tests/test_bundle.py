@@ -13,9 +13,6 @@ import pytest
 import torch
 import yaml
 
-from cellkd.classes import DEFAULT_CLASSES, ClassSpec
-from cellkd.errors import ConfigError, StoreError
-from cellkd.models import create_model
 from cellkd.bundle import (
     BUNDLE_FORMAT_VERSION,
     CLASSIFIER_WEIGHTS,
@@ -28,6 +25,9 @@ from cellkd.bundle import (
     export_bundle,
     read_bundle,
 )
+from cellkd.classes import DEFAULT_CLASSES, ClassSpec
+from cellkd.errors import ConfigError, StoreError
+from cellkd.models import create_model
 from cellkd.models.checkpoint import (
     classifier_checkpoint,
     load_classifier,

@@ -16,8 +16,8 @@ from test_training_segmentation import write_patch_store
 from test_workflow import TINY, planned_jobs, run_snakemake
 
 from cellkd.annotations import read_qupath_geojson
-from cellkd.classes import DEFAULT_CLASSES
 from cellkd.bundle import SEGMENTATION_WEIGHTS, export_bundle, read_bundle
+from cellkd.classes import DEFAULT_CLASSES
 from cellkd.predict import BACKGROUND_CLASS
 from cellkd.training.segmentation import train_segmentation
 

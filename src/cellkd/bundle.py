@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
 from cellkd.classes import ClassSpec, classes_from_config
 from cellkd.errors import ConfigError, StoreError
 from cellkd.types import PathLike

@@ -39,9 +39,9 @@ import numpy as np
 import numpy.typing as npt
 
 from cellkd.annotations.qupath import class_lookup, write_qupath_geojson
+from cellkd.bundle import check_resolution, is_bundle_weights, read_bundle
 from cellkd.classes import ClassSpec
 from cellkd.errors import ConfigError
-from cellkd.bundle import check_resolution, is_bundle_weights, read_bundle
 from cellkd.store.nuclei import NucleiStore
 from cellkd.types import PathLike
 
