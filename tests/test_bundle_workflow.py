@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import tifffile
 from test_bundle import export, fragment_store, settings, tables, tiny_models
+from test_training_classifier import TINY as TINY_CLASSIFIER
+from test_training_classifier import make_store
 from test_training_segmentation import TINY as TINY_SEGMENTATION
 from test_training_segmentation import write_patch_store
 from test_workflow import TINY, planned_jobs, run_snakemake
@@ -19,6 +21,7 @@ from cellkd.annotations import read_qupath_geojson
 from cellkd.bundle import SEGMENTATION_WEIGHTS, export_bundle, read_bundle
 from cellkd.classes import DEFAULT_CLASSES
 from cellkd.predict import BACKGROUND_CLASS
+from cellkd.training.classifier import train_classifier
 from cellkd.training.segmentation import train_segmentation
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -73,6 +76,20 @@ def test_predict_model_that_is_not_a_bundle_stops_naming_it(tmp_path: Path) -> N
     result = run_snakemake(tmp_path, "predict", "--dry-run", "--cores", "1", config=config)
     assert result.returncode != 0
     assert f"{tmp_path / 'nothing'}: not a cellkd model bundle" in result.stdout + result.stderr
+
+
+def test_predict_model_with_other_classes_than_the_config_stops_naming_the_bundle(tmp_path: Path) -> None:
+    bundle = export(tmp_path)
+    (tmp_path / "new.svs").write_bytes(b"")
+    classes = [
+        {"name": "tumour", "qupath_name": "Tumor", "color": [200, 0, 0]},
+        {"name": "stroma", "qupath_name": "Stroma", "color": [0, 160, 0]},
+    ]
+    config = {**predict_config(tmp_path, bundle), "classes": classes}
+    result = run_snakemake(tmp_path, "predict", "--dry-run", "--cores", "1", config=config)
+    assert result.returncode != 0
+    assert f"{bundle}: the bundle classifies" in result.stdout + result.stderr
+    assert "remove classes: from your config" in result.stdout + result.stderr
 
 
 def test_export_model_plans_the_bundle_from_the_predicting_models(tmp_path: Path) -> None:
@@ -157,20 +174,23 @@ def trained_segmentation(folder: Path) -> Path:
 
 @pytest.mark.slow
 def test_export_then_predict_on_a_fresh_folder_trains_nothing_and_reads_back_in_qupath(tmp_path: Path) -> None:
-    """The classifier is untrained (its classes are not judged, include_background exports every nucleus)."""
+    """Tiny models trained on look-alike data; their classes are not judged (include_background exports all)."""
     models = tmp_path / "models"
     models.mkdir()
     segmentation = trained_segmentation(models)
-    _, classifier = tiny_models(models)
+    nuclei = make_store(models / "s1.h5", 0, 120)  # blob crops labelled ssa, and wsa with every 3rd row unlabelled
+    classifier = train_classifier([nuclei], "wsa", models / "student", TINY_CLASSIFIER, device="cpu")
     bundle = export_bundle(
         models / "bundle",
         settings(count=None),
         segmentation_model=segmentation,
         classifier_model=classifier,
         fragment_stores=[fragment_store(models, "s1", "raw", 0.5)],
-        nuclei_stores=[],
+        nuclei_stores=[nuclei],
         tables={},
     )
+    labelled = json.loads((bundle / "model.json").read_text(encoding="utf-8"))["training"]["labelled_nuclei"]
+    assert sum(labelled["ssa"].values()) == 120 and sum(labelled["wsa"].values()) == 80
 
     fresh = tmp_path / "fresh"
     fresh.mkdir()
