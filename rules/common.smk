@@ -283,6 +283,7 @@ def get_export_settings(wildcards):
         "count": PREDICT_COUNT if PHASES.finetune else None,
         "annotation_sets": {s: sorted(e.annotations) for s, e in SLIDES.items()},
         "public_datasets": list(DATASETS),
+        "mpp_fallback": config["mpp_fallback"],
     }
 
 

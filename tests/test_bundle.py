@@ -122,6 +122,7 @@ def settings(stain: str = "raw", **overrides: object) -> ExportSettings:
         "count": 10,
         "annotation_sets": {"s1": ["ssa", "wsa", "ea"], "s2": ["ssa", "wsa"]},
         "public_datasets": [],
+        "mpp_fallback": 0.5,
     }
     return ExportSettings(**{**values, **overrides})
 
@@ -166,6 +167,7 @@ def test_manifest_describes_models_classes_resolution_sizes_and_training(bundle:
     ]
     assert data["resolution"]["mpp"] == 0.5
     assert data["resolution"]["slides"] == {"s1": 0.5, "s2": 0.5}
+    assert data["resolution"]["assumed_mpp"] == 0.5
     assert data["stain"] == {"normalization": "raw", "macenko": None, "reference": None}
     assert data["sizes"] == {"patch": 128, "crop": 32, "multiscale": 16, "tile": 128, "overlap": 32, "level": 0}
     seg = data["segmentation"]

@@ -17,7 +17,8 @@ Layout of a bundle folder::
 ``model.json`` (``format`` ``"cellkd.bundle"``, ``format_version`` :data:`BUNDLE_FORMAT_VERSION`)
     name, cellkd_version, created (UTC, ISO 8601);
     classes: [{name, qupath_name, color, aliases}], background is the extra last class;
-    resolution: {mpp, slides: {slide: mpp}, note}: the level-0 µm/px of the training slides (the models
+    resolution: {mpp, assumed_mpp, slides: {slide: mpp}, note}: the level-0 µm/px of the training slides
+    (median; assumed_mpp: the mpp_fallback of slides that record none; the models
     work at that level-0 resolution; slides are not resampled, so new slides should be scanned alike);
     stain: {normalization: raw|macenko, macenko: {io, alpha, beta, max_samples} | null,
     reference: stain_reference.json | null};
@@ -118,9 +119,13 @@ class ExportSettings:
     annotation_sets: Mapping[str, Sequence[str]]
     """Training slide -> the annotation sets it carries."""
     public_datasets: Sequence[str] = ()
+    mpp_fallback: float | None = None
+    """µm/px the training assumed for slides that record none (``mpp_fallback``)."""
 
 
-def _training_resolution(fragment_stores: Sequence[PathLike]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+def _training_resolution(
+    fragment_stores: Sequence[PathLike], mpp_fallback: float | None
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The training slides' mpp, and the Macenko reference they were normalized to (None for raw stores)."""
     from cellkd.store.fragments import FragmentStore
 
@@ -141,10 +146,12 @@ def _training_resolution(fragment_stores: Sequence[PathLike]) -> tuple[dict[str,
         logger.warning("training slides differ in resolution (%s µm/px); recording the median %s", known, mpp)
     resolution = {
         "mpp": mpp,
+        "assumed_mpp": mpp_fallback,
         "slides": slides_mpp,
         "note": (
-            "level-0 microns per pixel of the training slides (median; fragment stores). The models work on "
-            "level-0 pixels and slides are not resampled: new slides should have about this resolution."
+            "level-0 microns per pixel of the training slides (median; fragment stores; assumed_mpp for slides "
+            "that record none). The models work on level-0 pixels and slides are not resampled: new slides "
+            "should have about this resolution."
         ),
     }
     if references and any(r != references[0] for r in references):
@@ -217,7 +224,7 @@ def export_bundle(
             f"{classifier_model}: the classifier was trained on classes {classifier['classes']}, but the config "
             f"lists {expected}; export with the classes it was trained on"
         )
-    resolution, reference = _training_resolution(fragment_stores)
+    resolution, reference = _training_resolution(fragment_stores, settings.mpp_fallback)
     if settings.stain == "macenko" and reference is None:
         raise StoreError(f"{fragment_stores[0]}: expected Macenko-normalized fragment stores for a macenko bundle")
 
@@ -346,7 +353,10 @@ def model_card(manifest: Mapping[str, Any]) -> str:
         for label_set, per_class in training["labelled_nuclei"].items()
     )
     sets = "\n".join(f"- {s}: {', '.join(slides)}" for s, slides in training["annotation_sets"].items())
-    mpp = "not recorded by the slides" if res["mpp"] is None else f"{res['mpp']:.4g} µm/px"
+    if res["mpp"] is not None:
+        mpp = f"{res['mpp']:.4g} µm/px"
+    else:
+        mpp = f"not recorded by the training slides; {res.get('assumed_mpp')} µm/px assumed (mpp_fallback)"
     normalization = stain["normalization"]
     if stain["reference"]:
         normalization += f" (target reference: `{stain['reference']}`)"
@@ -536,8 +546,9 @@ def bundle_config(config: dict[str, Any], bundle: Bundle) -> list[str]:
             put(config["macenko"], key, value, f"macenko.{key}")
     if manifest["stain"]["reference"]:
         put(config["macenko"], "reference", str(bundle.path / manifest["stain"]["reference"]), "macenko.reference")
-    if bundle.mpp is not None:
-        put(config, "mpp_fallback", bundle.mpp, "mpp_fallback")
+    assumed = bundle.mpp if bundle.mpp is not None else bundle.manifest["resolution"].get("assumed_mpp")
+    if assumed is not None:
+        put(config, "mpp_fallback", assumed, "mpp_fallback")
     for key, value in manifest["nuclei"].items():
         put(config["nuclei"], key, value, f"nuclei.{key}")
     put(config["nuclei"], "crop_size", manifest["sizes"]["crop"], "nuclei.crop_size")
