@@ -236,6 +236,17 @@ def selected_segmentation_inputs(stain):
     }
 
 
+def get_bundle_stain_reference(wildcards):
+    """The predict_model bundle's Macenko target, where it has one; nothing otherwise."""
+    if PREDICT_MODEL and BUNDLE.manifest["stain"]["reference"]:
+        return {
+            "reference": str(
+                Path(PREDICT_MODEL) / BUNDLE.manifest["stain"]["reference"]
+            )
+        }
+    return {}
+
+
 def get_segmentation_model_inputs(wildcards):
     """The segmentation model of segment_slide: the bundle's with predict_model, else the selected architecture."""
     if PREDICT_MODEL:

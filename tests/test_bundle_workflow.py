@@ -58,6 +58,7 @@ def test_predict_with_a_macenko_bundle_normalizes_the_new_slide(tmp_path: Path) 
     planned = planned_jobs(result.stdout)
     assert set(planned) - {"total"} == PREDICTION_JOBS | {"normalize_stain"}
     assert "results/nuclei/macenko/newslide.h5" in result.stdout
+    assert f"{bundle}/stain_reference.json" in result.stdout  # an input of normalize_stain
     assert "predict.stain 'raw' -> 'macenko'" in result.stdout + result.stderr
 
 
