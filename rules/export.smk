@@ -5,6 +5,8 @@ rule export_model:
         directory(f"results/models/{BUNDLE_NAME}"),
     log:
         "logs/export_model.log",
+    benchmark:
+        "benchmarks/export_model.tsv"
     conda:
         "../envs/cellkd.yaml"
     resources:
