@@ -17,6 +17,7 @@ include: "rules/teacher.smk"
 include: "rules/student.smk"
 include: "rules/finetune.smk"
 include: "rules/predict.smk"
+include: "rules/export.smk"
 include: "rules/report.smk"
 
 

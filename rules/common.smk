@@ -13,7 +13,9 @@ from cellkd.config import (
     plan_phases,
     validate_config,
 )
+from cellkd.classes import classes_from_config
 from cellkd.errors import ConfigError
+from cellkd.bundle import bundle_config, read_bundle
 
 SCHEMAS = Path(workflow.basedir) / "schemas"
 
@@ -53,13 +55,25 @@ if reused:
     raise ConfigError(
         f"{config['predict_sheet']}: slide ids {reused} are also in the training sheet with other files; rename them"
     )
+# `snakemake predict --config predict_model=results/models/<name>`: predict with an exported bundle, so nothing
+# is trained; its classes must match the config's, and its stain, resolution and sizes replace the config's.
+PREDICT_MODEL = config["predict_model"]
+if PREDICT_MODEL:
+    if not config["predict_sheet"]:
+        raise ConfigError(
+            f"predict_model is {PREDICT_MODEL}, but predict_sheet is empty; set predict_sheet to a TSV of the "
+            "slides to classify (slide, path[, mpp])"
+        )
+    BUNDLE = read_bundle(PREDICT_MODEL, classes_from_config(config["classes"]))
+    for note in bundle_config(config, BUNDLE):
+        logger.info(note)
 # Every slide that is preprocessed and segmented; training uses SLIDES only.
 ALL_SLIDES = {**SLIDES, **PREDICT_SLIDES}
 PREDICT = config["predict"]
 PREDICT_COUNT = PREDICT["count"] or max(config["finetune"]["counts"])
 
 STAINS = config["stains"]
-if PREDICT["stain"] not in STAINS:
+if PREDICT["stain"] not in STAINS and not PREDICT_MODEL:
     raise ConfigError(
         f"predict.stain {PREDICT['stain']!r} is not in stains {STAINS}; add it or change predict.stain"
     )
@@ -208,11 +222,97 @@ def get_finetune_params(wildcards):
     return {**settings, "seed": config["seed"]}
 
 
-def get_predict_model(wildcards):
+def get_trained_predict_model(wildcards):
     """The fine-tuned student; the plain distilled student when the sheet has no expert labels."""
     if not PHASES.finetune:
         return f"results/student/{PREDICT['stain']}/{PREDICT['labels']}/model.pt"
     return f"results/finetune/{PREDICT['stain']}/{PREDICT['labels']}/n{PREDICT_COUNT}/model.pt"
+
+
+def get_predict_model(wildcards):
+    """The classifier of new slides: the bundle's with predict_model, else the trained one."""
+    if PREDICT_MODEL:
+        return bundle_weights("classifier")
+    return get_trained_predict_model(wildcards)
+
+
+def bundle_weights(component):
+    """The predict_model bundle's weights file of ``component`` (model.json is read beside it)."""
+    return str(Path(PREDICT_MODEL) / BUNDLE.manifest[component]["weights"])
+
+
+def selected_segmentation_inputs(stain):
+    """selected.json of ``stain`` and every model.pt it may name."""
+    return {
+        "selected": f"results/segmentation/{stain}/selected.json",
+        "models": expand(
+            "results/segmentation/{stain}/{arch}/model.pt",
+            stain=stain,
+            arch=config["segmentation"]["archs"],
+        ),
+    }
+
+
+def get_bundle_stain_reference(wildcards):
+    """The predict_model bundle's Macenko target, where it has one; nothing otherwise."""
+    if PREDICT_MODEL and BUNDLE.manifest["stain"]["reference"]:
+        return {
+            "reference": str(
+                Path(PREDICT_MODEL) / BUNDLE.manifest["stain"]["reference"]
+            )
+        }
+    return {}
+
+
+def get_segmentation_model_inputs(wildcards):
+    """The segmentation model of segment_slide: the bundle's with predict_model, else the selected architecture."""
+    if PREDICT_MODEL:
+        return {"model": bundle_weights("segmentation")}
+    return selected_segmentation_inputs(wildcards.stain)
+
+
+# `snakemake export_model` writes the predicting models as a bundle (cellkd.bundle).
+BUNDLE_NAME = (
+    config["export"]["name"] or f"cellkd-{PREDICT['stain']}-{PREDICT['labels']}"
+)
+
+
+def get_export_inputs(wildcards):
+    """The trained models behind `predict`, and what the bundle records about their training."""
+    stain = PREDICT["stain"]
+    tables = {
+        "table2": "results/tables/table2.csv",
+        "table5": "results/tables/table5.csv",
+    }
+    if PHASES.finetune:
+        tables["table6"] = "results/tables/table6.csv"
+    return {
+        **selected_segmentation_inputs(stain),
+        "classifier": get_trained_predict_model(wildcards),
+        "fragments": expand(
+            "results/fragments/{stain}/{slide}.h5", stain=stain, slide=SLIDES
+        ),
+        "nuclei": expand(
+            "results/nuclei/{stain}/{slide}.h5", stain=stain, slide=SLIDES
+        ),
+        **tables,
+    }
+
+
+def get_export_settings(wildcards):
+    return {
+        "name": BUNDLE_NAME,
+        "classes": config["classes"],
+        "stain": PREDICT["stain"],
+        "macenko": config["macenko"],
+        "patch_size": config["patches"]["size"],
+        "nuclei": config["nuclei"],
+        "inference": config["segmentation"]["inference"],
+        "count": PREDICT_COUNT if PHASES.finetune else None,
+        "annotation_sets": {s: sorted(e.annotations) for s, e in SLIDES.items()},
+        "public_datasets": list(DATASETS),
+        "mpp_fallback": config["mpp_fallback"],
+    }
 
 
 def get_training_histories(wildcards):

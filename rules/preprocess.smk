@@ -23,6 +23,8 @@ rule extract_fragments:
 rule normalize_stain:
     input:
         "results/fragments/raw/{slide}.h5",
+        # with predict_model: the bundle's Macenko target (also in params), so a new bundle reruns this
+        unpack(get_bundle_stain_reference),
     output:
         "results/fragments/macenko/{slide}.h5",
     log:

@@ -126,11 +126,8 @@ rule tabulate_instances:
 
 rule segment_slide:
     input:
-        selected="results/segmentation/{stain}/selected.json",
-        models=expand(
-            "results/segmentation/{{stain}}/{arch}/model.pt",
-            arch=config["segmentation"]["archs"],
-        ),
+        # the selected architecture's model.pt, or the predict_model bundle's weights
+        unpack(get_segmentation_model_inputs),
         fragments="results/fragments/{stain}/{slide}.h5",
     output:
         "results/segmentation/{stain}/masks/{slide}.h5",

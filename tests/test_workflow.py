@@ -218,6 +218,19 @@ def test_workflow_exports_predictions_that_read_back_as_qupath_annotations(demo_
 
 
 @pytest.mark.slow
+def test_export_model_bundles_the_models_that_predict(demo_run: Path) -> None:
+    from cellkd.bundle import read_bundle
+
+    result = run_snakemake(demo_run, "export_model", "--cores", "1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    bundle = read_bundle(demo_run / "results/models/cellkd-raw-wsa", DEFAULT_CLASSES)
+    assert (bundle.manifest["classifier"]["stage"], bundle.manifest["classifier"]["count"]) == ("finetuned", 10)
+    assert bundle.mpp == 0.5
+    metrics = bundle.manifest["metrics"]
+    assert metrics["table2"] and metrics["table5"] and len(metrics["table6"]) == 1
+
+
+@pytest.mark.slow
 def test_workflow_plots_training_curves_of_every_model(demo_run: Path) -> None:
     assert (demo_run / "results/report/training_curves.png").read_bytes()[:4] == b"\x89PNG"
 

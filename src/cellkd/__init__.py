@@ -53,6 +53,10 @@ Artifacts, in data-flow order (path under ``results/``: writer -> layout -> read
 ``predict/{slide}.geojson`` (classified nuclei as QuPath detections)
     writer ``cellkd.predict`` (through ``cellkd.annotations.qupath.write_qupath_geojson``); readers
     QuPath and ``cellkd.report.overlay``.
+``models/{name}/`` (model bundle: ``model.json``, ``MODEL_CARD.md``, safetensors weights)
+    writer and only reader ``cellkd.bundle`` (layout in its docstring); the checkpoint readers of
+    ``cellkd.models.checkpoint`` hand a bundle's ``.safetensors`` path to it, so ``cellkd.inference``
+    and ``cellkd.predict`` predict with a bundle as with a ``model.pt``.
 ``tables/table{2..6}.{csv,md}``, ``tables/figure4.{csv,md}`` and ``report/*.png``
     writers ``cellkd.report`` (``tables``: CSV + Markdown; ``figures``: every PNG); read by people
     and by ``snakemake --report``.

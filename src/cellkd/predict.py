@@ -32,12 +32,14 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
 from cellkd.annotations.qupath import class_lookup, write_qupath_geojson
+from cellkd.bundle import check_resolution, is_bundle_weights, read_bundle
 from cellkd.classes import ClassSpec
 from cellkd.errors import ConfigError
 from cellkd.store.nuclei import NucleiStore
@@ -168,7 +170,10 @@ def classify_nuclei(
 ) -> int:
     """Classify every nucleus of ``nuclei_store`` with a trained classifier and export QuPath GeoJSON.
 
-    ``fragment_store``: the slide's fragment store, whose mpp gives the areas in µm² (None: px only).
+    ``model_path``: a classifier ``model.pt``, or a model bundle's classifier weights
+    (``cellkd.bundle``; its classes must be ``classes``, and a slide scanned at another resolution
+    than the bundle's training slides is warned about). ``fragment_store``: the slide's fragment store,
+    whose mpp gives the areas in µm² (None: px only).
     Returns the number of exported detections (see ``export_predictions``).
     """
     import torch
@@ -180,6 +185,8 @@ def classify_nuclei(
     if fragment_store is not None:
         with FragmentStore(fragment_store) as fragments:
             mpp = fragments.mpp
+    if is_bundle_weights(model_path):
+        check_resolution(read_bundle(Path(model_path).parent, classes), mpp, str(nuclei_store))
     logits = torch.from_numpy(predict_logits(model_path, [nuclei_store]))
     probabilities = torch.softmax(logits, dim=1).numpy()
     count = export_predictions(

@@ -14,6 +14,9 @@ Segmentation ``model.pt`` (``format`` ``"cellkd.segmentation/1"``)
     arch, encoder, encoder_depth, decoder_channels, dropout, mask_set, params (the
     ``SegmentationTrainParams`` as a dict), epoch, val_loss, criterion, state_dict
 
+A model bundle's weights (``cellkd.bundle``: safetensors + ``model.json``) are read by the same
+readers: a path ending in ``.safetensors`` gives the same dict, built from the bundle.
+
 The trainers' resume state ``last.pt`` goes through the same :func:`torch_load` /
 :func:`torch_save_atomic`; its content is described in ``cellkd.training.common``.
 """
@@ -68,6 +71,10 @@ def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _read(path: PathLike, expected_format: str, rule: str, writer: str) -> dict[str, Any]:
+    from cellkd.bundle import is_bundle_weights, read_bundle_checkpoint  # bundle imports this module
+
+    if is_bundle_weights(path):  # a model bundle's safetensors: same dict, metadata from its model.json
+        return read_bundle_checkpoint(path, expected_format)
     checkpoint = torch_load(path, rule=rule)
     if checkpoint.get("format") != expected_format:
         msg = (

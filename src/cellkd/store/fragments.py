@@ -84,6 +84,16 @@ class FragmentStore:
         name = fragment.name if isinstance(fragment, Fragment) else fragment
         return self._h5[f"fragments/{name}/level{level}"]
 
+    def macenko_reference(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The Macenko target this store was normalized to: (stain_matrix (3, 2), max_concentrations (2,)).
+
+        None for a store that was not Macenko-normalized (the attrs are written by ``cellkd.stain``).
+        """
+        attrs = self._h5.attrs
+        if "reference_stain_matrix" not in attrs:
+            return None
+        return np.asarray(attrs["reference_stain_matrix"]), np.asarray(attrs["reference_max_concentrations"])
+
     def close(self) -> None:
         self._h5.close()
 
