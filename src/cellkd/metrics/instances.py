@@ -41,11 +41,17 @@ class InstanceCounts:
     """Counts that add up exactly over fragments and slides; metrics come from the totals."""
 
     true: int = 0
+    """True nuclei (truth polygons)."""
     predicted: int = 0
+    """Predicted instances (the nuclei store's outlines)."""
     matches: int = 0
+    """One-to-one pairs with IoU > :data:`MATCH_IOU` (TP)."""
     iou_sum: float = 0.0
+    """Sum of the matched pairs' IoU (SQ = iou_sum / matches)."""
     split: int = 0
+    """True nuclei holding two or more predicted instances."""
     merged: int = 0
+    """True nuclei sharing one predicted instance with another true nucleus."""
 
     def __add__(self, other: InstanceCounts) -> InstanceCounts:
         mine, theirs = asdict(self), asdict(other)

@@ -36,9 +36,13 @@ class PixelCounts:
     """Confusion counts of foreground pixels: true/false positives, false negatives, true negatives."""
 
     tp: int = 0
+    """Foreground in both masks."""
     fp: int = 0
+    """Foreground in the prediction only."""
     fn: int = 0
+    """Foreground in the truth only."""
     tn: int = 0
+    """Background in both."""
 
     def __post_init__(self) -> None:
         for name in ("tp", "fp", "fn", "tn"):
