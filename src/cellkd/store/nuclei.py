@@ -22,7 +22,8 @@ Nuclei store ``results/nuclei/{stain}/{slide}.h5`` (written atomically)
         slide px (``cellkd.nuclei.crops``); chunked (``CROP_CHUNK`` rows); read with
         :meth:`NucleiStore.geometries`
 
-Rows run fragment by fragment (sorted names), and within a fragment by centroid (y, x).
+Rows run fragment by fragment (sorted names), then by extraction tile (row-major, ``nuclei.tile``
+segmentation-level px), and within a tile by centroid (y, x) (``cellkd.nuclei.extract``).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ CROP_LEVELS = (0, 1, 2)
 
 @dataclass
 class FragmentNuclei:
-    """The nuclei of one fragment as the store holds them, sorted by centroid (y, x)."""
+    """The nuclei of one fragment (or one tile of it) as the store holds them, sorted by centroid (y, x)."""
 
     centroid_x: npt.NDArray[np.float64]  # level-0 slide px
     centroid_y: npt.NDArray[np.float64]
