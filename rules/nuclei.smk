@@ -16,6 +16,9 @@ rule extract_nuclei:
         nuclei=config["nuclei"],
         classes=config["classes"],
         seed=config["seed"],
+        annotations=config["annotations"],
+        mpp_fallback=config["mpp_fallback"],
+        patches=config["patches"],
     script:
         "../scripts/extract_nuclei.py"
 

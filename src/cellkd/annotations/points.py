@@ -65,7 +65,8 @@ def label_nuclei_by_points(
         )
         order = np.lexsort((which_nucleus, which_point))  # first nucleus per point
         which_point, which_nucleus = which_point[order], which_nucleus[order]
-        first = np.r_[True, which_point[1:] != which_point[:-1]]
+        first = np.ones(which_point.size, dtype=bool)  # not np.r_[True, ...]: no pair at all is possible
+        first[1:] = which_point[1:] != which_point[:-1]
         point_nucleus[which_point[first]] = which_nucleus[first]
     inside = np.flatnonzero(point_nucleus >= 0)
     point_class = points["class_index"].to_numpy(dtype=np.int64)

@@ -169,7 +169,8 @@ class FragmentMatcher:
             row = self._match_iou(labels, stats, window)
         else:
             row = _match_centroid(owner.annotations.nuclei, *centroids)
-        out = np.where(row >= 0, owner.class_index[np.maximum(row, 0)], -1)
+        out = np.full(row.size, -1, dtype=np.int64)
+        out[row >= 0] = owner.class_index[row[row >= 0]]
         # Always: the points inside polygon-matched instances are used too (not "in no nucleus").
         by_points = owner.label_by_points(outlines, window.slide_box(self.fragment, self.down))
         out = np.where(out >= 0, out, by_points)
