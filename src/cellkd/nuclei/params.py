@@ -22,7 +22,7 @@ class NucleiParams:
     """Largest nucleus edge (level-0 px). Instances whose bounding box is wider or taller are not nuclei
     (merged blobs, tissue folds) and are dropped, whatever the tiling; it is also the tile halo
     (``cellkd.nuclei.extract``), so that every nucleus lies whole in the tile that keeps it."""
-    tile: int = 4096
+    tile: int = 2048
     """Edge (segmentation-level px) of the tiles a fragment is processed in: the peak memory is set by
     ``(tile + 2 * halo)^2`` pixels, not by the fragment size."""
     split_touching: bool = True
