@@ -19,9 +19,9 @@ Labels: class index ``i`` is ``classes[i]``; ``len(classes)`` is background. An 
 
 IoU is measured on the raster of the segmentation level, inside the fragment (annotated nuclei that
 cross the fragment edge count only their part inside it). Instances come tile by tile
-(``cellkd.nuclei.extract``), each whole inside its tile's window; an annotated nucleus's area is
-counted over the whole fragment once (``FragmentMatcher``), so its IoU does not depend on the tiling.
-Annotation id maps are rasterized in row bands of ``BAND_PIXELS``.
+(``cellkd.nuclei.extract``), each whole inside its tile's window; an annotated nucleus that runs past
+the window's edge has its area counted over the fragment instead, so the IoU does not depend on the
+tiling. Annotation id maps are rasterized in row bands of ``BAND_PIXELS``.
 """
 
 from __future__ import annotations
@@ -144,12 +144,17 @@ class FragmentMatcher:
         """Rows of the polygon frame near the fragment; id ``j + 1`` in the id maps is ``rows[j]``."""
         self.geoms = np.asarray(frame.geometry.values)[self.rows]
         self.bounds = shapely.bounds(self.geoms).reshape(-1, 4)
-        self.annotated_area: npt.NDArray[np.int64] | None = None
-        """(m + 1,) segmentation-level pixels of each id inside the whole fragment (IoU matching only)."""
-        if owner.params.match == "iou" and self.rows.size:
-            self.annotated_area = np.zeros(self.rows.size + 1, dtype=np.int64)
-            for _, ids in self._id_bands(Window(0, height, 0, width)):
-                self.annotated_area += np.bincount(ids.ravel(), minlength=self.rows.size + 1)
+        # Segmentation-level pixel box (r0, r1, c0, c1) around each polygon, clipped to the fragment.
+        scaled = (self.bounds - [fragment.x, fragment.y, fragment.x, fragment.y]) / down
+        self.pixel_boxes = np.stack(
+            [
+                np.clip(np.floor(scaled[:, 1]), 0, height),
+                np.clip(np.ceil(scaled[:, 3]), 0, height),
+                np.clip(np.floor(scaled[:, 0]), 0, width),
+                np.clip(np.ceil(scaled[:, 2]), 0, width),
+            ],
+            axis=1,
+        ).astype(np.int64)
 
     def label(
         self,
@@ -201,16 +206,25 @@ class FragmentMatcher:
                 )
             yield r0 - window.r0, out
 
+    def _area_in_fragment(self, j: int) -> int:
+        """Segmentation-level pixels of id ``j + 1`` in the fragment's id map (later features win over it)."""
+        r0, r1, c0, c1 = (int(v) for v in self.pixel_boxes[j])
+        if r1 <= r0 or c1 <= c0:
+            return 0
+        return sum(int(np.count_nonzero(ids == j + 1)) for _, ids in self._id_bands(Window(r0, r1, c0, c1)))
+
     def _match_iou(self, labels: LabelImage, stats: Instances, window: Window) -> npt.NDArray[np.int64]:
         """(n,) row of the polygon frame each instance matches by IoU (-1: none >= ``min_iou``)."""
         n = stats.area.size
         m = self.rows.size
         matched = np.full(n, -1, dtype=np.int64)
-        if m == 0 or n == 0 or self.annotated_area is None:
-            return matched
+        if m == 0 or n == 0:
+            return matched  # the band generator is lazy: nothing rasterized
+        annotated_area = np.zeros(m + 1, dtype=np.int64)
         keys: list[npt.NDArray[np.int64]] = []
         counts: list[npt.NDArray[np.int64]] = []
         for r0, ids in self._id_bands(window):
+            annotated_area += np.bincount(ids.ravel(), minlength=m + 1)
             predicted = labels[r0 : r0 + ids.shape[0]]
             both = (predicted > 0) & (ids > 0)
             # One int64 key per overlapping pixel pair; unique() counts them (sparse: n * m may be ~10^9).
@@ -224,7 +238,13 @@ class FragmentMatcher:
         unique, inverse = np.unique(key_all, return_inverse=True)
         overlap = np.bincount(inverse, weights=np.concatenate(counts))
         instance, annotated = np.divmod(unique, m + 1)
-        union = stats.area[instance - 1] + self.annotated_area[annotated] - overlap
+        # The instances lie whole in the window, but an annotated nucleus may run past its edge: count
+        # those over the fragment, so that the IoU is the untiled one.
+        box = self.pixel_boxes[annotated - 1]
+        cut = (box[:, 0] < window.r0) | (box[:, 1] > window.r1) | (box[:, 2] < window.c0) | (box[:, 3] > window.c1)
+        for j in np.unique(annotated[cut]):
+            annotated_area[j] = self._area_in_fragment(int(j) - 1)
+        union = stats.area[instance - 1] + annotated_area[annotated] - overlap
         iou = overlap / union
         # Best IoU per instance; among equal IoUs the earlier feature (smaller id).
         order = np.lexsort((annotated, -iou, instance))
