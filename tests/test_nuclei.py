@@ -554,6 +554,9 @@ def test_predicted_store_of_another_slide_raises(slide: dict[str, Path], tmp_pat
         ({"min_iou": 0.0}, "min_iou=0.0"),
         ({"crop_size": 1}, "crop_size=1"),
         ({"min_area": 0}, "min_area=0"),
+        ({"max_size": 0}, "max_size=0"),
+        ({"tile": 8}, "tile=8"),
+        ({"area_block": 0}, "area_block=0"),
     ],
 )
 def test_invalid_params_raise_config_error(kwargs: dict[str, object], message: str) -> None:
