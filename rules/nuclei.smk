@@ -9,7 +9,7 @@ rule extract_nuclei:
         "benchmarks/extract_nuclei/{stain}/{slide}.tsv"
     conda:
         "../envs/cellkd.yaml"
-    # Tiled: 0.4-0.5 GiB measured at 8k^2 and 16k^2 px fragments (README, Nuclei); the rest is for the annotation sets.
+    # Tiled: 0.43-0.47 GiB measured at 8k^2 and 16k^2 px fragments (README, Nuclei); the rest is for the annotation sets.
     resources:
         mem_mb=mem_mb_by_attempt(3000),
         runtime=60,
