@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
 import h5py
 import numpy as np
+import pandas as pd
 import pytest
 import shapely
 from hypothesis import given, settings
@@ -16,7 +18,7 @@ from rasterio.features import rasterize
 from rasterio.transform import Affine
 from scipy import ndimage
 
-from cellkd.annotations import write_qupath_geojson
+from cellkd.annotations import AnnotationOptions, write_qupath_geojson
 from cellkd.classes import DEFAULT_CLASSES
 from cellkd.errors import AnnotationError, ConfigError, StoreError
 from cellkd.nuclei import UNLABELLED, NucleiParams, extract_nuclei, find_instances
@@ -27,7 +29,7 @@ from cellkd.store.atomic import atomic_h5
 from cellkd.store.compression import is_compressed
 from cellkd.store.fragments import Fragment, FragmentStoreWriter, fragment_name
 from cellkd.store.nuclei import NucleiStore
-from cellkd.store.patches import split_counts
+from cellkd.store.patches import PatchParams, PatchStore, cut_patches, split_counts
 from cellkd.types import DOWNSAMPLES
 
 CLASSES = DEFAULT_CLASSES  # other 0, immune 1, muscle 2; background 3
@@ -553,6 +555,9 @@ def test_predicted_store_of_another_slide_raises(slide: dict[str, Path], tmp_pat
         ({"min_iou": 0.0}, "min_iou=0.0"),
         ({"crop_size": 1}, "crop_size=1"),
         ({"min_area": 0}, "min_area=0"),
+        ({"max_size": 0}, "max_size=0"),
+        ({"tile": 8}, "tile=8"),
+        ({"area_block": 0}, "area_block=0"),
     ],
 )
 def test_invalid_params_raise_config_error(kwargs: dict[str, object], message: str) -> None:
@@ -563,3 +568,209 @@ def test_invalid_params_raise_config_error(kwargs: dict[str, object], message: s
 def test_missing_predicted_store_raises(slide: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="missing.h5: cannot open the predicted mask store"):
         extract_nuclei(tmp_path / "missing.h5", slide["fragments"], {}, CLASSES, slide["out"])
+
+
+# --------------------------------------------------------------------------- tiles
+
+
+def seam_slide(tmp_path: Path, level: int) -> dict[str, Path]:
+    """One 192 x 160 fragment of discs (radius 2.5..7, some touching in pairs) on a 16-px grid of offsets,
+    so that many lie across the seams of 32-px tiles; ssa polygons on a third of them, points on others."""
+    fragment = Fragment("f000", 40, 24, 192, 160)
+    d = DOWNSAMPLES[level]
+    shape = fragment.shape_at(level)
+    rng = np.random.default_rng(7)
+    mask = np.zeros(shape, dtype=bool)
+    centres: list[tuple[float, float, float]] = []  # level-0 fragment px (row, col, radius)
+    for cy in range(12, 160 - 12, 22):
+        for cx in range(12, 192 - 12, 22):
+            r = float(rng.uniform(2.5, 7.0))
+            y, x = cy + rng.uniform(-3, 3), cx + rng.uniform(-3, 3)
+            centres.append((y, x, r))
+            mask |= disc(shape, y / d, x / d, r / d)
+    # Two touching discs: a clump the watershed splits (18 level-0 px across, below max_size).
+    mask |= disc(shape, 64 / d, 95 / d, 5 / d) | disc(shape, 64 / d, 104 / d, 5 / d)
+    shapes = [shapely.box(40 + x - r, 24 + y - r, 40 + x + r, 24 + y + r) for y, x, r in centres[::3]]
+    labels = [(OTHER, IMMUNE, MUSCLE)[i % 3] for i in range(len(shapes))]
+    # First (so the others overwrite it): a box around the largest disc left of x 60 without its own box, with a
+    # 130-px tail, wider than any tile window: IoU 0.07 over the fragment, but above min_iou 0.1 if measured on
+    # a window alone (the tail cut at its edge), where the disc would wrongly match.
+    y, x, r = max((c for i, c in enumerate(centres) if i % 3 and c[1] < 60), key=lambda c: c[2])
+    head = (2 * r + 2) ** 2
+    thickness = (np.pi * r**2 / 0.07 - head) / 130
+    lollipop = shapely.union(
+        shapely.box(40 + x - r - 1, 24 + y - r - 1, 40 + x + r + 1, 24 + y + r + 1),
+        shapely.box(40 + x + r + 1, 24 + y - thickness / 2, 40 + x + r + 131, 24 + y + thickness / 2),
+    )
+    write_qupath_geojson(tmp_path / "ssa.geojson", [lollipop, *shapes], [MUSCLE, *labels], CLASSES)
+    points = [shapely.Point(40 + x, 24 + y) for y, x, _ in centres[1::3]] + [shapely.Point(41, 25)]
+    write_qupath_geojson(tmp_path / "ea.geojson", points, np.full(len(points), IMMUNE), CLASSES)
+    return {
+        "fragments": write_fragment_store(tmp_path / "f.h5", [fragment]),
+        "predicted": write_predicted(tmp_path / "p.h5", [fragment], {"f000": mask}, level=level),
+        "ssa": tmp_path / "ssa.geojson",
+        "ea": tmp_path / "ea.geojson",
+    }
+
+
+def store_rows(path: Path) -> tuple[list[tuple[object, ...]], dict[str, np.ndarray]]:
+    """Every nucleus as a tuple of its columns, outline WKB and crops, sorted (row order aside)."""
+    with NucleiStore(path) as store:
+        table = store.table().drop(columns="split")
+        outlines = [shapely.normalize(g).wkb for g in store.geometries()]
+        crops = [store.crops(level)[:] for level in (0, 1, 2)]
+    rows = [
+        (*row, outline, *(c[i].tobytes() for c in crops))
+        for i, (row, outline) in enumerate(zip(table.itertuples(index=False), outlines, strict=True))
+    ]
+    return sorted(rows), {"x": table["centroid_x"].to_numpy(), "y": table["centroid_y"].to_numpy()}
+
+
+@pytest.mark.parametrize("level", [0, 1])
+@pytest.mark.parametrize("match", ["iou", "centroid"])
+def test_small_tiles_give_the_same_nuclei_as_one_tile(tmp_path: Path, level: int, match: str) -> None:
+    """Tiles of 32 (or 16) segmentation px with their halo find the nuclei of one big tile, each once."""
+    paths = seam_slide(tmp_path, level)
+    results = {}
+    for tile in (4096, 32, 16):
+        out = tmp_path / f"n{tile}.h5"
+        params = NucleiParams(tile=tile, max_size=24, match=match, min_area=4)
+        sets = {"ssa": paths["ssa"], "ea": paths["ea"]}
+        n = extract_nuclei(paths["predicted"], paths["fragments"], sets, CLASSES, out, params)
+        results[tile] = (n, *store_rows(out))
+    n, rows, _ = results[4096]
+    assert n > 50
+    for tile in (32, 16):
+        assert results[tile][0] == n
+        assert results[tile][1] == rows  # same centroids, areas, boxes, labels, outlines and crops
+    # Nuclei across the seams of the 16-px tiles (level-0 px: 16 * downsample) were kept, once.
+    seam = 16 * DOWNSAMPLES[level]
+    table = pd.DataFrame([r[:8] for r in rows], columns=["f", "cx", "cy", "area", "x0", "y0", "x1", "y1"])
+    crossing = ((table["x0"] - 40) // seam != (table["x1"] - 41) // seam) | (
+        (table["y0"] - 24) // seam != (table["y1"] - 25) // seam
+    )
+    assert crossing.sum() >= 10
+    labels_ssa = np.array([r[8] for r in rows])
+    labels_ea = np.array([r[9] for r in rows])
+    assert set(labels_ssa.tolist()) == {OTHER, IMMUNE, MUSCLE, BACKGROUND}
+    assert (labels_ea == IMMUNE).sum() >= 10 and set(labels_ea.tolist()) == {IMMUNE, UNLABELLED}
+
+
+def test_rows_run_tile_by_tile_then_by_centroid(tmp_path: Path) -> None:
+    paths = seam_slide(tmp_path, 0)
+    extract_nuclei(paths["predicted"], paths["fragments"], {}, CLASSES, tmp_path / "n.h5", NucleiParams(tile=64))
+    with NucleiStore(tmp_path / "n.h5") as store:
+        table = store.table()
+    # Tile of each row from the pixel holding its centroid (fragment origin 40, 24); 3 tiles across.
+    row = np.floor(table["centroid_y"] - 24).astype(int) // 64
+    col = np.floor(table["centroid_x"] - 40).astype(int) // 64
+    tile = (row * 3 + col).to_numpy()
+    assert (np.diff(tile) >= 0).all() and len(set(tile)) == 9
+    for t in set(tile):
+        part = table[tile == t]
+        assert list(zip(part["centroid_y"], part["centroid_x"], strict=True)) == sorted(
+            zip(part["centroid_y"], part["centroid_x"], strict=True)
+        )
+
+
+def test_instances_wider_than_max_size_are_dropped_in_any_tiling(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    fragment = Fragment("f000", 0, 0, 96, 64)
+    mask = np.zeros((64, 96), dtype=np.uint8)
+    mask[10:20, 10:70] = 1  # a 60-px bar across several 16-px tiles: not a nucleus at max_size 24
+    mask[40:46, 40:46] = 1
+    paths = {
+        "fragments": write_fragment_store(tmp_path / "f.h5", [fragment]),
+        "predicted": write_predicted(tmp_path / "p.h5", [fragment], {"f000": mask}),
+    }
+    for tile in (4096, 16):
+        params = NucleiParams(tile=tile, max_size=24, split_touching=False)
+        assert extract_nuclei(paths["predicted"], paths["fragments"], {}, CLASSES, tmp_path / "n.h5", params) == 1
+    assert "dropped 1 instances wider than nuclei max_size=24 px" in caplog.text
+
+
+# --------------------------------------------------------------------------- points and reading options
+
+
+def test_points_label_the_nuclei_polygons_left_unlabelled_and_points_outside_are_reported(
+    slide: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """ssa: polygons (A immune, C other, D muscle) plus points: one in B (muscle), one in A (other, loses to
+    the polygon), one in no nucleus."""
+    polygons = [shapely.box(120, 70, 126, 76), shapely.box(100, 50, 104, 54), shapely.box(320, 60, 324, 64)]
+    points = [shapely.Point(143.5, 83.5), shapely.Point(122.5, 72.5), shapely.Point(200, 60)]
+    write_qupath_geojson(slide["ssa"], polygons + points, [IMMUNE, OTHER, MUSCLE, MUSCLE, OTHER, IMMUNE], CLASSES)
+    write_qupath_geojson(slide["ea"], points[:1], [IMMUNE], CLASSES)  # a set of points alone
+    extract(slide)
+    with NucleiStore(slide["out"]) as store:
+        table = store.table()
+    # Rows: C, A, B (f000), D (f001).
+    assert table["label_ssa"].tolist() == [OTHER, IMMUNE, MUSCLE, MUSCLE]
+    assert table["label_ea"].tolist() == [UNLABELLED, UNLABELLED, IMMUNE, UNLABELLED]
+    assert "s1 ssa" in caplog.text and "1 of 3 point labels lie in no segmented nucleus" in caplog.text
+    assert "s1 ea" not in caplog.text
+
+
+def test_a_point_in_a_polygon_matched_nucleus_is_not_reported_as_outside(
+    slide: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    write_qupath_geojson(
+        slide["ssa"], [shapely.box(120, 70, 126, 76), shapely.Point(122.5, 72.5)], [IMMUNE, OTHER], CLASSES
+    )
+    extract(slide, sets=["ssa"])
+    assert "lie in no segmented nucleus" not in caplog.text
+
+
+def test_annotation_options_and_mpp_reach_the_geojson_reader(slide: dict[str, Path]) -> None:
+    """An unknown class fails by default and is skipped with unknown_classes: ignore; a region of
+    4000 µm² at 0.5 µm/px (a 126 x 126 px box around nucleus A) is set aside as a region given the mpp."""
+    features = [
+        {"type": "Feature", "geometry": shapely.geometry.mapping(shapely.box(120, 70, 126, 76)),
+         "properties": {"objectType": "annotation", "classification": {"name": "Immune cells"}}},
+        {"type": "Feature", "geometry": shapely.geometry.mapping(shapely.box(100, 50, 104, 54)),
+         "properties": {"objectType": "annotation", "classification": {"name": "Stroma"}}},
+        {"type": "Feature", "geometry": shapely.geometry.mapping(shapely.box(60, 10, 186, 136)),
+         "properties": {"objectType": "annotation", "classification": {"name": "Muscle"}}},
+    ]  # fmt: skip
+    slide["ssa"].write_text(json.dumps({"type": "FeatureCollection", "features": features}), encoding="utf-8")
+    with pytest.raises(AnnotationError, match="Stroma"):
+        extract(slide, sets=["ssa"])
+    options = AnnotationOptions(unknown_classes="ignore")
+    sets = {"ssa": slide["ssa"]}
+    extract_nuclei(slide["predicted"], slide["fragments"], sets, CLASSES, slide["out"], options=options, mpp=0.5)
+    with NucleiStore(slide["out"]) as store:
+        labels = store.labels("ssa").tolist()
+    # C: Stroma ignored -> background; A: immune (the region around it is no nucleus, so A is not muscle).
+    assert labels == [BACKGROUND, IMMUNE, BACKGROUND, BACKGROUND]
+    extract_nuclei(slide["predicted"], slide["fragments"], sets, CLASSES, slide["out"], options=options)
+    with NucleiStore(slide["out"]) as store:
+        # Without the mpp the region is a (large) nucleus drawn over A (a later feature wins): IoU < 0.1.
+        assert store.labels("ssa").tolist()[1] == BACKGROUND
+
+
+# --------------------------------------------------------------------------- split by area
+
+
+def test_split_by_area_matches_the_patch_split_of_the_same_blocks(many_nuclei: dict[str, Path]) -> None:
+    """Patches of 8 px at levels 0..2 (blocks of 32 level-0 px) and nuclei split by area share one split."""
+    patch_params = PatchParams(size=8, seed=3)
+    assert patch_params.block_size == 32
+    params = NucleiParams(split_by="area", area_block=patch_params.block_size, seed=3)
+    extract(many_nuclei, params, sets=())
+    cut_patches(many_nuclei["fragments"], None, many_nuclei["out"].with_suffix(".patches.h5"), "s1", patch_params)
+    with NucleiStore(many_nuclei["out"]) as store:
+        table = store.table()
+    with PatchStore(many_nuclei["out"].with_suffix(".patches.h5")) as patches:
+        provenance = patches.provenance
+    level0 = provenance[provenance["level"] == 0].set_index(["fragment", "x", "y"])["split"]
+    fragment_x = {f"f{i:03d}": 60 * i for i in range(6)}
+    for row in table.itertuples():
+        x = int(row.centroid_x - fragment_x[row.fragment]) // 8 * 8
+        y = int(row.centroid_y) // 8 * 8
+        assert row.split == level0[(row.fragment, x, y)]
+    # Whole blocks per split: 4 blocks per fragment, 24 in all, drawn by the patch split counts.
+    block = table["fragment"] + ((table["centroid_x"] - table["fragment"].map(fragment_x)) // 32).astype(str)
+    block += (table["centroid_y"] // 32).astype(str)
+    assert (table.groupby(block)["split"].nunique() == 1).all()
+    assert set(table["split"]) == {0, 1, 2}

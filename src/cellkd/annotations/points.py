@@ -46,12 +46,15 @@ def label_nuclei_by_points(
     points: gpd.GeoDataFrame,
     nuclei: Sequence[shapely.Geometry] | npt.NDArray[np.object_] | gpd.GeoSeries,
     source: str | os.PathLike[str] = "point labels",
+    *,
+    warn: bool = True,
 ) -> PointLabels:
     """Give each nucleus polygon the class of the point labels inside it.
 
     ``points``: ``QuPathAnnotations.points`` (Point geometries and ``class_index``, level-0 px);
     ``nuclei``: polygons in the same frame. A point on several (overlapping) nuclei labels the first
-    of them. ``source`` names the file in the log.
+    of them. ``source`` names the file in the log; ``warn=False`` leaves the counts to the caller
+    (a caller that labels a slide tile by tile reports them once).
     """
     shapes = np.asarray(nuclei.values if isinstance(nuclei, gpd.GeoSeries) else nuclei, dtype=object)
     nucleus_class = np.full(len(shapes), -1, dtype=np.int64)
@@ -62,7 +65,8 @@ def label_nuclei_by_points(
         )
         order = np.lexsort((which_nucleus, which_point))  # first nucleus per point
         which_point, which_nucleus = which_point[order], which_nucleus[order]
-        first = np.r_[True, which_point[1:] != which_point[:-1]]
+        first = np.ones(which_point.size, dtype=bool)  # not np.r_[True, ...]: no pair at all is possible
+        first[1:] = which_point[1:] != which_point[:-1]
         point_nucleus[which_point[first]] = which_nucleus[first]
     inside = np.flatnonzero(point_nucleus >= 0)
     point_class = points["class_index"].to_numpy(dtype=np.int64)
@@ -77,8 +81,8 @@ def label_nuclei_by_points(
         nucleus_class[agreed] = highest[agreed]
         conflicting = int(((highest >= 0) & ~agreed).sum())
     outside = int(len(points) - inside.size)
-    if outside:
+    if warn and outside:
         log.warning("%s: %d of %d point labels lie in no nucleus and label nothing", source, outside, len(points))
-    if conflicting:
+    if warn and conflicting:
         log.warning("%s: %d nuclei hold point labels of different classes and stay unlabelled", source, conflicting)
     return PointLabels(nucleus_class, point_nucleus, outside, conflicting)

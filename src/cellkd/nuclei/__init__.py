@@ -1,9 +1,9 @@
 """Nuclei: every nucleus the segmentation model found in a slide, with its crops, outline and per-set labels.
 
-Data flow, one module per step (``extract_nuclei`` runs them fragment by fragment):
+Data flow, one module per step (``extract_nuclei`` runs them fragment by fragment, tile by tile with a halo):
 
 ``instances``  predicted mask -> instance labels (8-connected components, watershed for touching nuclei)
-``matching``   instances + annotation set (QuPath GeoJSON) -> class index per instance (IoU or centroid)
+``matching``   instances + annotation set (QuPath GeoJSON polygons, then points) -> class index per instance
 ``crops``      instances + fragment images -> outlines (shapely, level-0 px) and crops at levels 0, 1, 2
 ``extract``    the orchestration and the train / val / test split; settings in ``params`` (``NucleiParams``)
 

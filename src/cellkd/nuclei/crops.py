@@ -30,7 +30,7 @@ from rasterio import features as rio_features
 from rasterio.transform import Affine
 
 from cellkd.nuclei.instances import BAND_PIXELS, Instances, LabelImage
-from cellkd.store.fragments import CHUNK, Fragment
+from cellkd.store.fragments import CHUNK
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +44,13 @@ def _largest_polygon(geometry: shapely.Geometry) -> shapely.Polygon:
     return max(polygons, key=lambda p: p.area)
 
 
-def instance_outlines(labels: LabelImage, stats: Instances, fragment: Fragment, down: int) -> npt.NDArray[np.object_]:
+def instance_outlines(
+    labels: LabelImage, stats: Instances, origin: tuple[float, float], down: int
+) -> npt.NDArray[np.object_]:
     """(n,) valid shapely Polygons of labels 1..n (label order), level-0 slide px; layout in the module docstring.
+
+    ``origin``: level-0 slide (x, y) of the corner of ``labels[0, 0]`` (a fragment's or a tile's);
+    ``down``: level-0 px per label pixel.
 
     Vectorized in row bands: a band takes the instances whose top row lies in it, extended down to
     their lowest row, with every other instance masked out, so each instance is traced whole once.
@@ -66,7 +71,7 @@ def instance_outlines(labels: LabelImage, stats: Instances, fragment: Fragment, 
         window = labels[r0 : int(bottom[members].max())]
         selected[:] = False
         selected[members + 1] = True
-        transform = Affine(down, 0, fragment.x, 0, down, fragment.y + down * r0)
+        transform = Affine(down, 0, origin[0], 0, down, origin[1] + down * r0)
         for geojson, value in rio_features.shapes(window, mask=selected[window], connectivity=8, transform=transform):
             polygon = shapely.geometry.shape(geojson)
             i = int(value) - 1
@@ -76,9 +81,7 @@ def instance_outlines(labels: LabelImage, stats: Instances, fragment: Fragment, 
     invalid = np.flatnonzero(~shapely.is_valid(out))
     if invalid.size:
         out[invalid] = [_largest_polygon(g) for g in shapely.make_valid(out[invalid])]
-        logger.debug(
-            "%s: %d outlines touched themselves at a corner; kept their largest piece", fragment.name, invalid.size
-        )
+        logger.debug("%d outlines touched themselves at a corner; kept their largest piece", invalid.size)
     return out
 
 
@@ -86,8 +89,9 @@ def cut_crops(image: h5py.Dataset, row: npt.NDArray[np.int64], col: npt.NDArray[
     """uint8 (n, size, size, 3) crops of ``image`` (H, W, 3) with pixel (row, col) at crop index size // 2.
 
     ``row`` (sorted) and ``col`` lie inside the image. The image is read in row bands (whole chunk
-    rows) with a margin, zero-padded, and the crops of the nuclei centred in a band are gathered from
-    it by one fancy index; pixels outside the image are zero.
+    rows) with a margin, over the columns the crops span only (a tile's nuclei read a tile's width
+    of a wide fragment), zero-padded, and the crops of the nuclei centred in a band are gathered
+    from it by one fancy index; pixels outside the image are zero.
     """
     n = row.size
     out = np.zeros((n, size, size, 3), dtype=np.uint8)
@@ -96,18 +100,21 @@ def cut_crops(image: h5py.Dataset, row: npt.NDArray[np.int64], col: npt.NDArray[
     height, width = image.shape[:2]
     half = size // 2
     offsets = np.arange(size)
-    # Bands of whole chunk rows within the memory budget; the padded band is (rows + size - 1, W + size - 1).
-    band_rows = max(CHUNK, BAND_PIXELS // max(1, (width + size) * 3) // CHUNK * CHUNK)
+    left = int(col.min()) - half  # crop columns of centre c: c - half .. c - half + size - 1
+    span = int(col.max()) - half + size - left
+    a_col, b_col = max(left, 0), min(left + span, width)
+    # Bands of whole chunk rows within the memory budget; the padded band is (rows + size - 1, span).
+    band_rows = max(CHUNK, BAND_PIXELS // max(1, span * 3) // CHUNK * CHUNK)
     band_rows = min(band_rows, height)  # a small fragment is one band, not a large empty buffer
     for r0 in range(int(row[0]) // band_rows * band_rows, int(row[-1]) + 1, band_rows):
         start, stop = np.searchsorted(row, [r0, r0 + band_rows])
         if stop == start:
             continue
         top = r0 - half  # crop rows of centre r: r - half .. r - half + size - 1
-        padded = np.zeros((band_rows + size - 1, width + size - 1, 3), dtype=np.uint8)
+        padded = np.zeros((band_rows + size - 1, span, 3), dtype=np.uint8)
         a, b = max(top, 0), min(top + padded.shape[0], height)
-        padded[a - top : b - top, half : half + width] = image[a:b]
+        padded[a - top : b - top, a_col - left : b_col - left] = image[a:b, a_col:b_col]
         rr = (row[start:stop] - r0)[:, None, None] + offsets[None, :, None]
-        cc = col[start:stop][:, None, None] + offsets[None, None, :]
+        cc = (col[start:stop] - half - left)[:, None, None] + offsets[None, None, :]
         out[start:stop] = padded[rr, cc]
     return out

@@ -18,6 +18,13 @@ class NucleiParams:
     """Crop edge (px) at levels 1 and 2, centred on centroid / 2 and centroid / 4."""
     min_area: int = 8
     """Instances smaller than this (level-0 px) are dropped."""
+    max_size: int = 256
+    """Largest nucleus edge (level-0 px). Instances whose bounding box is wider or taller are not nuclei
+    (merged blobs, tissue folds) and are dropped, whatever the tiling; it is also the tile halo
+    (``cellkd.nuclei.extract``), so that every nucleus lies whole in the tile that keeps it."""
+    tile: int = 2048
+    """Edge (segmentation-level px) of the tiles a fragment is processed in: the peak memory is set by
+    ``(tile + 2 * halo)^2`` pixels, not by the fragment size."""
     split_touching: bool = True
     """Split touching nuclei by a watershed on the distance transform."""
     split_depth: float = 1.5
@@ -36,7 +43,12 @@ class NucleiParams:
     split_by: str = "nucleus"
     """``"nucleus"``: each nucleus drawn on its own. ``"fragment"``: whole fragments go to one split, so
     overlapping crops of neighbouring nuclei never straddle train and test; the ratios then count
-    fragments (those with nuclei), and the nucleus fractions only approximate them."""
+    fragments (those with nuclei), and the nucleus fractions only approximate them. ``"area"``: the
+    nuclei of one area block (``area_block`` px, the blocks of ``cellkd.store.patches``) share one
+    split; the ratios count blocks."""
+    area_block: int = 2048
+    """Edge (level-0 px) of the area blocks of ``split_by="area"``; the workflow sets it to the patch
+    store's ``PatchParams.block_size`` so that a nucleus and the patches of its area share one split."""
     seed: int = 0
     """Seed of the split; combined with the slide id."""
     partial_sets: tuple[str, ...] = ("ea",)
@@ -48,7 +60,8 @@ class NucleiParams:
         def fail(name: str, expected: str) -> None:
             raise ConfigError(f"nuclei {name}={getattr(self, name)!r} is invalid; expected {expected} {where}")
 
-        for name, low in (("crop_size", 2), ("multiscale_size", 2), ("min_area", 1)):
+        integers = (("crop_size", 2), ("multiscale_size", 2), ("min_area", 1), ("max_size", 1), ("tile", 16))
+        for name, low in (*integers, ("area_block", 1)):
             value = getattr(self, name)
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= low):
                 fail(name, f"an integer >= {low}")
@@ -66,8 +79,8 @@ class NucleiParams:
         if len(split) != 3 or any(not math.isfinite(v) or v < 0 for v in split) or not math.isclose(sum(split), 1.0):
             fail("split", "three fractions >= 0 (train, val, test) summing to 1")
         object.__setattr__(self, "split", split)
-        if self.split_by not in ("nucleus", "fragment"):
-            fail("split_by", "'nucleus' or 'fragment'")
+        if self.split_by not in ("nucleus", "fragment", "area"):
+            fail("split_by", "'nucleus', 'fragment' or 'area'")
         if not (isinstance(self.seed, int) and self.seed >= 0):
             fail("seed", "an integer >= 0")
         object.__setattr__(self, "partial_sets", tuple(str(s) for s in self.partial_sets))

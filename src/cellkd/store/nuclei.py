@@ -7,8 +7,8 @@ export (``cellkd.predict``), all through :class:`NucleiStore`.
 
 Nuclei store ``results/nuclei/{stain}/{slide}.h5`` (written atomically)
     attrs: complete, slide, stain, classes (names, ``"background"`` last), label_sets (the sets
-        present), crop_size, multiscale_size, match, min_iou, min_area, split_touching, split_depth,
-        split_by, split_ratios, seed, split_names ["train", "val", "test"], partial_sets,
+        present), crop_size, multiscale_size, match, min_iou, min_area, max_size, tile, split_touching,
+        split_depth, split_by, split_ratios, split_block_size, seed, split_names ["train", "val", "test"], partial_sets,
         segmentation_level, predicted_store, fragment_store, annotation_files
     1-D (N,): ``fragment`` (str), ``centroid_x``, ``centroid_y`` (float32, level-0 slide px),
         ``area`` (int32, level-0 px), ``split`` (int8: 0 train, 1 val, 2 test)
@@ -22,7 +22,8 @@ Nuclei store ``results/nuclei/{stain}/{slide}.h5`` (written atomically)
         slide px (``cellkd.nuclei.crops``); chunked (``CROP_CHUNK`` rows); read with
         :meth:`NucleiStore.geometries`
 
-Rows run fragment by fragment (sorted names), and within a fragment by centroid (y, x).
+Rows run fragment by fragment (sorted names), then by extraction tile (row-major, ``nuclei.tile``
+segmentation-level px), and within a tile by centroid (y, x) (``cellkd.nuclei.extract``).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ CROP_LEVELS = (0, 1, 2)
 
 @dataclass
 class FragmentNuclei:
-    """The nuclei of one fragment as the store holds them, sorted by centroid (y, x)."""
+    """The nuclei of one fragment (or one tile of it) as the store holds them, sorted by centroid (y, x)."""
 
     centroid_x: npt.NDArray[np.float64]  # level-0 slide px
     centroid_y: npt.NDArray[np.float64]
