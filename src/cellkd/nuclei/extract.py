@@ -166,7 +166,12 @@ def _tile_nuclei(
     lookup = np.zeros(n + 1, dtype=np.int32)
     lookup[order + 1] = np.arange(1, order.size + 1, dtype=np.int32)
     labels = lookup[labels]
-    stats = Instances(stats.area[order], stats.row_sum[order], stats.col_sum[order], [stats.boxes[i] for i in order])
+    stats = Instances(
+        area=stats.area[order],
+        row_sum=stats.row_sum[order],
+        col_sum=stats.col_sum[order],
+        boxes=[stats.boxes[i] for i in order],
+    )
     origin = (fragment.x + down * window.c0, fragment.y + down * window.r0)
     outlines = instance_outlines(labels, stats, origin, down)
     centroids = (cx[order], cy[order])

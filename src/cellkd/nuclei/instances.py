@@ -1,8 +1,9 @@
 """Nucleus instances: connected components of a predicted mask, touching nuclei split by a watershed.
 
-Memory: a fragment's predicted mask is labelled as a whole, so a fragment needs about 5 bytes per
-segmentation-level pixel (uint8 mask + int32 labels): 2 GB for a 20k x 20k fragment. The other
-passes over the labels (areas, statistics) run in row bands of ``BAND_PIXELS``.
+Memory: the functions here label whatever mask they are given, about 5 bytes per pixel (uint8 mask +
+int32 labels); ``cellkd.nuclei.extract`` hands them one tile (plus halo) of a fragment at a time, so a
+job's peak does not grow with the fragment. The passes over the labels (areas, statistics) run in row
+bands of ``BAND_PIXELS``.
 """
 
 from __future__ import annotations
@@ -167,7 +168,7 @@ def _adjacent_pairs(parts: npt.NDArray[np.int32]) -> list[tuple[int, int]]:
 
 @dataclass
 class Instances:
-    """Per-instance statistics of one fragment, in label order (row i = label i + 1)."""
+    """Per-instance statistics of one labelled tile, in label order (row i = label i + 1)."""
 
     area: npt.NDArray[np.int64]  # segmentation-level px
     row_sum: npt.NDArray[np.float64]
