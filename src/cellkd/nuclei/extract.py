@@ -312,6 +312,7 @@ def extract_nuclei(
                     "tile": params.tile,
                     "split_touching": params.split_touching,
                     "split_depth": params.split_depth,
+                    "split_waist": params.split_waist,
                     "split_by": params.split_by,
                     "split_ratios": np.asarray(params.split),
                     "split_block_size": params.area_block,
