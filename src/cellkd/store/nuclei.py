@@ -8,8 +8,9 @@ export (``cellkd.predict``), all through :class:`NucleiStore`.
 Nuclei store ``results/nuclei/{stain}/{slide}.h5`` (written atomically)
     attrs: complete, slide, stain, classes (names, ``"background"`` last), label_sets (the sets
         present), crop_size, multiscale_size, match, min_iou, min_area, max_size, tile, split_touching,
-        split_depth, split_waist, split_by, split_ratios, split_block_size, seed, split_names ["train", "val", "test"], partial_sets,
-        segmentation_level, predicted_store, fragment_store, annotation_files
+        split_depth, split_waist, split_by, split_ratios, split_block_size, seed,
+        split_names ["train", "val", "test"], partial_sets, segmentation_level, predicted_store,
+        fragment_store, annotation_files
     1-D (N,): ``fragment`` (str), ``centroid_x``, ``centroid_y`` (float32, level-0 slide px),
         ``area`` (int32, level-0 px), ``split`` (int8: 0 train, 1 val, 2 test)
     ``bbox`` (N, 4) int32: x0, y0, x1, y1 in level-0 slide px, half-open
