@@ -21,8 +21,9 @@ from cellkd.metrics import PIXEL_METRICS, PixelCounts, pixel_counts, pixel_metri
 from cellkd.report.figures import png_figure
 from cellkd.report.tables import concat_tables, write_table
 from cellkd.store.atomic import atomic_path, atomic_write_text, require_complete
+from cellkd.store.attrs import open_store
+from cellkd.store.masks import MaskStore
 from cellkd.store.patches import PatchStore
-from cellkd.training.segmentation import evaluate_segmentation
 from cellkd.types import PathLike
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,9 @@ def evaluate_architecture(
     Columns: reference (annotation set), accuracy, precision, recall, dice, iou, patches. Each reference
     is scored on the stores that hold it (public datasets have only the target set, not ``truth``).
     """
+    # Imported here: it brings torch and smp, which Table 2 and Figure 4 (same module) do not need.
+    from cellkd.training.segmentation import evaluate_segmentation
+
     rows = []
     for mask_set in mask_sets:
         holding = [path for path in patch_stores if _has_mask_set(path, mask_set)]
@@ -82,9 +86,9 @@ def write_table2(
     return table
 
 
-def _nucleus_mask(group: h5py.Group, rows: slice) -> np.ndarray:
+def _nucleus_mask(dataset: h5py.Dataset, rows: slice) -> np.ndarray:
     """Any class channel of a (H, W, C) mask dataset -> bool (h, W) for the given rows."""
-    return np.asarray(group[rows]).any(axis=-1)
+    return np.asarray(dataset[rows]).any(axis=-1)
 
 
 def compare_segmentations(
@@ -96,24 +100,26 @@ def compare_segmentations(
     the pixel metrics accumulated over all fragments of the slide at ``level``. Sets the mask store
     does not hold are skipped.
     """
-    with h5py.File(predicted_store, "r") as predicted, h5py.File(mask_store, "r") as masks:
+    with (
+        open_store(predicted_store, "predicted mask store", "rerun the segment_slide rule") as predicted,
+        MaskStore(mask_store) as masks,
+    ):
         require_complete(predicted)
-        require_complete(masks)
-        available = [s for s in references if s in set(masks.attrs["annotation_sets"])]
+        available = [s for s in references if s in masks.annotation_sets]
         pairs = [("model", s) for s in available]
         if "truth" in available:
             pairs += [(s, "truth") for s in available if s != "truth"]
         counts = {pair: PixelCounts() for pair in pairs}
         for name, group in predicted["fragments"].items():
             prediction = group[f"level{level}"]
-            if f"fragments/{name}" not in masks:
+            if not masks.has_fragment(name):
                 raise StoreError(f"{mask_store}: has no fragment {name!r} of {predicted_store}; rerun both rules")
             height = prediction.shape[0]
             for y in range(0, height, ROW_STRIP):
                 rows = slice(y, min(y + ROW_STRIP, height))
                 layers = {"model": np.asarray(prediction[rows]).astype(bool)}
                 for s in available:
-                    layers[s] = _nucleus_mask(masks[f"fragments/{name}/{s}/level{level}"], rows)
+                    layers[s] = _nucleus_mask(masks.level(name, s, level), rows)
                 for a, b in pairs:
                     counts[(a, b)] += pixel_counts(layers[a], layers[b])
     return pd.DataFrame([{"comparison": f"{a} vs {b}", **pixel_metrics(c)} for (a, b), c in counts.items()])

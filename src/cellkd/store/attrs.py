@@ -1,8 +1,20 @@
-"""Reading HDF5 attributes written by the stores."""
+"""Reading cellkd's HDF5 stores: opening one with an error that says what to rerun, decoding string attributes."""
 
 from __future__ import annotations
 
+import h5py
 import numpy as np
+
+from cellkd.errors import StoreError
+from cellkd.types import PathLike
+
+
+def open_store(path: PathLike, what: str, fix: str) -> h5py.File:
+    """``path`` opened read-only; ``StoreError`` "<path>: cannot open <what> (<reason>); <fix>" otherwise."""
+    try:
+        return h5py.File(path, "r")
+    except OSError as err:  # FileNotFoundError included
+        raise StoreError(f"{path}: cannot open {what} ({err}); {fix}") from err
 
 
 def decode_strings(values: object) -> list[str]:

@@ -16,8 +16,8 @@ from types import TracebackType
 import h5py
 import numpy as np
 
-from cellkd.errors import StoreError
 from cellkd.store.atomic import atomic_h5, require_complete
+from cellkd.store.attrs import open_store
 from cellkd.store.compression import COMPRESSION
 from cellkd.types import DOWNSAMPLES, RGBImage
 
@@ -61,10 +61,7 @@ class FragmentStore:
     """Read-only view of a fragment store. Use as a context manager."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        try:
-            self._h5 = h5py.File(path, "r")
-        except (OSError, FileNotFoundError) as err:
-            raise StoreError(f"{path}: cannot open fragment store ({err}); rerun the extract_fragments rule") from err
+        self._h5 = open_store(path, "fragment store", "rerun the extract_fragments rule")
         require_complete(self._h5)
         attrs = self._h5.attrs
         self.path = str(path)

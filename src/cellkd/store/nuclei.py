@@ -42,7 +42,7 @@ import shapely
 
 from cellkd.errors import StoreError
 from cellkd.store.atomic import require_complete
-from cellkd.store.attrs import decode_strings
+from cellkd.store.attrs import decode_strings, open_store
 from cellkd.store.compression import COMPRESSION
 from cellkd.types import SPLIT_NAMES, PathLike
 
@@ -188,10 +188,7 @@ class NucleiStore:
     """
 
     def __init__(self, path: PathLike) -> None:
-        try:
-            self._h5 = h5py.File(path, "r")
-        except OSError as err:
-            raise StoreError(f"{path}: cannot open nuclei store ({err}); rerun the extract_nuclei rule") from err
+        self._h5 = open_store(path, "nuclei store", "rerun the extract_nuclei rule")
         try:
             require_complete(self._h5)
             self.path = str(path)

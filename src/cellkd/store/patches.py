@@ -42,8 +42,9 @@ import pandas as pd
 
 from cellkd.errors import ConfigError, StoreError
 from cellkd.store.atomic import atomic_h5, require_complete
-from cellkd.store.attrs import decode_strings
+from cellkd.store.attrs import decode_strings, open_store
 from cellkd.store.fragments import FragmentStore
+from cellkd.store.masks import MaskStore
 from cellkd.types import DOWNSAMPLES, SPLIT_NAMES, PathLike
 from cellkd.workflow import progress
 
@@ -172,24 +173,14 @@ def _check_input(fragment_path: PathLike, mask_path: PathLike | None, levels: Se
         boxes = json.dumps([[f.name, f.x, f.y, f.width, f.height] for f in frag.fragments])
     if mask_path is None:
         return _Input(str(fragment_path), None, slide, stain, (), (), boxes)
-    try:
-        h5 = h5py.File(mask_path, "r")
-    except OSError as err:
-        raise StoreError(f"{mask_path}: cannot open mask store ({err}); rerun the rasterize rule") from err
-    with h5:
-        require_complete(h5)
-        classes = tuple(decode_strings(h5.attrs["classes"]))
-        sets = tuple(decode_strings(h5.attrs["annotation_sets"]))
+    with MaskStore(mask_path) as masks:
+        classes, sets = tuple(masks.classes), tuple(masks.annotation_sets)
         for (name, level), shape in shapes.items():
             for set_name in sets:
-                key = f"fragments/{name}/{set_name}/level{level}"
-                if key not in h5:
-                    msg = f"{mask_path}: has no {key} for fragment store {fragment_path}; rerun the rasterize rule"
-                    raise StoreError(msg)
-                ds = h5[key]
+                ds = masks.level(name, set_name, level)
                 if ds.shape != (*shape, len(classes)):
                     msg = (
-                        f"{mask_path}: {key} has shape {ds.shape} but fragment store {fragment_path} has "
+                        f"{mask_path}: {ds.name} has shape {ds.shape} but fragment store {fragment_path} has "
                         f"{shape} at level {level} with {len(classes)} classes; the stores are from different "
                         "fragment extractions: rerun the rasterize rule"
                     )
@@ -386,11 +377,7 @@ class PatchStore:
 
     def __init__(self, path: PathLike) -> None:
         self.path = str(path)
-        try:
-            h5 = h5py.File(path, "r")
-        except OSError as err:
-            raise StoreError(f"{path}: cannot open patch store ({err}); rerun the rule that cuts patches") from err
-        with h5:
+        with open_store(path, "patch store", "rerun the rule that cuts patches") as h5:
             require_complete(h5)
             if "stores" not in h5:
                 msg = (
@@ -422,13 +409,13 @@ class PatchStore:
             self._x = h5["x"][:]
             self._y = h5["y"][:]
             self._split = h5["split"][:]
-        self._open: dict[int, tuple[FragmentStore, h5py.File | None]] = {}
+        self._open: dict[int, tuple[FragmentStore, MaskStore | None]] = {}
         self._provenance: pd.DataFrame | None = None
 
     def __len__(self) -> int:
         return len(self._store)
 
-    def _stores(self, index: int) -> tuple[FragmentStore, h5py.File | None]:
+    def _stores(self, index: int) -> tuple[FragmentStore, MaskStore | None]:
         """The open fragment and mask stores of slide ``index``, checked against the index at first use."""
         if index in self._open:
             return self._open[index]
@@ -447,10 +434,10 @@ class PatchStore:
             raise StoreError(msg)
         with contextlib.ExitStack() as stack:
             frag = stack.enter_context(FragmentStore(fragments))
-            mask_h5 = stack.enter_context(h5py.File(masks, "r")) if masks else None
+            mask_store = stack.enter_context(MaskStore(masks)) if masks else None
             stack.pop_all()
-        self._open[index] = (frag, mask_h5)
-        return frag, mask_h5
+        self._open[index] = (frag, mask_store)
+        return frag, mask_store
 
     def image(self, i: int) -> np.ndarray:
         """uint8 (P, P, 3) RGB patch ``i``, zero-padded past the fragment's edge."""
@@ -461,9 +448,9 @@ class PatchStore:
     def mask(self, annotation_set: str, i: int) -> np.ndarray:
         """uint8 (P, P, C) 0/1 class masks of ``annotation_set`` for patch ``i``, zero-padded like ``image``."""
         self._require_set(annotation_set)
-        _, mask_h5 = self._stores(int(self._store[i]))
-        assert mask_h5 is not None  # every slide has a mask store when the store has annotation sets
-        ds = mask_h5[f"fragments/{self._fragment[i]}/{annotation_set}/level{int(self._level[i])}"]
+        _, mask_store = self._stores(int(self._store[i]))
+        assert mask_store is not None  # every slide has a mask store when the store has annotation sets
+        ds = mask_store.level(str(self._fragment[i]), annotation_set, int(self._level[i]))
         return _window(ds, int(self._y[i]), int(self._x[i]), self.patch_size)
 
     def _require_set(self, annotation_set: str) -> None:
@@ -507,10 +494,10 @@ class PatchStore:
 
     def close(self) -> None:
         """Close the fragment and mask stores opened so far (the index stays readable)."""
-        for frag, mask_h5 in self._open.values():
+        for frag, mask_store in self._open.values():
             frag.close()
-            if mask_h5 is not None:
-                mask_h5.close()
+            if mask_store is not None:
+                mask_store.close()
         self._open.clear()
 
     def __enter__(self) -> PatchStore:
