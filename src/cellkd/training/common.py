@@ -1,4 +1,4 @@
-"""Helpers shared by the trainers (segmentation, classifiers): parameters, seeds, the resumable epoch loop.
+"""Helpers shared by the trainers (segmentation, classifiers): seeds, fingerprints, the resumable epoch loop.
 
 Resume protocol (both trainers, implemented once in :class:`ResumableRun`): after every epoch the
 trainer writes ``best.pt`` (when the epoch improved the selection criterion, see :class:`Selection`)
@@ -18,9 +18,9 @@ import math
 import os
 import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -29,25 +29,6 @@ from cellkd.errors import ConfigError, StoreError
 from cellkd.models.checkpoint import torch_load, torch_save_atomic
 from cellkd.store.atomic import atomic_path, atomic_write_text
 from cellkd.types import PathLike
-
-ParamsT = TypeVar("ParamsT")
-
-
-def check_parameters(params: object, checks: Iterable[tuple[bool, str, str]], what: str, where: str = "") -> None:
-    """Raise ``ConfigError`` for the first failed ``(ok, name, allowed)`` check, naming the value and the rule."""
-    for ok, name, allowed in checks:
-        if not ok:
-            raise ConfigError(f"{what} parameter {name}={getattr(params, name)!r} must be {allowed}{where}")
-
-
-def params_from_dict(cls: type[ParamsT], values: Mapping[str, Any], what: str) -> ParamsT:
-    """Build the parameter dataclass ``cls`` from a config mapping; unknown keys raise ``ConfigError`` naming them."""
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"unknown {what} parameter(s) {unknown}; expected some of {sorted(known)}")
-    return cls(**values)
-
 
 logger = logging.getLogger(__name__)
 

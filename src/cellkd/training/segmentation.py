@@ -33,13 +33,12 @@ from cellkd.models.checkpoint import (
     segmentation_from_checkpoint,
 )
 from cellkd.models.segmentation import SEGMENTATION_ARCHS, create_segmentation_model, preprocess
+from cellkd.params import check_parameters, params_from_dict
 from cellkd.training.common import (
     ResumableRun,
     Selection,
-    check_parameters,
     data_fingerprint,
     epoch_seed,
-    params_from_dict,
     rng_devices,
 )
 from cellkd.types import SPLITS, PathLike

@@ -29,6 +29,7 @@ from cellkd.models.checkpoint import (
     read_classifier_checkpoint,
     torch_save_atomic,
 )
+from cellkd.params import check_parameters, params_from_dict
 from cellkd.training.classifier.data import (
     augment_dihedral,
     cap_per_class,
@@ -41,11 +42,9 @@ from cellkd.training.classifier.evaluate import score_crops
 from cellkd.training.common import (
     ResumableRun,
     Selection,
-    check_parameters,
     data_fingerprint,
     epoch_seed,
     file_fingerprint,
-    params_from_dict,
     rng_devices,
 )
 from cellkd.types import SPLITS, PathLike
