@@ -3,17 +3,36 @@
 Torch-free on purpose: the light stages import it without pulling in torch. A dataclass lists its
 checks as ``(ok, name, allowed)`` in ``__post_init__`` and calls :func:`check_parameters`, so every
 settings error reads the same: "<what> parameter <name>=<value> must be <allowed><where>".
+:func:`is_int` and :func:`is_split_fractions` are the value tests several of them share.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import fields
 from typing import Any, TypeVar
 
 from cellkd.errors import ConfigError
 
 ParamsT = TypeVar("ParamsT")
+
+SPLIT_FRACTIONS = "three fractions >= 0 (train, val, test) summing to 1"
+"""What :func:`is_split_fractions` accepts, worded for an error message."""
+
+
+def is_int(value: object) -> bool:
+    """An integer, and not a bool (YAML's ``true`` would otherwise pass as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_split_fractions(fractions: Sequence[float]) -> bool:
+    """Three finite fractions >= 0 (train, val, test) summing to 1 (within ``math.isclose``)."""
+    return (
+        len(fractions) == 3
+        and all(math.isfinite(v) and v >= 0 for v in fractions)
+        and math.isclose(sum(fractions), 1.0)
+    )
 
 
 def check_parameters(

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from cellkd.classes import ClassSpec
-from cellkd.params import check_parameters, params_from_dict
+from cellkd.params import check_parameters, is_int, params_from_dict
 
 ANNOTATION_SET_NAMES: tuple[str, ...] = ("truth", "ssa", "wsa", "ea")
 """Keys ``generate_slide`` accepts in ``geojson_paths``."""
@@ -107,11 +107,6 @@ DEFAULT_WSA_RULES: tuple[WeakRule, ...] = (
 area too generous (small dark 'other' nuclei become immune)."""
 
 
-def _is_int(value: object) -> bool:
-    """An integer, and not a bool (YAML's true would otherwise pass as 1)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 @dataclass(frozen=True)
 class SyntheticSlideParams:
     """What one synthetic slide looks like and how noisy its simulated annotations are.
@@ -173,8 +168,8 @@ class SyntheticSlideParams:
         pixels = "an integer number of level-0 pixels in [256, 1048576]"
         fraction, jitter = "a fraction in [0, 1)", "an RMS displacement in [0, 20] level-0 pixels"
         checks = [
-            (_is_int(self.width) and 256 <= self.width <= 2**20, "width", pixels),
-            (_is_int(self.height) and 256 <= self.height <= 2**20, "height", pixels),
+            (is_int(self.width) and 256 <= self.width <= 2**20, "width", pixels),
+            (is_int(self.height) and 256 <= self.height <= 2**20, "height", pixels),
             (0.05 <= self.mpp <= 10.0, "mpp", "micrometres per pixel in [0.05, 10]"),
             (
                 len(fragments) == 2
@@ -195,7 +190,7 @@ class SyntheticSlideParams:
                 "nuclei per million tissue pixels in [0, 10000]",
             ),
             (
-                self.nuclei_total is None or (_is_int(self.nuclei_total) and self.nuclei_total >= 0),
+                self.nuclei_total is None or (is_int(self.nuclei_total) and self.nuclei_total >= 0),
                 "nuclei_total",
                 "None or a non-negative integer",
             ),
