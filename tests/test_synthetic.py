@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 import cellkd.synthetic as synthetic
 from cellkd.classes import DEFAULT_CLASSES, ClassSpec
+from cellkd.errors import ConfigError
 from cellkd.synthetic import (
     ANNOTATION_SET_NAMES,
     SlideTruth,
@@ -297,7 +298,7 @@ def test_stain_jitter_changes_colour_between_slides_but_zero_gives_reference(tmp
     ],
 )
 def test_params_reject_out_of_range_values_naming_the_field(changes: dict, field: str) -> None:
-    with pytest.raises(ValueError, match=rf"SyntheticSlideParams\.{field} = "):
+    with pytest.raises(ValueError, match=rf"synthetic slide parameter {field}="):
         SyntheticSlideParams(**changes)
 
 
@@ -503,10 +504,15 @@ def test_default_demo_config_keeps_flips_and_schema_rules_match_the_code() -> No
     assert params.wsa_rules == synthetic.DEFAULT_WSA_RULES
 
 
+def test_params_from_config_names_an_unknown_demo_key() -> None:
+    with pytest.raises(ConfigError, match=r"unknown demo parameter\(s\) \['nuclei'\]"):
+        synthetic.params_from_config({"slides": 2, "nuclei": 300})
+
+
 def test_bad_rules_are_rejected_naming_the_problem(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"unknown feature\(s\) \['size'\]"):
         synthetic.WeakRule("immune", minimum=(("size", 1.0),))
-    with pytest.raises(ValueError, match=r"SyntheticSlideParams\.wsa_rules = .*catch-all"):
+    with pytest.raises(ValueError, match=r"synthetic slide parameter wsa_rules=.*catch-all"):
         SyntheticSlideParams(wsa_rules=(synthetic.WeakRule("immune", minimum=(("hematoxylin", 1.0),)),))
     classes = (ClassSpec("tumor", "Tumor", (200, 0, 0)), ClassSpec("stroma", "Stroma", (150, 200, 150)))
     params = SyntheticSlideParams(width=512, height=512, class_fractions=(0.5, 0.5), annotator="rules")

@@ -320,6 +320,23 @@ def test_train_classifier_resumes_after_kill_and_matches_an_uninterrupted_run(
         assert [row[key] for row in resumed] == pytest.approx([row[key] for row in straight], rel=1e-5)
 
 
+def test_last_pt_of_an_older_format_restarts_the_run_from_scratch(
+    stores: list[Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    train_classifier(stores, "ssa", tmp_path / "old", QUICK, device="cpu")
+    last = tmp_path / "old" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    del state["optimizer"]  # as if written by a cellkd whose resume state lacked a key this one reads
+    torch.save(state, last)
+    (tmp_path / "old" / "model.pt").unlink()
+    with caplog.at_level(logging.WARNING):
+        train_classifier(stores, "ssa", tmp_path / "old", QUICK, device="cpu")
+    assert "older resume format" in caplog.text and "training from scratch" in caplog.text
+    train_classifier(stores, "ssa", tmp_path / "fresh", QUICK, device="cpu")
+    weights = [torch.load(tmp_path / run / "model.pt", weights_only=True)["state_dict"] for run in ("old", "fresh")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # a clean restart, not a half-resume
+
+
 def test_train_classifier_is_deterministic_and_leaves_global_rng_alone(stores: list[Path], tmp_path: Path) -> None:
     before = torch.get_rng_state()
     for run in ("a", "b"):

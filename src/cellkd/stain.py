@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from cellkd.errors import ConfigError, StainError
+from cellkd.errors import StainError
+from cellkd.params import check_parameters
 from cellkd.store.fragments import CHUNK, FragmentStore, FragmentStoreWriter, iter_windows
 from cellkd.types import DOWNSAMPLES, RGBImage
 from cellkd.workflow import progress
@@ -69,17 +70,19 @@ class MacenkoParams:
     reference: str | None = None
 
     def __post_init__(self) -> None:
-        where = "(see macenko: in workflow_config.yaml)"
-        if not (0.0 < self.io <= 255.0):
-            raise ConfigError(f"macenko io={self.io!r} must lie in (0, 255] {where}")
-        if not (0.0 <= self.alpha < 50.0):
-            raise ConfigError(f"macenko alpha={self.alpha!r} must lie in [0, 50) (a percentile) {where}")
-        if not (0.0 <= self.beta < -math.log(1.0 / self.io)):
-            raise ConfigError(f"macenko beta={self.beta!r} must lie in [0, {-math.log(1.0 / self.io):.2f}) {where}")
-        if int(self.max_samples) != self.max_samples or self.max_samples < MIN_TISSUE_PIXELS:
-            raise ConfigError(
-                f"macenko max_samples={self.max_samples!r} must be an integer >= {MIN_TISSUE_PIXELS} {where}"
-            )
+        # beta's bound is the OD of a black pixel, -log(1 / io); io's own check comes first.
+        max_od = -math.log(1.0 / self.io) if self.io > 0 else 0.0
+        checks = [
+            (0.0 < self.io <= 255.0, "io", "in (0, 255]"),
+            (0.0 <= self.alpha < 50.0, "alpha", "in [0, 50) (a percentile)"),
+            (0.0 <= self.beta < max_od, "beta", f"in [0, {max_od:.2f})"),
+            (
+                int(self.max_samples) == self.max_samples and self.max_samples >= MIN_TISSUE_PIXELS,
+                "max_samples",
+                f"an integer >= {MIN_TISSUE_PIXELS}",
+            ),
+        ]
+        check_parameters(self, checks, "macenko", " (see macenko: in workflow_config.yaml)")
 
 
 @dataclass(frozen=True, eq=False)

@@ -75,20 +75,34 @@ def _transposed_upsample(channels: int) -> nn.ConvTranspose2d:
     return up
 
 
-class UnetUpBlock(nn.Module):
-    """smp ``UnetDecoderBlock`` with ConvTranspose upsampling; takes over the block's conv/attention modules.
+class _TransposedUpBlock(nn.Module):
+    """The conv/attention modules of an smp decoder block behind a ConvTranspose upsampling (U-Net and U-Net++ alike).
 
-    forward: x float32 (B, C_in, h, w) -> (B, C_out, 2h, 2w), concatenating ``skip_connection``
-    (B, C_skip, 2h, 2w) when given. Signature matches smp's ``UnetDecoder`` call.
+    Keeps smp's module names, so the state dict reads like the stock block's plus ``upsample``.
     """
 
-    def __init__(self, block: UnetDecoderBlock, in_channels: int) -> None:
+    def __init__(self, block: UnetDecoderBlock | UnetPlusPlusDecoderBlock, in_channels: int) -> None:
         super().__init__()
         self.upsample = _transposed_upsample(in_channels)
         self.conv1 = block.conv1
         self.attention1 = block.attention1
         self.conv2 = block.conv2
         self.attention2 = block.attention2
+
+    def _decode(self, upsampled: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
+        """smp's block after its upsampling: concatenate ``skip`` (then attention), two convs, attention."""
+        if skip is not None:
+            upsampled = torch.cat([upsampled, skip], dim=1)
+            upsampled = self.attention1(upsampled)
+        return self.attention2(self.conv2(self.conv1(upsampled)))
+
+
+class UnetUpBlock(_TransposedUpBlock):
+    """smp ``UnetDecoderBlock`` with ConvTranspose upsampling; takes over the block's conv/attention modules.
+
+    forward: x float32 (B, C_in, h, w) -> (B, C_out, 2h, 2w), concatenating ``skip_connection``
+    (B, C_skip, 2h, 2w) when given. Signature matches smp's ``UnetDecoder`` call.
+    """
 
     def forward(
         self,
@@ -105,15 +119,10 @@ class UnetUpBlock(nn.Module):
                 f"decoder upsampled to {tuple(feature_map.shape[-2:])}, expected ({target_height}, {target_width}); "
                 "pad the input so that height and width are divisible by 2**encoder_depth"
             )
-        if skip_connection is not None:
-            feature_map = torch.cat([feature_map, skip_connection], dim=1)
-            feature_map = self.attention1(feature_map)
-        feature_map = self.conv1(feature_map)
-        feature_map = self.conv2(feature_map)
-        return self.attention2(feature_map)
+        return self._decode(feature_map, skip_connection)
 
 
-class UnetPlusPlusUpBlock(nn.Module):
+class UnetPlusPlusUpBlock(_TransposedUpBlock):
     """smp U-Net++ ``DecoderBlock`` (one nested node x_d_l) with ConvTranspose upsampling.
 
     forward: x float32 (B, C_in, h, w) -> (B, C_out, 2h, 2w), concatenating ``skip`` (B, C_skip, 2h, 2w)
@@ -121,24 +130,13 @@ class UnetPlusPlusUpBlock(nn.Module):
     """
 
     def __init__(self, block: UnetPlusPlusDecoderBlock, in_channels: int) -> None:
-        super().__init__()
         if block.is_empty:
             # Only happens with a 0 in decoder_channels, which create_segmentation_model rejects.
             raise ValueError("decoder_channels must be positive; a U-Net++ block with 0 output channels is unsupported")
-        self.upsample = _transposed_upsample(in_channels)
-        self.conv1 = block.conv1
-        self.attention1 = block.attention1
-        self.conv2 = block.conv2
-        self.attention2 = block.attention2
+        super().__init__(block, in_channels)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.upsample(x)
-        if skip is not None:
-            x = torch.cat([x, skip], dim=1)
-            x = self.attention1(x)
-        x = self.conv1(x)
-        x = self.conv2(x)
-        return self.attention2(x)
+        return self._decode(self.upsample(x), skip)
 
 
 def _block_input_channels(model: smp.base.SegmentationModel, encoder_depth: int) -> dict[str, int]:

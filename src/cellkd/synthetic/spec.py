@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from cellkd.classes import ClassSpec
+from cellkd.params import check_parameters, is_int, params_from_dict
 
 ANNOTATION_SET_NAMES: tuple[str, ...] = ("truth", "ssa", "wsa", "ea")
 """Keys ``generate_slide`` accepts in ``geojson_paths``."""
@@ -150,64 +151,78 @@ class SyntheticSlideParams:
     jpeg_quality: int = 90
 
     def __post_init__(self) -> None:
-        def fail(name: str, value: Any, allowed: str) -> None:
-            raise ValueError(f"SyntheticSlideParams.{name} = {value!r} is invalid; expected {allowed}")
+        # Config files give lists: store tuples (hashable, comparable), then check the stored values.
+        for name in ("fragments", "ssa_rules", "wsa_rules"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        for name in ("fragment_aspect", "class_fractions"):
+            object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
+        fragments, aspect, fractions = self.fragments, self.fragment_aspect, self.class_fractions
 
-        for name in ("width", "height"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or not 256 <= value <= 2**20:
-                fail(name, value, "an integer number of level-0 pixels in [256, 1048576]")
-        if not 0.05 <= self.mpp <= 10.0:
-            fail("mpp", self.mpp, "micrometres per pixel in [0.05, 10]")
-        fragments = tuple(self.fragments)
-        if (
-            len(fragments) != 2
-            or not all(isinstance(v, int) for v in fragments)
-            or not 1 <= fragments[0] <= fragments[1] <= 16
-        ):
-            fail("fragments", self.fragments, "(minimum, maximum) integers with 1 <= minimum <= maximum <= 16")
-        object.__setattr__(self, "fragments", fragments)
-        aspect = tuple(float(v) for v in self.fragment_aspect)
-        if len(aspect) != 2 or not 0.1 <= aspect[0] <= aspect[1] <= 1.0:
-            fail("fragment_aspect", self.fragment_aspect, "(minimum, maximum) minor/major ratios in [0.1, 1]")
-        object.__setattr__(self, "fragment_aspect", aspect)
-        if not 0.2 <= self.nucleus_size <= 5.0:
-            fail("nucleus_size", self.nucleus_size, "a factor on every nucleus axis in [0.2, 5]")
-        if not 0.0 <= self.nuclei_per_mpx <= 10_000.0:
-            fail("nuclei_per_mpx", self.nuclei_per_mpx, "nuclei per million tissue pixels in [0, 10000]")
-        if self.nuclei_total is not None and (
-            not isinstance(self.nuclei_total, int) or isinstance(self.nuclei_total, bool) or self.nuclei_total < 0
-        ):
-            fail("nuclei_total", self.nuclei_total, "None or a non-negative integer")
-        fractions = tuple(float(f) for f in self.class_fractions)
-        if not fractions or min(fractions) < 0 or not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
-            fail("class_fractions", self.class_fractions, "non-negative fractions, one per class, summing to 1")
-        object.__setattr__(self, "class_fractions", fractions)
-        if self.appearance not in APPEARANCES:
-            fail("appearance", self.appearance, f"one of {sorted(APPEARANCES)}")
-        if self.annotator not in ("flips", "rules"):
-            fail("annotator", self.annotator, "'flips' or 'rules'")
-        for name in ("ssa_rules", "wsa_rules"):
-            rules = tuple(getattr(self, name))
-            if not rules or not all(isinstance(r, WeakRule) for r in rules) or rules[-1].minimum or rules[-1].maximum:
-                fail(
-                    name, getattr(self, name), "a non-empty list of WeakRule whose last rule has no bounds (catch-all)"
+        def catch_all(rules: tuple[WeakRule, ...]) -> bool:
+            return (
+                bool(rules)
+                and all(isinstance(r, WeakRule) for r in rules)
+                and not (rules[-1].minimum or rules[-1].maximum)
+            )
+
+        pixels = "an integer number of level-0 pixels in [256, 1048576]"
+        fraction, jitter = "a fraction in [0, 1)", "an RMS displacement in [0, 20] level-0 pixels"
+        checks = [
+            (is_int(self.width) and 256 <= self.width <= 2**20, "width", pixels),
+            (is_int(self.height) and 256 <= self.height <= 2**20, "height", pixels),
+            (0.05 <= self.mpp <= 10.0, "mpp", "micrometres per pixel in [0.05, 10]"),
+            (
+                len(fragments) == 2
+                and all(isinstance(v, int) for v in fragments)
+                and 1 <= fragments[0] <= fragments[1] <= 16,
+                "fragments",
+                "(minimum, maximum) integers with 1 <= minimum <= maximum <= 16",
+            ),
+            (
+                len(aspect) == 2 and 0.1 <= aspect[0] <= aspect[1] <= 1.0,
+                "fragment_aspect",
+                "(minimum, maximum) minor/major ratios in [0.1, 1]",
+            ),
+            (0.2 <= self.nucleus_size <= 5.0, "nucleus_size", "a factor on every nucleus axis in [0.2, 5]"),
+            (
+                0.0 <= self.nuclei_per_mpx <= 10_000.0,
+                "nuclei_per_mpx",
+                "nuclei per million tissue pixels in [0, 10000]",
+            ),
+            (
+                self.nuclei_total is None or (is_int(self.nuclei_total) and self.nuclei_total >= 0),
+                "nuclei_total",
+                "None or a non-negative integer",
+            ),
+            (
+                bool(fractions) and min(fractions) >= 0 and math.isclose(sum(fractions), 1.0, abs_tol=1e-6),
+                "class_fractions",
+                "non-negative fractions, one per class, summing to 1",
+            ),
+            (self.appearance in APPEARANCES, "appearance", f"one of {sorted(APPEARANCES)}"),
+            (self.annotator in ("flips", "rules"), "annotator", "'flips' or 'rules'"),
+            *(
+                (
+                    catch_all(getattr(self, name)),
+                    name,
+                    "a non-empty list of WeakRule whose last rule has no bounds (catch-all)",
                 )
-            object.__setattr__(self, name, rules)
-        for name in ("ssa_flip", "ssa_miss", "wsa_flip", "wsa_miss"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                fail(name, getattr(self, name), "a fraction in [0, 1)")
-        for name in ("ssa_jitter_px", "wsa_jitter_px", "ea_jitter_px"):
-            if not 0.0 <= getattr(self, name) <= 20.0:
-                fail(name, getattr(self, name), "an RMS displacement in [0, 20] level-0 pixels")
-        if not isinstance(self.ea_count, int) or self.ea_count < 0:
-            fail("ea_count", self.ea_count, "a non-negative integer")
-        if not 0.0 <= self.stain_jitter <= 0.3:
-            fail("stain_jitter", self.stain_jitter, "a relative perturbation in [0, 0.3]")
-        if self.compression not in ("jpeg", "zlib"):
-            fail("compression", self.compression, "'jpeg' or 'zlib'")
-        if not 1 <= self.jpeg_quality <= 100:
-            fail("jpeg_quality", self.jpeg_quality, "an integer in [1, 100]")
+                for name in ("ssa_rules", "wsa_rules")
+            ),
+            *(
+                (0.0 <= getattr(self, name) < 1.0, name, fraction)
+                for name in ("ssa_flip", "ssa_miss", "wsa_flip", "wsa_miss")
+            ),
+            *(
+                (0.0 <= getattr(self, name) <= 20.0, name, jitter)
+                for name in ("ssa_jitter_px", "wsa_jitter_px", "ea_jitter_px")
+            ),
+            (isinstance(self.ea_count, int) and self.ea_count >= 0, "ea_count", "a non-negative integer"),
+            (0.0 <= self.stain_jitter <= 0.3, "stain_jitter", "a relative perturbation in [0, 0.3]"),
+            (self.compression in ("jpeg", "zlib"), "compression", "'jpeg' or 'zlib'"),
+            (1 <= self.jpeg_quality <= 100, "jpeg_quality", "an integer in [1, 100]"),
+        ]
+        check_parameters(self, checks, "synthetic slide", error=ValueError)
 
     @property
     def styles(self) -> Mapping[str, NucleusStyle]:
@@ -240,12 +255,10 @@ class SyntheticSlideParams:
 def params_from_config(demo: Mapping[str, Any]) -> SyntheticSlideParams:
     """Slide parameters from the config's ``demo:`` block (``slides`` is the workflow's, not a slide's)."""
     values = {key: value for key, value in demo.items() if key != "slides"}
-    if "fragments" in values:
-        values["fragments"] = tuple(values["fragments"])
     for name in ("ssa_rules", "wsa_rules"):
         if name in values:
             values[name] = tuple(WeakRule.from_config(entry) for entry in values[name])
-    return SyntheticSlideParams(**values)
+    return params_from_dict(SyntheticSlideParams, values, "demo")
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,12 @@
-"""Helpers shared by the trainers (segmentation, classifiers): parameters, seeds, resume state.
+"""Helpers shared by the trainers (segmentation, classifiers): seeds, fingerprints, the resumable epoch loop.
 
-Resume protocol (both trainers): after every epoch the trainer writes ``best.pt`` (when the epoch
-improved the selection criterion) and then ``last.pt`` (model, optimizer, RNG states, history,
-parameters, data fingerprint) atomically with ``cellkd.models.checkpoint.torch_save_atomic``;
-``model.pt``, the rule's output, is copied from ``best.pt`` only once training has finished
-(:func:`publish_model`). :func:`load_resume_state` decides whether a ``last.pt`` may continue a run.
+Resume protocol (both trainers, implemented once in :class:`ResumableRun`): after every epoch the
+trainer writes ``best.pt`` (when the epoch improved the selection criterion, see :class:`Selection`)
+and then ``last.pt`` (model, optimizer and other training state, RNG states, history, parameters,
+data fingerprint) atomically with ``cellkd.models.checkpoint.torch_save_atomic``, then
+``history.csv``; ``model.pt``, the rule's output, is copied from ``best.pt`` only once training has
+finished (:func:`publish_model`). :func:`load_resume_state` decides whether a ``last.pt`` may
+continue a run. ``last.pt`` is read only here; the best score is recomputed from its history.
 """
 
 from __future__ import annotations
@@ -12,39 +14,21 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import math
 import os
 import shutil
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import fields
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from cellkd.errors import ConfigError, StoreError
-from cellkd.models.checkpoint import torch_load
-from cellkd.store.atomic import atomic_path
+from cellkd.models.checkpoint import torch_load, torch_save_atomic
+from cellkd.store.atomic import atomic_path, atomic_write_text
 from cellkd.types import PathLike
-
-ParamsT = TypeVar("ParamsT")
-
-
-def check_parameters(params: object, checks: Iterable[tuple[bool, str, str]], what: str, where: str = "") -> None:
-    """Raise ``ConfigError`` for the first failed ``(ok, name, allowed)`` check, naming the value and the rule."""
-    for ok, name, allowed in checks:
-        if not ok:
-            raise ConfigError(f"{what} parameter {name}={getattr(params, name)!r} must be {allowed}{where}")
-
-
-def params_from_dict(cls: type[ParamsT], values: Mapping[str, Any], what: str) -> ParamsT:
-    """Build the parameter dataclass ``cls`` from a config mapping; unknown keys raise ``ConfigError`` naming them."""
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"unknown {what} parameter(s) {unknown}; expected some of {sorted(known)}")
-    return cls(**values)
-
 
 logger = logging.getLogger(__name__)
 
@@ -114,13 +98,16 @@ def load_resume_state(
     epochs: int,
     resumable: frozenset[str],
     data_name: str = "inputs",
+    required: Iterable[str] = (),
 ) -> dict[str, Any] | None:
     """The state in ``last.pt`` when it can continue a run with ``params`` on ``data``; None (fresh start) otherwise.
 
     params: ``asdict`` of the run's parameters; keys in ``resumable`` (e.g. epochs, num_workers) may
     differ from the stored run. data: any picklable fingerprint of the inputs (see
     :func:`data_fingerprint`), compared after turning lists into tuples. ``epochs``: the run's target;
-    a ``last.pt`` already past it restarts. Each refusal is logged as a warning saying why.
+    a ``last.pt`` already past it restarts. ``required``: keys the caller will read besides epoch,
+    history and the RNG state; a ``last.pt`` without them (an older format) restarts. Each refusal is
+    logged as a warning saying why.
     """
     if not last.exists():
         return None
@@ -128,6 +115,10 @@ def load_resume_state(
         state = torch_load(last)
     except StoreError as err:
         logger.warning("ignoring unreadable %s (%s); training from scratch", last, err)
+        return None
+    missing = sorted({"epoch", "history", "torch_rng", *required} - set(state))
+    if missing:
+        logger.warning("%s lacks %s (an older resume format); training from scratch", last, missing)
         return None
 
     def key(values: dict[str, Any]) -> dict[str, Any]:
@@ -152,3 +143,167 @@ def publish_model(best: Path, model_path: Path) -> None:
     """Copy ``best.pt`` to ``model.pt`` atomically: the last step of a run, so model.pt means "done"."""
     with atomic_path(model_path) as tmp:
         shutil.copyfile(best, tmp)
+
+
+class Stateful(Protocol):
+    """What ``last.pt`` saves and restores: a model, an optimizer, a ``GradScaler``..."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any], /) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Selection:
+    """How a run picks its best epoch from its history rows.
+
+    column: the history column compared (the run's criterion, e.g. ``val_f1`` or ``val_loss``);
+    lower_is_better: True for losses. An epoch whose value is NaN never wins, nor, with
+    ``finite_train_loss``, one whose training loss is not finite (a diverged epoch); of equal values
+    the earliest wins. Computed from the rows alone, so a resumed run selects (and stops early)
+    exactly as an uninterrupted one.
+    """
+
+    column: str
+    lower_is_better: bool
+    finite_train_loss: bool = False
+
+    def value(self, row: Mapping[str, float]) -> float:
+        """The row's criterion value; NaN when the row can never be the best."""
+        if self.finite_train_loss and not math.isfinite(row["train_loss"]):
+            return math.nan
+        return float(row[self.column])
+
+    def best_index(self, history: Sequence[Mapping[str, float]]) -> int | None:
+        """Index of the best row (the first of equals); None when no row can be the best."""
+        best, best_key = None, -math.inf
+        for index, row in enumerate(history):
+            value = self.value(row)
+            key = -math.inf if math.isnan(value) else (-value if self.lower_is_better else value)
+            if key > best_key:
+                best, best_key = index, key
+        return best
+
+    def epochs_since_best(self, history: Sequence[Mapping[str, float]]) -> int:
+        """Epochs after the best one (0 when the last row is the best, or the history is empty)."""
+        if not history:
+            return 0
+        best = self.best_index(history)
+        return len(history) - 1 - (0 if best is None else best)
+
+
+class ResumableRun:
+    """The bookkeeping of one resumable training run in ``out_dir`` (see the module doc for the protocol).
+
+    The trainer builds its model, optimizer, ... inside its seeded ``torch.random.fork_rng`` block,
+    calls :meth:`resume` (True: continued from ``last.pt``; False: a fresh start, where it may load
+    initial weights), trains the epochs of :meth:`epochs_to_run` and hands each epoch's history row
+    to :meth:`end_epoch`, then calls :meth:`finish` for ``model.pt``.
+
+    state: the objects whose ``state_dict`` goes into ``last.pt`` under these keys (``model`` and
+    ``optimizer`` at least). params / data / data_name / resumable: see :func:`load_resume_state`.
+    columns: history.csv's columns. log: the trainer's logger, for the resume and final lines.
+    """
+
+    def __init__(
+        self,
+        out_dir: PathLike,
+        *,
+        params: dict[str, Any],
+        data: Any,
+        data_name: str,
+        resumable: frozenset[str],
+        epochs: int,
+        columns: Sequence[str],
+        selection: Selection,
+        state: Mapping[str, Stateful],
+        device: torch.device,
+        log: logging.Logger,
+    ) -> None:
+        self.out = Path(out_dir)
+        self.last_path = self.out / "last.pt"
+        self.best_path = self.out / "best.pt"
+        self.model_path = self.out / "model.pt"
+        self.params, self.data, self.data_name, self.resumable = params, data, data_name, resumable
+        self.epochs, self.columns, self.selection = epochs, tuple(columns), selection
+        self.state, self.device, self.log = dict(state), device, log
+        self.history: list[dict[str, float]] = []
+
+    @property
+    def best_value(self) -> float:
+        """The best epoch's criterion value so far (NaN before any)."""
+        best = self.selection.best_index(self.history)
+        return math.nan if best is None else self.selection.value(self.history[best])
+
+    def resume(self) -> bool:
+        """Continue from ``last.pt`` when it belongs to this run (weights, optimizer, RNG, history); else start fresh.
+
+        A fresh start deletes a stale ``best.pt``: weights of another run must never become model.pt.
+        """
+        saved = load_resume_state(
+            self.last_path,
+            self.best_path,
+            self.params,
+            self.data,
+            epochs=self.epochs,
+            resumable=self.resumable,
+            data_name=self.data_name,
+            required=self.state,
+        )
+        if saved is None:
+            self.best_path.unlink(missing_ok=True)
+            return False
+        for key, stateful in self.state.items():
+            stateful.load_state_dict(saved[key])
+        restore_rng_state(saved, self.device)
+        self.history = list(saved["history"])
+        self.log.info(
+            "resuming from %s after epoch %d (best %s %.4f)",
+            self.last_path,
+            len(self.history),
+            self.selection.column,
+            self.best_value,
+        )
+        return True
+
+    def epochs_to_run(self) -> range:
+        """The 1-based epochs still to train."""
+        return range(len(self.history) + 1, self.epochs + 1)
+
+    def end_epoch(self, row: dict[str, float], save_best: Callable[[int, float], object]) -> None:
+        """Record an epoch's history row: best.pt when it is the best so far, then last.pt and history.csv.
+
+        ``save_best(epoch, value)`` writes ``best_path`` (value: the row's criterion value).
+
+        best.pt before last.pt: if killed in between, the resumed run redoes this epoch identically.
+        """
+        self.history.append(row)
+        if self.selection.best_index(self.history) == len(self.history) - 1:
+            save_best(len(self.history), self.selection.value(row))
+        resume_state = {
+            "params": self.params,
+            "data": self.data,
+            "epoch": len(self.history),
+            "history": self.history,
+            **{key: stateful.state_dict() for key, stateful in self.state.items()},
+            **rng_state(self.device),
+        }
+        torch_save_atomic(resume_state, self.last_path)
+        self.write_history()
+
+    def write_history(self) -> None:
+        """history.csv from the epochs so far."""
+        atomic_write_text(self.out / "history.csv", history_csv(self.history, self.columns))
+
+    def finish(self, diverged: str) -> Path:
+        """Publish best.pt as model.pt (the rule's output, so last) and return its path.
+
+        history.csv is rewritten first, also after a resume with nothing left to do (Snakemake deletes
+        a failed job's outputs). Without a best epoch, raise ``ConfigError`` "training diverged ``diverged``".
+        """
+        self.write_history()
+        if not self.best_path.exists():
+            raise ConfigError(f"{self.out}: training diverged {diverged}")
+        publish_model(self.best_path, self.model_path)
+        self.log.info("wrote %s (best %s %.4f)", self.model_path, self.selection.column, self.best_value)
+        return self.model_path

@@ -38,10 +38,10 @@ import torch
 from cellkd.errors import ConfigError, StoreError
 from cellkd.metrics.classification import CLASSIFICATION_METRICS, classification_metrics
 from cellkd.models.checkpoint import read_classifier_checkpoint
+from cellkd.params import check_parameters, params_from_dict
 from cellkd.report.classification import summary_row
 from cellkd.store.atomic import atomic_path
 from cellkd.training.classifier import ClassifierTrainParams, predict_logits, read_nucleus_rows, train_classifier
-from cellkd.training.common import check_parameters, params_from_dict
 from cellkd.types import PathLike
 
 logger = logging.getLogger(__name__)

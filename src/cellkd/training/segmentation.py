@@ -30,22 +30,16 @@ from cellkd.models.checkpoint import (
     read_segmentation_checkpoint,
     save_segmentation_model,
     segmentation_from_checkpoint,
-    torch_save_atomic,
 )
 from cellkd.models.segmentation import SEGMENTATION_ARCHS, create_segmentation_model, preprocess
-from cellkd.store.atomic import atomic_write_text
+from cellkd.params import check_parameters, params_from_dict
 from cellkd.store.patches import PatchStore
 from cellkd.training.common import (
-    check_parameters,
+    ResumableRun,
+    Selection,
     data_fingerprint,
     epoch_seed,
-    history_csv,
-    load_resume_state,
-    params_from_dict,
-    publish_model,
-    restore_rng_state,
     rng_devices,
-    rng_state,
 )
 from cellkd.types import SPLITS, PathLike
 from cellkd.workflow import progress
@@ -314,7 +308,6 @@ def train_segmentation(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model_path, last_path, best_path = out / "model.pt", out / "last.pt", out / "best.pt"
     dev = resolve_device(device)
     amp = amp_dtype(dev) if use_accelerator_default(params.amp, dev) else None
     channels_last = use_accelerator_default(params.channels_last, dev)
@@ -323,9 +316,9 @@ def train_segmentation(
     val_set = PatchDataset(patch_stores, SPLITS["val"], params.mask_set)
     if len(train_set) == 0:
         raise StoreError(f"{list(map(str, patch_stores))}: no training patches (split == 0); check the split ratios")
-    criterion = "val_loss"
+    # The lowest validation Dice loss (training loss without validation patches); NaN never wins.
+    selection = Selection("val_loss" if len(val_set) else "train_loss", lower_is_better=True)
     if len(val_set) == 0:
-        criterion = "train_loss"
         logger.warning(
             "no validation patches in %s; selecting the model by training loss", list(map(str, patch_stores))
         )
@@ -359,27 +352,27 @@ def train_segmentation(
         optimizer = torch.optim.Adam(model.parameters(), lr=params.lr)
         # Loss scaling only for float16, whose small range underflows gradients; bfloat16 has float32's.
         scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)
-        start, best_loss, history = 0, math.inf, []
-        state = load_resume_state(
-            last_path,
-            best_path,
-            asdict(params),
-            data,
-            epochs=params.epochs,
-            resumable=_RESUMABLE_CHANGES,
+        run = ResumableRun(
+            out,
+            params=asdict(params),
+            data=data,
             data_name="patch stores",
+            resumable=_RESUMABLE_CHANGES,
+            epochs=params.epochs,
+            columns=HISTORY_COLUMNS,
+            selection=selection,
+            state={"model": model, "optimizer": optimizer, "scaler": scaler},
+            device=dev,
+            log=logger,
         )
-        if state is None:
-            best_path.unlink(missing_ok=True)  # a stale best.pt from another run must never become model.pt
-        else:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
-            restore_rng_state(state, dev)
-            start, best_loss, history = state["epoch"], state["best_loss"], list(state["history"])
-            logger.info("resuming from %s after epoch %d (best %s %.4f)", last_path, start, criterion, best_loss)
+        run.resume()
 
-        for epoch in range(start + 1, params.epochs + 1):
+        def save_best(epoch: int, value: float) -> None:
+            save_segmentation_model(
+                run.best_path, model, params, epoch=epoch, val_loss=value, criterion=selection.column
+            )
+
+        for epoch in run.epochs_to_run():
             began = time.perf_counter()
             train_set.set_epoch(epoch)
             generator.manual_seed(epoch_seed(params.seed, epoch))
@@ -391,49 +384,21 @@ def train_segmentation(
             if len(val_set):
                 val_loss, counts = _evaluate(model, val_loader, dev, loss_fn=loss_fn, channels_last=channels_last)
                 val_dice = pixel_metrics(counts)["dice"]
-            history.append(
-                {
-                    "epoch": epoch,
-                    "train_loss": train_loss,
-                    "val_loss": val_loss,
-                    "val_dice": val_dice,
-                    "seconds": time.perf_counter() - began,
-                }
-            )
-            logger.info("%s: train loss %.4f, val loss %.4f, val Dice %.4f", desc, train_loss, val_loss, val_dice)
-            selection = val_loss if len(val_set) else train_loss
-            # best.pt before last.pt: if killed in between, the resumed run redoes this epoch identically.
-            if selection < best_loss:
-                best_loss = selection
-                save_segmentation_model(best_path, model, params, epoch=epoch, val_loss=selection, criterion=criterion)
-            resume_state = {
-                "params": asdict(params),
-                "data": data,
+            row = {
                 "epoch": epoch,
-                "best_loss": best_loss,
-                "history": history,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                **rng_state(dev),
+                "train_loss": train_loss,
+                "val_loss": val_loss,
+                "val_dice": val_dice,
+                "seconds": time.perf_counter() - began,
             }
-            torch_save_atomic(resume_state, last_path)
-            atomic_write_text(out / "history.csv", history_csv(history, HISTORY_COLUMNS))
+            logger.info("%s: train loss %.4f, val loss %.4f, val Dice %.4f", desc, train_loss, val_loss, val_dice)
+            run.end_epoch(row, save_best)
 
     train_set.close()
     val_set.close()
-    # Also after a resume that had nothing left to do: Snakemake deletes a failed job's outputs.
-    atomic_write_text(out / "history.csv", history_csv(history, HISTORY_COLUMNS))
-    if not best_path.exists():
-        msg = (
-            f"{out}: training diverged ({criterion} is NaN in every epoch, see history.csv); "
-            "lower lr in workflow_config.yaml or turn amp off"
-        )
-        raise ConfigError(msg)
-    # Last step: model.pt is the rule's output and must appear only when training is complete.
-    publish_model(best_path, model_path)
-    logger.info("wrote %s (best %s %.4f)", model_path, criterion, best_loss)
-    return model_path
+    return run.finish(
+        f"({selection.column} is NaN in every epoch, see history.csv); lower lr in workflow_config.yaml or turn amp off"
+    )
 
 
 def evaluate_model(

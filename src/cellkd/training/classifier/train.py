@@ -29,7 +29,7 @@ from cellkd.models.checkpoint import (
     read_classifier_checkpoint,
     torch_save_atomic,
 )
-from cellkd.store.atomic import atomic_write_text
+from cellkd.params import check_parameters, params_from_dict
 from cellkd.training.classifier.data import (
     augment_dihedral,
     cap_per_class,
@@ -40,17 +40,12 @@ from cellkd.training.classifier.data import (
 from cellkd.training.classifier.distillation import class_weights, distillation_loss, load_teacher_logits
 from cellkd.training.classifier.evaluate import score_crops
 from cellkd.training.common import (
-    check_parameters,
+    ResumableRun,
+    Selection,
     data_fingerprint,
     epoch_seed,
     file_fingerprint,
-    history_csv,
-    load_resume_state,
-    params_from_dict,
-    publish_model,
-    restore_rng_state,
     rng_devices,
-    rng_state,
 )
 from cellkd.types import SPLITS, PathLike
 from cellkd.workflow import progress
@@ -63,21 +58,21 @@ HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_accuracy", "val_f1", 
 _RESUMABLE_CHANGES = frozenset({"epochs", "num_workers", "patience"})
 
 
+def _selection(*, use_val: bool) -> Selection:
+    """The best epoch: highest validation macro F1 (``use_val``), else lowest training loss; never a diverged one."""
+    if use_val:
+        return Selection("val_f1", lower_is_better=False, finite_train_loss=True)
+    return Selection("train_loss", lower_is_better=True, finite_train_loss=True)
+
+
 def epochs_without_improvement(history: list[dict[str, float]], *, use_val: bool) -> int:
     """Epochs since the best one in ``history`` (the first best, as the loop keeps the first), 0 if the last is best.
 
-    The score is the validation macro F1 (``use_val``) or minus the training loss; an epoch whose
-    training loss is not finite never counts as best. Computed from the history alone, so a resumed
-    run stops where an uninterrupted one would.
+    The score is the validation macro F1 (``use_val``) or the training loss; an epoch whose training
+    loss is not finite never counts as best. Computed from the history alone, so a resumed run stops
+    where an uninterrupted one would.
     """
-    scores = [
-        (row["val_f1"] if use_val else -row["train_loss"]) if math.isfinite(row["train_loss"]) else -math.inf
-        for row in history
-    ]
-    if not scores:
-        return 0
-    best = max(range(len(scores)), key=lambda i: (scores[i], -i))
-    return len(scores) - 1 - best
+    return _selection(use_val=use_val).epochs_since_best(history)
 
 
 def _classifier_archs() -> list[str]:
@@ -219,7 +214,6 @@ def train_classifier(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model_path, last_path, best_path = out / "model.pt", out / "last.pt", out / "best.pt"
     dev = resolve_device(device)
     if params.w_kd > 0 and teacher_logits is None:
         raise ConfigError(f"w_kd={params.w_kd} needs teacher_logits (soft targets); pass them or set w_kd=0")
@@ -244,9 +238,8 @@ def train_classifier(
             "need at least 2 (check the split ratios and that the label set covers the train split)"
         )
         raise StoreError(msg)
-    criterion = "val_f1"
+    selection = _selection(use_val=len(val_rows) > 0)
     if len(val_rows) == 0:
-        criterion = "train_loss"
         logger.warning("no labelled validation rows in %s; selecting the model by training loss", list(rows.paths))
 
     input_kind = input_kind_of(params.arch, num_classes)
@@ -284,28 +277,39 @@ def train_classifier(
         torch.manual_seed(params.seed)
         model = create_model(params.arch, num_classes=num_classes, dropout=params.dropout).to(dev)
         optimizer = torch.optim.Adam(model.parameters(), lr=params.lr)
-        start, best_score, history = 0, -math.inf, []
-        state = load_resume_state(
-            last_path,
-            best_path,
-            asdict(params),
-            data,
-            epochs=params.epochs,
-            resumable=_RESUMABLE_CHANGES,
+        run = ResumableRun(
+            out,
+            params=asdict(params),
+            data=data,
             data_name="nuclei stores / labels",
+            resumable=_RESUMABLE_CHANGES,
+            epochs=params.epochs,
+            columns=HISTORY_COLUMNS,
+            selection=selection,
+            state={"model": model, "optimizer": optimizer},
+            device=dev,
+            log=logger,
         )
-        if state is None:
-            best_path.unlink(missing_ok=True)  # a stale best.pt from another run must never become model.pt
-            if init_from is not None:
-                _init_weights(model, init_from, params, num_classes)
-        else:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            restore_rng_state(state, dev)
-            start, best_score, history = state["epoch"], state["best_score"], list(state["history"])
-            logger.info("resuming from %s after epoch %d (best %s %.4f)", last_path, start, criterion, best_score)
+        if not run.resume() and init_from is not None:
+            _init_weights(model, init_from, params, num_classes)
 
-        for epoch in range(start + 1, params.epochs + 1):
+        def save_best(epoch: int, value: float) -> None:
+            # score: higher is better, so minus the loss when selecting by training loss
+            score = value if len(val_rows) else -value
+            checkpoint = classifier_checkpoint(
+                model,
+                asdict(params),
+                rows.classes,
+                label_set,
+                epoch=epoch,
+                criterion=selection.column,
+                score=score,
+                teacher_logits=teacher_logits,
+                init_from=init_from,
+            )
+            torch_save_atomic(checkpoint, run.best_path)
+
+        for epoch in run.epochs_to_run():
             began = time.perf_counter()
             train_loss = _train_epoch(model, optimizer, train_crops, train_targets, train_soft, weights, params, epoch)
             val_loss, val_accuracy, val_f1 = math.nan, math.nan, math.nan
@@ -314,16 +318,14 @@ def train_classifier(
                 metrics = metrics_from_confusion(confusion)
                 val_accuracy, val_f1 = metrics["accuracy"], metrics["f1"]
             seconds = time.perf_counter() - began
-            history.append(
-                {
-                    "epoch": epoch,
-                    "train_loss": train_loss,
-                    "val_loss": val_loss,
-                    "val_accuracy": val_accuracy,
-                    "val_f1": val_f1,
-                    "seconds": seconds,
-                }
-            )
+            row = {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "val_loss": val_loss,
+                "val_accuracy": val_accuracy,
+                "val_f1": val_f1,
+                "seconds": seconds,
+            }
             logger.info(
                 "epoch %d/%d: train loss %.4f, val loss %.4f, val accuracy %.4f, val macro F1 %.4f",
                 epoch,
@@ -333,44 +335,14 @@ def train_classifier(
                 val_accuracy,
                 val_f1,
             )
-            score = val_f1 if len(val_rows) else -train_loss
-            # A diverged epoch (NaN loss) is never selected; best.pt before last.pt, as in segmentation.
-            if math.isfinite(train_loss) and score > best_score:
-                best_score = score
-                checkpoint = classifier_checkpoint(
-                    model,
-                    asdict(params),
-                    rows.classes,
-                    label_set,
-                    epoch=epoch,
-                    criterion=criterion,
-                    score=score,
-                    teacher_logits=teacher_logits,
-                    init_from=init_from,
-                )
-                torch_save_atomic(checkpoint, best_path)
-            resume_state = {
-                "params": asdict(params),
-                "data": data,
-                "epoch": epoch,
-                "best_score": best_score,
-                "history": history,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                **rng_state(dev),
-            }
-            torch_save_atomic(resume_state, last_path)
-            atomic_write_text(out / "history.csv", history_csv(history, HISTORY_COLUMNS))
-            if epochs_without_improvement(history, use_val=bool(len(val_rows))) >= (params.patience or math.inf):
+            run.end_epoch(row, save_best)
+            if selection.epochs_since_best(run.history) >= (params.patience or math.inf):
                 logger.info(
-                    "stopping early after epoch %d: %d epochs without a better %s", epoch, params.patience, criterion
+                    "stopping early after epoch %d: %d epochs without a better %s",
+                    epoch,
+                    params.patience,
+                    selection.column,
                 )
                 break
 
-    atomic_write_text(out / "history.csv", history_csv(history, HISTORY_COLUMNS))
-    if not best_path.exists():
-        msg = f"{out}: training diverged (NaN training loss in every epoch, see history.csv); lower lr"
-        raise ConfigError(msg)
-    publish_model(best_path, model_path)
-    logger.info("wrote %s (best %s %.4f)", model_path, criterion, best_score)
-    return model_path
+    return run.finish("(NaN training loss in every epoch, see history.csv); lower lr")
