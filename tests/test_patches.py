@@ -335,12 +335,12 @@ def test_assign_area_splits_gives_one_split_per_block_in_first_seen_order() -> N
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"size": 4}, "patch size=4"),
-        ({"split": (0.5, 0.5, 0.5)}, "patch split=.*summing to 1"),
-        ({"split": (1.2, -0.1, -0.1)}, "patch split="),
-        ({"levels": (0, 3)}, "patch levels=.*0, 1, 2"),
-        ({"levels": ()}, "patch levels="),
-        ({"seed": -1}, "patch seed=-1"),
+        ({"size": 4}, "patch parameter size=4"),
+        ({"split": (0.5, 0.5, 0.5)}, "patch parameter split=.*summing to 1"),
+        ({"split": (1.2, -0.1, -0.1)}, "patch parameter split="),
+        ({"levels": (0, 3)}, "patch parameter levels=.*0, 1, 2"),
+        ({"levels": ()}, "patch parameter levels="),
+        ({"seed": -1}, "patch parameter seed=-1"),
     ],
 )
 def test_patch_params_reject_bad_values(kwargs: dict, match: str) -> None:

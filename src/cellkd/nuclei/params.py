@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from cellkd.errors import ConfigError
+from cellkd.params import SPLIT_FRACTIONS, check_parameters, is_int, is_split_fractions
 
 
 @dataclass(frozen=True)
@@ -55,32 +55,27 @@ class NucleiParams:
     """Annotation sets that label only a subset of nuclei: unmatched instances get -1, not background."""
 
     def __post_init__(self) -> None:
-        where = "(see nuclei: in workflow_config.yaml)"
-
-        def fail(name: str, expected: str) -> None:
-            raise ConfigError(f"nuclei {name}={getattr(self, name)!r} is invalid; expected {expected} {where}")
-
-        integers = (("crop_size", 2), ("multiscale_size", 2), ("min_area", 1), ("max_size", 1), ("tile", 16))
-        for name, low in (*integers, ("area_block", 1)):
-            value = getattr(self, name)
-            if not (isinstance(value, int) and not isinstance(value, bool) and value >= low):
-                fail(name, f"an integer >= {low}")
-        if not isinstance(self.split_touching, bool):
-            fail("split_touching", "true or false")
-        if not (math.isfinite(float(self.split_depth)) and self.split_depth > 0):
-            fail("split_depth", "a number > 0 (pixels)")
-        if not (math.isfinite(float(self.split_waist)) and self.split_waist > 0):
-            fail("split_waist", "a number > 0 (pixels)")
-        if self.match not in ("iou", "centroid"):
-            fail("match", "'iou' or 'centroid'")
-        if not (math.isfinite(float(self.min_iou)) and 0.0 < self.min_iou <= 1.0):
-            fail("min_iou", "a number in (0, 1]")
-        split = tuple(float(v) for v in self.split)
-        if len(split) != 3 or any(not math.isfinite(v) or v < 0 for v in split) or not math.isclose(sum(split), 1.0):
-            fail("split", "three fractions >= 0 (train, val, test) summing to 1")
-        object.__setattr__(self, "split", split)
-        if self.split_by not in ("nucleus", "fragment", "area"):
-            fail("split_by", "'nucleus', 'fragment' or 'area'")
-        if not (isinstance(self.seed, int) and self.seed >= 0):
-            fail("seed", "an integer >= 0")
+        # Config files give lists; tuples keep the dataclass hashable and comparable.
+        object.__setattr__(self, "split", tuple(float(v) for v in self.split))
         object.__setattr__(self, "partial_sets", tuple(str(s) for s in self.partial_sets))
+        integers = (("crop_size", 2), ("multiscale_size", 2), ("min_area", 1), ("max_size", 1), ("tile", 16))
+        checks = [
+            *(
+                (is_int(getattr(self, n)) and getattr(self, n) >= low, n, f"an integer >= {low}")
+                for n, low in (*integers, ("area_block", 1))
+            ),
+            (isinstance(self.split_touching, bool), "split_touching", "true or false"),
+            (_positive(self.split_depth), "split_depth", "a number > 0 (pixels)"),
+            (_positive(self.split_waist), "split_waist", "a number > 0 (pixels)"),
+            (self.match in ("iou", "centroid"), "match", "'iou' or 'centroid'"),
+            (_positive(self.min_iou) and self.min_iou <= 1.0, "min_iou", "a number in (0, 1]"),
+            (is_split_fractions(self.split), "split", SPLIT_FRACTIONS),
+            (self.split_by in ("nucleus", "fragment", "area"), "split_by", "'nucleus', 'fragment' or 'area'"),
+            (is_int(self.seed) and self.seed >= 0, "seed", "an integer >= 0"),
+        ]
+        check_parameters(self, checks, "nuclei", " (see nuclei: in workflow_config.yaml)")
+
+
+def _positive(value: object) -> bool:
+    """A finite number > 0 (checked without raising on a non-number, as every check runs up front)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0

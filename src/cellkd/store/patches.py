@@ -40,7 +40,8 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-from cellkd.errors import ConfigError, StoreError
+from cellkd.errors import StoreError
+from cellkd.params import SPLIT_FRACTIONS, check_parameters, is_int, is_split_fractions
 from cellkd.store.atomic import atomic_h5, require_complete
 from cellkd.store.attrs import decode_strings, open_store
 from cellkd.store.fragments import FragmentStore
@@ -72,23 +73,21 @@ class PatchParams:
     """Seed of the split; combined with the source name."""
 
     def __post_init__(self) -> None:
-        where = "(see patches: in workflow_config.yaml)"
-        if not (isinstance(self.size, int) and self.size >= 8):
-            raise ConfigError(f"patch size={self.size!r} is invalid; expected an integer >= 8 {where}")
-        split = tuple(float(v) for v in self.split)
-        if len(split) != 3 or any(not math.isfinite(v) or v < 0 for v in split) or not math.isclose(sum(split), 1.0):
-            expected = "three fractions >= 0 (train, val, test) summing to 1"
-            msg = f"patch split={self.split!r} is invalid; expected {expected} {where}"
-            raise ConfigError(msg)
-        object.__setattr__(self, "split", split)
-        levels = tuple(int(v) for v in self.levels)
-        if not levels or len(set(levels)) != len(levels) or not set(levels) <= {0, 1, 2}:
-            raise ConfigError(
-                f"patch levels={self.levels!r} are invalid; expected distinct values from 0, 1, 2 {where}"
-            )
-        object.__setattr__(self, "levels", levels)
-        if not (isinstance(self.seed, int) and self.seed >= 0):
-            raise ConfigError(f"patch seed={self.seed!r} is invalid; expected an integer >= 0 {where}")
+        # Config files give lists; tuples keep the dataclass hashable and comparable.
+        object.__setattr__(self, "split", tuple(float(v) for v in self.split))
+        object.__setattr__(self, "levels", tuple(int(v) for v in self.levels))
+        levels = self.levels
+        checks = [
+            (is_int(self.size) and self.size >= 8, "size", "an integer >= 8"),
+            (is_split_fractions(self.split), "split", SPLIT_FRACTIONS),
+            (
+                bool(levels) and len(set(levels)) == len(levels) and set(levels) <= {0, 1, 2},
+                "levels",
+                "distinct values from 0, 1, 2",
+            ),
+            (is_int(self.seed) and self.seed >= 0, "seed", "an integer >= 0"),
+        ]
+        check_parameters(self, checks, "patch", " (see patches: in workflow_config.yaml)")
 
     @property
     def block_size(self) -> int:
