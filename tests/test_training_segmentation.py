@@ -431,3 +431,17 @@ def test_default_device_setting_applies_to_calls_without_a_device() -> None:
         assert device.resolve_device(None) == torch.device("cpu")  # a refused setting changes nothing
     finally:
         device.set_default_device("auto")
+
+
+def test_published_model_shares_best_pt_on_disk_and_survives_its_replacement(tmp_path: Path) -> None:
+    from cellkd.models.checkpoint import torch_save_atomic
+    from cellkd.training.common import publish_model
+
+    best, model = tmp_path / "best.pt", tmp_path / "model.pt"
+    torch_save_atomic({"epoch": 1}, best)
+    publish_model(best, model)
+    assert model.read_bytes() == best.read_bytes()
+    assert model.stat().st_ino == best.stat().st_ino  # one file on disk, not two
+    torch_save_atomic({"epoch": 2}, best)  # a later run replaces best.pt by a rename
+    assert torch.load(model, weights_only=True) == {"epoch": 1}
+    assert not list(tmp_path.glob(".*.partial"))

@@ -140,9 +140,18 @@ def load_resume_state(
 
 
 def publish_model(best: Path, model_path: Path) -> None:
-    """Copy ``best.pt`` to ``model.pt`` atomically: the last step of a run, so model.pt means "done"."""
+    """Publish ``best.pt`` as ``model.pt`` atomically: the last step of a run, so model.pt means "done".
+
+    A hard link where the filesystem allows one, else a copy: the two names then share one file on disk
+    (a checkpoint of the paper's U-Net is ~100 MB). Sharing is safe because best.pt is only ever
+    replaced by a rename (``torch_save_atomic``), never written in place, so model.pt keeps its bytes.
+    """
     with atomic_path(model_path) as tmp:
-        shutil.copyfile(best, tmp)
+        try:
+            os.link(best, tmp)
+            os.utime(tmp)  # a fresh mtime, as a copy would have: Snakemake compares it with the inputs'
+        except OSError:  # no hard links here (some network or FAT filesystems)
+            shutil.copyfile(best, tmp)
 
 
 class Stateful(Protocol):
