@@ -146,14 +146,13 @@ def test_thumbnail_is_the_block_mean_of_the_nearest_level_read_in_bounded_region
     monkeypatch.setattr(reader, "THUMBNAIL_READ_EDGE", 50)  # many regions, with cut ones at the right and bottom
     with open_slide(slide_path) as slide:
         reads = []
-        read_region = slide._slide.read_region
-        slide._slide.read_region = lambda location, level, size: (
-            reads.append(size) or read_region(location, level, size)
-        )
+        read_level = slide._read_level  # the one read path of both the tifffile and the OpenSlide levels
+        slide._read_level = lambda level, x, y, w, h: reads.append((level, w, h)) or read_level(level, x, y, w, h)
         thumb, _ = slide.thumbnail(256)
     # 1536 / 256 = 6: the 1/4 level (384 x 256) is the nearest finer one, averaged over 2 x 2 blocks
     np.testing.assert_array_equal(thumb, block_mean(level0[::4, ::4], 2))
-    assert len(reads) > 1 and max(w * h for w, h in reads) <= 50 * 50
+    assert {level for level, _, _ in reads} == {2}
+    assert len(reads) > 1 and max(w * h for _, w, h in reads) <= 50 * 50
 
 
 def test_missing_mpp_is_none(slide_no_mpp: Path) -> None:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import numpy as np
 import numpy.typing as npt
+from PIL import Image
 
 from cellkd.types import RGBImage
 
@@ -75,3 +76,28 @@ def windowed_block_mean(
             block = block_mean(read(x, y, min(step_x, width - x), min(step_y, height - y)), factor)
             out[y // factor : y // factor + block.shape[0], x // factor : x // factor + block.shape[1]] = block
     return out
+
+
+def halvings(image: RGBImage, levels: int) -> tuple[RGBImage, ...]:
+    """``image`` and its first ``levels - 1`` block means by 2, 4, 8, ...: each ``block_mean(image, 2**k)``.
+
+    Every level is the exact mean of ``image``'s pixels (not a mean of means), rounded half up. When the image
+    is whole blocks of the coarsest level, PIL's ``Image.reduce`` computes them (in C, one pass, about twice
+    as fast): on whole blocks of 2^k x 2^k px it rounds exactly as ``mean_of_sums``; on blocks cut by the edge
+    its fixed-point division can be one grey level off, so such images are summed here instead.
+    """
+    if not 1 <= levels <= 5:
+        raise ValueError(f"levels={levels} must be in 1..5 (uint16 sums hold the 1/16 level at most)")
+    coarsest = 2 ** (levels - 1)
+    height, width = image.shape[:2]
+    if height % coarsest == 0 and width % coarsest == 0 and image.dtype == np.uint8 and image.shape[2:] == (3,):
+        pil = Image.fromarray(image)
+        return (image, *(np.asarray(pil.reduce(2**k)) for k in range(1, levels)))
+    out, sums, counts = [image], image, None
+    for _ in range(1, levels):
+        # Summing the previous level's sums (not means) keeps every level the exact mean of the image's pixels;
+        # uint16 holds 256 * 255, enough for the 1/16 level.
+        sums, block_counts = block_sums(sums, 2)
+        counts = block_counts if counts is None else block_sums(counts, 2)[0]
+        out.append(mean_of_sums(sums, counts))
+    return tuple(out)

@@ -67,8 +67,10 @@ class TissueParams:
 
 def saturation(image: RGBImage) -> npt.NDArray[np.float32]:
     """float32 (h, w) HSV saturation in [0, 1] of a uint8 (h, w, 3) image ((max - min) / max, 0 on black)."""
-    high = image.max(axis=2).astype(np.float32)
-    low = image.min(axis=2).astype(np.float32)
+    red, green, blue = image[..., 0], image[..., 1], image[..., 2]
+    # Element-wise over the three channel planes: numpy's max/min along a length-3 last axis is ~5x slower.
+    high = np.maximum(np.maximum(red, green), blue).astype(np.float32)
+    low = np.minimum(np.minimum(red, green), blue).astype(np.float32)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(high > 0, (high - low) / high, np.float32(0)).astype(np.float32)
 
