@@ -217,6 +217,7 @@ _DIRECT_CODINGS: frozenset[tuple[int, int]] = frozenset(
         (tifffile.COMPRESSION.LZW, tifffile.PHOTOMETRIC.RGB),
         (tifffile.COMPRESSION.ADOBE_DEFLATE, tifffile.PHOTOMETRIC.RGB),
         (tifffile.COMPRESSION.DEFLATE, tifffile.PHOTOMETRIC.RGB),
+        (tifffile.COMPRESSION.ZSTD, tifffile.PHOTOMETRIC.RGB),
         (tifffile.COMPRESSION.JPEG, tifffile.PHOTOMETRIC.RGB),  # Aperio's "JPEG/RGB", tables in JPEGTables
         (tifffile.COMPRESSION.JPEG, tifffile.PHOTOMETRIC.YCBCR),  # e.g. tifffile's and vips' JPEG pyramids
     }
@@ -308,16 +309,21 @@ class TiffTileReader(OpenSlideReader):
         return page
 
     def _agrees_with_openslide(self, level: int, page: tifffile.TiffPage) -> bool:
-        """Whether the stored tile nearest the level's centre decodes here to exactly OpenSlide's pixels."""
+        """Whether a stored tile near the level's centre decodes here to exactly OpenSlide's pixels.
+
+        Only tiles that OpenSlide reads without resampling can be compared; the first tile always is one.
+        """
         across = -(-page.imagewidth // page.tilewidth)
         down = -(-page.imagelength // page.tilelength)
-        stored = [i for i, n in enumerate(page.databytecounts) if n]
-        if not stored:
-            return True  # every tile missing: both read white
-        index = min(stored, key=lambda i: abs(i // across - down // 2) + abs(i % across - across // 2))
-        x, y = (index % across) * page.tilewidth, (index // across) * page.tilelength
-        if not self._whole_level_pixel(level, x, y):
-            return False
+
+        def origin(index: int) -> tuple[int, int]:
+            return (index % across) * page.tilewidth, (index // across) * page.tilelength
+
+        comparable = [i for i, n in enumerate(page.databytecounts) if n and self._whole_level_pixel(level, *origin(i))]
+        if not comparable:
+            return not any(page.databytecounts)  # every tile missing: both read white
+        index = min(comparable, key=lambda i: abs(i // across - down // 2) + abs(i % across - across // 2))
+        x, y = origin(index)
         width, height = min(page.tilewidth, page.imagewidth - x), min(page.tilelength, page.imagelength - y)
         try:
             mine = self._read_tiles(level, page, x, y, width, height)
