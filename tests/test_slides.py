@@ -31,6 +31,7 @@ from cellkd.slides import (
     tissue_mask,
 )
 from cellkd.slides.downsample import windowed_block_mean
+from cellkd.slides.tissue import close_disk
 from cellkd.store.fragments import FragmentStore
 
 MPP = 0.5
@@ -427,6 +428,22 @@ def test_white_slide_has_no_tissue(white_slide: Path) -> None:
         pytest.raises(SlideError, match=r"white\.tiff: no tissue found.*min_area_um2"),
     ):
         detect_fragments(slide)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    mask=st.tuples(st.integers(1, 48), st.integers(1, 48)).flatmap(
+        lambda hw: arrays(np.bool_, hw, elements=st.integers(0, 9).map(lambda v: v == 0))  # sparse: 10% set
+    ),
+    radius=st.floats(0.5, 10.0),
+)
+def test_close_disk_on_the_tissue_box_equals_the_closing_of_the_whole_image(mask: np.ndarray, radius: float) -> None:
+    """The closing computed on the mask's bounding box only is the closing of the whole zero-padded image."""
+    pad = math.ceil(radius) + 1
+    padded = np.pad(mask, pad)
+    dilated = ndimage.distance_transform_edt(~padded) <= radius
+    whole = (ndimage.distance_transform_edt(dilated) > radius)[pad:-pad, pad:-pad] | mask
+    np.testing.assert_array_equal(close_disk(mask, radius), whole)
 
 
 def test_tissue_mask_closing_joins_near_pieces_and_fills_holes() -> None:
