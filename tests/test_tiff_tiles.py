@@ -225,8 +225,10 @@ def test_halvings_are_the_exact_block_means_of_the_image(image: np.ndarray, leve
         np.testing.assert_array_equal(tile, block_mean(image, 2**k))
 
 
-def test_halvings_of_whole_blocks_equal_block_means_on_a_large_random_tile() -> None:
-    image = np.random.default_rng(0).integers(0, 256, (512, 768, 3), dtype=np.uint8)
+@pytest.mark.parametrize("shape", [(512, 768), (515, 770), (1023, 1021)], ids=["whole", "cut", "cut-odd"])
+def test_halvings_equal_block_means_on_a_large_random_tile(shape: tuple[int, int]) -> None:
+    """Tile-sized images: whole blocks only, and the cut right and bottom strips of a fragment's last tiles."""
+    image = np.random.default_rng(0).integers(0, 256, (*shape, 3), dtype=np.uint8)
     for k, tile in enumerate(halvings(image, 3)):
         np.testing.assert_array_equal(tile, block_mean(image, 2**k))
 

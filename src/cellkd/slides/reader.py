@@ -8,6 +8,7 @@ uncompressed), so a large non-pyramidal TIFF never sits whole in memory.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -156,6 +157,9 @@ class OpenSlideReader(SlideReader):
                 f"{self.path}: OpenSlide cannot open it ({err}); the file may be corrupt or truncated: {REREAD_HINT}"
             ) from err
         self.dimensions = tuple(int(v) for v in self._slide.dimensions)  # type: ignore[assignment]
+        # openslide-python recomputes these lists through ctypes on every access: read them once.
+        self._level_dimensions: tuple[tuple[int, int], ...] = tuple(self._slide.level_dimensions)
+        self._level_downsamples: tuple[float, ...] = tuple(self._slide.level_downsamples)
         props = self._slide.properties
         mpp_x = props.get(openslide.PROPERTY_NAME_MPP_X)
         mpp_y = props.get(openslide.PROPERTY_NAME_MPP_Y)
@@ -183,7 +187,7 @@ class OpenSlideReader(SlideReader):
 
     def _level0_location(self, level: int, x: int, y: int) -> tuple[int, int]:
         """Level-0 px of the level-``level`` point (x, y), as OpenSlide's ``read_region`` takes it."""
-        down = self._slide.level_downsamples[level]
+        down = self._level_downsamples[level]
         return round(int(x) * down), round(int(y) * down)
 
     def thumbnail(self, max_size: int) -> tuple[RGBImage, tuple[float, float]]:
@@ -194,7 +198,7 @@ class OpenSlideReader(SlideReader):
         """
         width, height = self.dimensions
         level = self._slide.get_best_level_for_downsample(max(width, height) / max_size)
-        level_w, level_h = self._slide.level_dimensions[level]
+        level_w, level_h = self._level_dimensions[level]
         factor = max(1, math.ceil(max(level_w, level_h) / max_size))
 
         def read(x: int, y: int, w: int, h: int) -> RGBImage:
@@ -265,11 +269,11 @@ class TiffTileReader(OpenSlideReader):
         super().__init__(path)
         self._tiff: tifffile.TiffFile | None = None
         self._fd: int | None = None
-        self._pages: list[tifffile.TiffPage | None] = [None] * self._slide.level_count
+        self._pages: list[tifffile.TiffPage | None] = [None] * len(self._level_dimensions)
         try:
             self._tiff = tifffile.TiffFile(self.path)
             self._fd = os.open(self.path, os.O_RDONLY)
-            self._pages = [self._direct_page(level) for level in range(self._slide.level_count)]
+            self._pages = [self._direct_page(level) for level in range(len(self._level_dimensions))]
         except SlideError:
             self.close()
             raise
@@ -286,7 +290,7 @@ class TiffTileReader(OpenSlideReader):
     def _direct_page(self, level: int) -> tifffile.TiffPage | None:
         """The TIFF page holding ``level`` when its tiles can be decoded here, else None."""
         assert self._tiff is not None
-        size = self._slide.level_dimensions[level]
+        size = self._level_dimensions[level]
         props = self._slide.properties
         tile = (props.get(f"openslide.level[{level}].tile-width"), props.get(f"openslide.level[{level}].tile-height"))
         for page in self._tiff.pages:
@@ -310,21 +314,19 @@ class TiffTileReader(OpenSlideReader):
         return page
 
     def _agrees_with_openslide(self, level: int, page: tifffile.TiffPage) -> bool:
-        """Whether a stored tile near the level's centre decodes here to exactly OpenSlide's pixels.
+        """Whether one stored tile, the central one where it can be, decodes here to exactly OpenSlide's pixels.
 
         Only tiles that OpenSlide reads without resampling can be compared; the first tile always is one.
         """
         across = -(-page.imagewidth // page.tilewidth)
         down = -(-page.imagelength // page.tilelength)
-
-        def origin(index: int) -> tuple[int, int]:
-            return (index % across) * page.tilewidth, (index // across) * page.tilelength
-
-        comparable = [i for i, n in enumerate(page.databytecounts) if n and self._whole_level_pixel(level, *origin(i))]
-        if not comparable:
-            return not any(page.databytecounts)  # every tile missing: both read white
-        index = min(comparable, key=lambda i: abs(i // across - down // 2) + abs(i % across - across // 2))
-        x, y = origin(index)
+        central = (down // 2) * across + across // 2
+        for index in itertools.chain([central], range(len(page.databytecounts))):
+            x, y = (index % across) * page.tilewidth, (index // across) * page.tilelength
+            if page.databytecounts[index] and self._whole_level_pixel(level, x, y):
+                break
+        else:  # nothing comparable: trust the level only when it stores no tile at all (both read white)
+            return not any(page.databytecounts)
         width, height = min(page.tilewidth, page.imagewidth - x), min(page.tilelength, page.imagelength - y)
         try:
             mine = self._read_tiles(level, page, x, y, width, height)
@@ -337,7 +339,7 @@ class TiffTileReader(OpenSlideReader):
 
         OpenSlide divides the level-0 location by the level's downsample; a fractional result is resampled.
         """
-        down = self._slide.level_downsamples[level]
+        down = self._level_downsamples[level]
         x0, y0 = self._level0_location(level, x, y)
         return x0 / down == x and y0 / down == y
 
