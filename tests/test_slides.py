@@ -31,6 +31,7 @@ from cellkd.slides import (
     tissue_mask,
 )
 from cellkd.slides.downsample import windowed_block_mean
+from cellkd.slides.tissue import close_disk
 from cellkd.store.fragments import FragmentStore
 
 MPP = 0.5
@@ -146,14 +147,13 @@ def test_thumbnail_is_the_block_mean_of_the_nearest_level_read_in_bounded_region
     monkeypatch.setattr(reader, "THUMBNAIL_READ_EDGE", 50)  # many regions, with cut ones at the right and bottom
     with open_slide(slide_path) as slide:
         reads = []
-        read_region = slide._slide.read_region
-        slide._slide.read_region = lambda location, level, size: (
-            reads.append(size) or read_region(location, level, size)
-        )
+        read_level = slide._read_level  # the one read path of both the tifffile and the OpenSlide levels
+        slide._read_level = lambda level, x, y, w, h: reads.append((level, w, h)) or read_level(level, x, y, w, h)
         thumb, _ = slide.thumbnail(256)
     # 1536 / 256 = 6: the 1/4 level (384 x 256) is the nearest finer one, averaged over 2 x 2 blocks
     np.testing.assert_array_equal(thumb, block_mean(level0[::4, ::4], 2))
-    assert len(reads) > 1 and max(w * h for w, h in reads) <= 50 * 50
+    assert {level for level, _, _ in reads} == {2}
+    assert len(reads) > 1 and max(w * h for _, w, h in reads) <= 50 * 50
 
 
 def test_missing_mpp_is_none(slide_no_mpp: Path) -> None:
@@ -428,6 +428,22 @@ def test_white_slide_has_no_tissue(white_slide: Path) -> None:
         pytest.raises(SlideError, match=r"white\.tiff: no tissue found.*min_area_um2"),
     ):
         detect_fragments(slide)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    mask=st.tuples(st.integers(1, 48), st.integers(1, 48)).flatmap(
+        lambda hw: arrays(np.bool_, hw, elements=st.integers(0, 9).map(lambda v: v == 0))  # sparse: 10% set
+    ),
+    radius=st.floats(0.5, 10.0),
+)
+def test_close_disk_on_the_tissue_box_equals_the_closing_of_the_whole_image(mask: np.ndarray, radius: float) -> None:
+    """The closing computed on the mask's bounding box only is the closing of the whole zero-padded image."""
+    pad = math.ceil(radius) + 1
+    padded = np.pad(mask, pad)
+    dilated = ndimage.distance_transform_edt(~padded) <= radius
+    whole = (ndimage.distance_transform_edt(dilated) > radius)[pad:-pad, pad:-pad] | mask
+    np.testing.assert_array_equal(close_disk(mask, radius), whole)
 
 
 def test_tissue_mask_closing_joins_near_pieces_and_fills_holes() -> None:

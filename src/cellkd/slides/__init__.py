@@ -11,6 +11,7 @@ from cellkd.slides.reader import (
     ImageReader,
     OpenSlideReader,
     SlideReader,
+    TiffTileReader,
     open_slide,
     resolve_mpp,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "ImageReader",
     "OpenSlideReader",
     "SlideReader",
+    "TiffTileReader",
     "TissueParams",
     "block_mean",
     "detect_fragments",

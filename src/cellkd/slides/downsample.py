@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import numpy as np
 import numpy.typing as npt
+from PIL import Image
 
 from cellkd.types import RGBImage
 
@@ -74,4 +75,44 @@ def windowed_block_mean(
         for x in range(0, width, step_x):
             block = block_mean(read(x, y, min(step_x, width - x), min(step_y, height - y)), factor)
             out[y // factor : y // factor + block.shape[0], x // factor : x // factor + block.shape[1]] = block
+    return out
+
+
+def halvings(image: RGBImage, levels: int) -> tuple[RGBImage, ...]:
+    """``image`` and its first ``levels - 1`` block means by 2, 4, 8, ...: each equal to ``block_mean(image, 2**k)``.
+
+    Every level is the exact mean of ``image``'s pixels (not a mean of means), rounded half up. The part of the
+    image made of whole blocks of the coarsest level goes through PIL's ``Image.reduce`` (C, one pass, about
+    twice as fast as summing here), which on whole 2^k x 2^k blocks rounds exactly as ``mean_of_sums``; on
+    blocks cut by the edge its fixed-point division can be one grey level off, so the cut strips at the right
+    and bottom are summed here. The strips start on a coarsest-block boundary, so both parts cut the same blocks.
+    """
+    if not 1 <= levels <= 5:
+        raise ValueError(f"levels={levels} must be in 1..5 (uint16 sums hold the 1/16 level at most)")
+    coarsest = 2 ** (levels - 1)
+    height, width = image.shape[:2]
+    core_h, core_w = height - height % coarsest, width - width % coarsest
+    if levels == 1 or image.dtype != np.uint8 or image.shape[2:] != (3,) or not (core_h and core_w):
+        return _summed_halvings(image, levels)
+    out = [image] + [np.empty((-(-height // 2**k), -(-width // 2**k), 3), dtype=np.uint8) for k in range(1, levels)]
+    core = Image.fromarray(np.ascontiguousarray(image[:core_h, :core_w]))
+    for k in range(1, levels):
+        out[k][: core_h >> k, : core_w >> k] = np.asarray(core.reduce(2**k))
+    if core_w < width:  # the right strip, full height
+        for k, strip in enumerate(_summed_halvings(image[:, core_w:], levels)):
+            out[k][:, core_w >> k :] = strip
+    if core_h < height:  # the bottom strip left of it
+        for k, strip in enumerate(_summed_halvings(image[core_h:, :core_w], levels)):
+            out[k][core_h >> k :, : core_w >> k] = strip
+    return tuple(out)
+
+
+def _summed_halvings(image: npt.NDArray[np.integer], levels: int) -> list[RGBImage]:
+    """``halvings`` by block sums: any size; summing each level's sums keeps it the exact mean of the image."""
+    out, sums, counts = [image], image, None
+    for _ in range(1, levels):
+        # uint16 sums hold 256 * 255, enough for the 1/16 level.
+        sums, block_counts = block_sums(sums, 2)
+        counts = block_counts if counts is None else block_sums(counts, 2)[0]
+        out.append(mean_of_sums(sums, counts))
     return out

@@ -8,9 +8,11 @@ uncompressed), so a large non-pyramidal TIFF never sits whole in memory.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 
@@ -87,6 +89,21 @@ def _plausible(mpp: float | None, path: str) -> float | None:
     return mpp
 
 
+def _check_not_truncated(path: str, pages: Iterable[tifffile.TiffPage | tifffile.TiffFrame | None]) -> None:
+    """Raise when a strip or tile of ``pages`` lies past the end of the file (checked without decoding)."""
+    size = os.path.getsize(path)
+    for page in pages:
+        if page is None:
+            continue
+        ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts, strict=True) if n]
+        if ends and max(ends) > size:
+            msg = (
+                f"{path}: image data runs to byte {max(ends)} but the file has {size} bytes; "
+                f"the file is corrupt or truncated: {REREAD_HINT}"
+            )
+            raise SlideError(msg)
+
+
 class SlideReader:
     """A slide opened for reading. Use as a context manager; coordinates are level-0 pixels.
 
@@ -97,6 +114,8 @@ class SlideReader:
     path: str
     dimensions: tuple[int, int]
     mpp: float | None
+    concurrent_reads: bool = False
+    """Whether threads may call ``read_region`` at the same time (see ``extract.iter_tissue_tiles``)."""
 
     def read_region(self, x: int, y: int, width: int, height: int) -> RGBImage:
         """uint8 (height, width, 3) RGB of the level-0 box at (x, y); outside the slide reads white."""
@@ -127,6 +146,8 @@ class SlideReader:
 class OpenSlideReader(SlideReader):
     """Any format OpenSlide detects (``openslide.OpenSlide.detect_format``)."""
 
+    concurrent_reads = True  # OpenSlide handles are thread-safe, and ctypes releases the GIL in its calls
+
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = str(path)
         try:
@@ -136,6 +157,9 @@ class OpenSlideReader(SlideReader):
                 f"{self.path}: OpenSlide cannot open it ({err}); the file may be corrupt or truncated: {REREAD_HINT}"
             ) from err
         self.dimensions = tuple(int(v) for v in self._slide.dimensions)  # type: ignore[assignment]
+        # openslide-python recomputes these lists through ctypes on every access: read them once.
+        self._level_dimensions: tuple[tuple[int, int], ...] = tuple(self._slide.level_dimensions)
+        self._level_downsamples: tuple[float, ...] = tuple(self._slide.level_downsamples)
         props = self._slide.properties
         mpp_x = props.get(openslide.PROPERTY_NAME_MPP_X)
         mpp_y = props.get(openslide.PROPERTY_NAME_MPP_Y)
@@ -146,15 +170,25 @@ class OpenSlideReader(SlideReader):
         self.mpp = _plausible(mpp, self.path)
 
     def read_region(self, x: int, y: int, width: int, height: int) -> RGBImage:
+        return self._read_level(0, x, y, width, height)
+
+    def _read_level(self, level: int, x: int, y: int, width: int, height: int) -> RGBImage:
+        """uint8 (height, width, 3) RGB of the box at (x, y) in pyramid-level ``level`` px; outside reads white."""
+        location = self._level0_location(level, x, y)
         try:
-            rgba = np.asarray(self._slide.read_region((int(x), int(y)), 0, (int(width), int(height))))
+            rgba = np.asarray(self._slide.read_region(location, level, (int(width), int(height))))
         except openslide.OpenSlideError as err:
             msg = (
-                f"{self.path}: cannot read region x={x} y={y} {width}x{height} ({err}); "
+                f"{self.path}: cannot read level {level} region x={x} y={y} {width}x{height} ({err}); "
                 f"the file may be corrupt: {REREAD_HINT}"
             )
             raise SlideError(msg) from err
         return _composite_on_white(rgba)
+
+    def _level0_location(self, level: int, x: int, y: int) -> tuple[int, int]:
+        """Level-0 px of the level-``level`` point (x, y), as OpenSlide's ``read_region`` takes it."""
+        down = self._level_downsamples[level]
+        return round(int(x) * down), round(int(y) * down)
 
     def thumbnail(self, max_size: int) -> tuple[RGBImage, tuple[float, float]]:
         """Block means of the pyramid level just finer than the thumbnail, read region by region.
@@ -164,19 +198,11 @@ class OpenSlideReader(SlideReader):
         """
         width, height = self.dimensions
         level = self._slide.get_best_level_for_downsample(max(width, height) / max_size)
-        level_w, level_h = self._slide.level_dimensions[level]
-        level_down = self._slide.level_downsamples[level]
+        level_w, level_h = self._level_dimensions[level]
         factor = max(1, math.ceil(max(level_w, level_h) / max_size))
 
         def read(x: int, y: int, w: int, h: int) -> RGBImage:
-            try:
-                rgba = np.asarray(
-                    self._slide.read_region((round(x * level_down), round(y * level_down)), level, (w, h))
-                )
-            except openslide.OpenSlideError as err:
-                msg = f"{self.path}: cannot read a thumbnail ({err}); the file may be corrupt: {REREAD_HINT}"
-                raise SlideError(msg) from err
-            return _composite_on_white(rgba)
+            return self._read_level(level, x, y, w, h)
 
         edge = THUMBNAIL_READ_EDGE
         image = windowed_block_mean(read, level_w, level_h, factor, (edge, edge))
@@ -184,6 +210,187 @@ class OpenSlideReader(SlideReader):
 
     def close(self) -> None:
         self._slide.close()
+
+
+DIRECT_TIFF_VENDORS: tuple[str, ...] = ("aperio", "generic-tiff")
+"""OpenSlide vendors whose levels are plain tiled TIFF pages (no overlapping or stitched tiles): read by tifffile."""
+
+_DIRECT_CODINGS: frozenset[tuple[int, int]] = frozenset(
+    {
+        (tifffile.COMPRESSION.NONE, tifffile.PHOTOMETRIC.RGB),
+        (tifffile.COMPRESSION.LZW, tifffile.PHOTOMETRIC.RGB),
+        (tifffile.COMPRESSION.ADOBE_DEFLATE, tifffile.PHOTOMETRIC.RGB),
+        (tifffile.COMPRESSION.DEFLATE, tifffile.PHOTOMETRIC.RGB),
+        (tifffile.COMPRESSION.ZSTD, tifffile.PHOTOMETRIC.RGB),
+        (tifffile.COMPRESSION.JPEG, tifffile.PHOTOMETRIC.RGB),  # Aperio's "JPEG/RGB", tables in JPEGTables
+        (tifffile.COMPRESSION.JPEG, tifffile.PHOTOMETRIC.YCBCR),  # e.g. tifffile's and vips' JPEG pyramids
+    }
+)
+"""(compression, photometric) of the TIFF pages whose tiles tifffile + imagecodecs decode straight to RGB.
+
+Lossless codings give OpenSlide's pixels by construction. JPEG tiles (libjpeg-turbo on both sides) were found
+equal, not merely within a grey level, on a real Aperio SVS (RGB tiles, tables in JPEGTables) and on tifffile's
+YCbCr 4:2:0 and RGB pyramids (tests/test_tiff_tiles.py); so that a future decoder that rounds differently cannot
+change the output, ``TiffTileReader`` checks one tile of every level against OpenSlide when it opens a slide.
+Anything else (Aperio JPEG 2000, 16-bit, planar, alpha) is left to OpenSlide.
+"""
+
+
+def _directly_decodable(page: tifffile.TiffPage) -> bool:
+    """Whether ``page`` is a tiled 8-bit RGB page in one of the ``_DIRECT_CODINGS``."""
+    return (
+        page.is_tiled
+        and page.imagedepth == 1
+        and page.planarconfig == tifffile.PLANARCONFIG.CONTIG
+        and page.samplesperpixel == 3
+        and page.bitspersample == 8
+        and page.sampleformat == tifffile.SAMPLEFORMAT.UINT
+        and (page.compression, page.photometric) in _DIRECT_CODINGS
+    )
+
+
+class TiffTileReader(OpenSlideReader):
+    """An Aperio SVS or generic tiled TIFF: OpenSlide's levels and metadata, tiles decoded by tifffile + imagecodecs.
+
+    OpenSlide decodes every tile to premultiplied ARGB, which ``read_region`` then turns back into RGB; decoding
+    the TIFF tiles straight to RGB (libjpeg-turbo through imagecodecs for JPEG) takes a fraction of that CPU time.
+    The levels are OpenSlide's (same sizes, same ``get_best_level_for_downsample`` choice for thumbnails), each
+    matched to the tiled TIFF page of its size and tile size. A level is read directly only when its page's coding
+    is one of ``_DIRECT_CODINGS`` and a tile of it decodes to exactly OpenSlide's pixels; other levels, and reads
+    at a point that OpenSlide would resample (a level-0 location that is not a whole level pixel), go through
+    OpenSlide, so the pixels always equal ``OpenSlideReader``'s. Missing tiles (byte count 0), transparent in
+    OpenSlide, read white as they do there once composited.
+
+    Reads are thread-safe: tiles are read with ``os.pread`` and decoded by tifffile's decoders, which release
+    the GIL, so threads decode tiles in parallel.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        super().__init__(path)
+        self._tiff: tifffile.TiffFile | None = None
+        self._fd: int | None = None
+        self._pages: list[tifffile.TiffPage | None] = [None] * len(self._level_dimensions)
+        try:
+            self._tiff = tifffile.TiffFile(self.path)
+            self._fd = os.open(self.path, os.O_RDONLY)
+            self._pages = [self._direct_page(level) for level in range(len(self._level_dimensions))]
+        except SlideError:
+            self.close()
+            raise
+        except Exception as err:  # tifffile cannot parse what OpenSlide can: OpenSlide reads every level
+            logger.warning("%s: reading every level through OpenSlide (tifffile cannot parse it: %s)", self.path, err)
+        direct = [level for level, page in enumerate(self._pages) if page is not None]
+        logger.debug("%s: levels %s decoded by tifffile, the others by OpenSlide", self.path, direct)
+
+    @property
+    def direct_levels(self) -> tuple[int, ...]:
+        """The pyramid levels whose tiles this reader decodes itself (the others go through OpenSlide)."""
+        return tuple(level for level, page in enumerate(self._pages) if page is not None)
+
+    def _direct_page(self, level: int) -> tifffile.TiffPage | None:
+        """The TIFF page holding ``level`` when its tiles can be decoded here, else None."""
+        assert self._tiff is not None
+        size = self._level_dimensions[level]
+        props = self._slide.properties
+        tile = (props.get(f"openslide.level[{level}].tile-width"), props.get(f"openslide.level[{level}].tile-height"))
+        for page in self._tiff.pages:
+            if (
+                isinstance(page, tifffile.TiffPage)
+                and page.is_tiled
+                and (page.imagewidth, page.imagelength) == size
+                and (str(page.tilewidth), str(page.tilelength)) == tile
+            ):
+                break
+        else:
+            return None
+        if not _directly_decodable(page):
+            return None
+        _check_not_truncated(self.path, [page])
+        if not self._agrees_with_openslide(level, page):
+            logger.warning(
+                "%s: level %d decodes differently from OpenSlide; reading it through OpenSlide", self.path, level
+            )
+            return None
+        return page
+
+    def _agrees_with_openslide(self, level: int, page: tifffile.TiffPage) -> bool:
+        """Whether one stored tile, the central one where it can be, decodes here to exactly OpenSlide's pixels.
+
+        Only tiles that OpenSlide reads without resampling can be compared; the first tile always is one.
+        """
+        across = -(-page.imagewidth // page.tilewidth)
+        down = -(-page.imagelength // page.tilelength)
+        central = (down // 2) * across + across // 2
+        for index in itertools.chain([central], range(len(page.databytecounts))):
+            x, y = (index % across) * page.tilewidth, (index // across) * page.tilelength
+            if page.databytecounts[index] and self._whole_level_pixel(level, x, y):
+                break
+        else:  # nothing comparable: trust the level only when it stores no tile at all (both read white)
+            return not any(page.databytecounts)
+        width, height = min(page.tilewidth, page.imagewidth - x), min(page.tilelength, page.imagelength - y)
+        try:
+            mine = self._read_tiles(level, page, x, y, width, height)
+        except SlideError:
+            return False  # OpenSlide may still decode it; if not, its read says the file is corrupt
+        return bool(np.array_equal(mine, super()._read_level(level, x, y, width, height)))
+
+    def _whole_level_pixel(self, level: int, x: int, y: int) -> bool:
+        """Whether OpenSlide reads level ``level`` at (x, y) without resampling.
+
+        OpenSlide divides the level-0 location by the level's downsample; a fractional result is resampled.
+        """
+        down = self._level_downsamples[level]
+        x0, y0 = self._level0_location(level, x, y)
+        return x0 / down == x and y0 / down == y
+
+    def _read_level(self, level: int, x: int, y: int, width: int, height: int) -> RGBImage:
+        page = self._pages[level]
+        if page is None or not self._whole_level_pixel(level, x, y):
+            return super()._read_level(level, x, y, width, height)
+        return self._read_tiles(level, page, x, y, width, height)
+
+    def _read_tiles(self, level: int, page: tifffile.TiffPage, x: int, y: int, width: int, height: int) -> RGBImage:
+        """uint8 (height, width, 3) RGB of the box at (x, y) of ``level``'s ``page``, decoding only the tiles it
+        touches."""
+        assert self._fd is not None
+        out = np.full((height, width, 3), 255, dtype=np.uint8)
+        tile_w, tile_h = page.tilewidth, page.tilelength
+        x0, y0 = max(x, 0), max(y, 0)
+        x1, y1 = min(x + width, page.imagewidth), min(y + height, page.imagelength)
+        if x1 <= x0 or y1 <= y0:
+            return out  # wholly outside the level
+        across = -(-page.imagewidth // tile_w)
+        decode = page.decode
+        for row in range(y0 // tile_h, (y1 - 1) // tile_h + 1):
+            for col in range(x0 // tile_w, (x1 - 1) // tile_w + 1):
+                index = row * across + col
+                count = page.databytecounts[index]
+                if not count:
+                    continue  # a missing tile: transparent in OpenSlide, so white
+                try:
+                    data = os.pread(self._fd, count, page.dataoffsets[index])
+                    tile = decode(data, index, jpegtables=page.jpegtables)[0]
+                    tile = tile.reshape(tile.shape[-3:])  # (1, 1, tile_h, tile_w, 3) -> (tile_h, tile_w, 3)
+                except Exception as err:  # imagecodecs raises its own error types for damaged data
+                    msg = (
+                        f"{self.path}: cannot decode tile {index} of level {level} ({err}); "
+                        f"the file may be corrupt: {REREAD_HINT}"
+                    )
+                    raise SlideError(msg) from err
+                top, left = row * tile_h, col * tile_w
+                ys, ye = max(y0, top), min(y1, top + tile_h)
+                xs, xe = max(x0, left), min(x1, left + tile_w)
+                out[ys - y : ye - y, xs - x : xe - x] = tile[ys - top : ye - top, xs - left : xe - left]
+        return out
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._tiff is not None:
+            self._tiff.close()
+            self._tiff = None
+        super().close()
 
 
 class ImageReader(SlideReader):
@@ -221,7 +428,7 @@ class ImageReader(SlideReader):
         self._tiff = tif = tifffile.TiffFile(self.path)
         series = tif.series[0]
         page = series.pages[0]
-        self._check_not_truncated(series)
+        _check_not_truncated(self.path, series.pages)
         if series.dataoffset is not None:  # uncompressed and contiguous: let the OS page it in
             pixels = tifffile.memmap(self.path, series=0, level=0, mode="r")
         else:
@@ -246,20 +453,6 @@ class ImageReader(SlideReader):
             if um_per_unit and px_per_unit > 0:
                 mpp = um_per_unit / px_per_unit
         return pixels, mpp
-
-    def _check_not_truncated(self, series: tifffile.TiffPageSeries) -> None:
-        """Raise when a strip or tile of level 0 lies past the end of the file (checked without decoding)."""
-        size = os.path.getsize(self.path)
-        for page in series.pages:
-            if page is None:
-                continue
-            ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts, strict=True) if n]
-            if ends and max(ends) > size:
-                msg = (
-                    f"{self.path}: image data runs to byte {max(ends)} but the file has {size} bytes; "
-                    f"the file is corrupt or truncated: {REREAD_HINT}"
-                )
-                raise SlideError(msg)
 
     def _set_layout(self, shape: tuple[int, ...], dtype: np.dtype, axes: str) -> None:
         """Check the layout and dtype before any pixel is read; set ``dimensions`` and how to index the pixels.
@@ -352,7 +545,10 @@ def open_slide(path: str | os.PathLike[str], *, min_size: int = MIN_SLIDE_SIZE) 
         raise SlideError(f"{p}: is not a file; check the slide path in the slide sheet")
     suffix = p.suffix.lower()
     reader: SlideReader
-    if openslide.OpenSlide.detect_format(str(p)) is not None:
+    vendor = openslide.OpenSlide.detect_format(str(p))
+    if vendor in DIRECT_TIFF_VENDORS:
+        reader = TiffTileReader(p)
+    elif vendor is not None:
         reader = OpenSlideReader(p)
     elif suffix in PLAIN_SUFFIXES:
         # Non-tiled TIFFs and PNG/JPEG tiles; a damaged OpenSlide TIFF also ends up here and

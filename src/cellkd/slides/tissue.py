@@ -67,8 +67,10 @@ class TissueParams:
 
 def saturation(image: RGBImage) -> npt.NDArray[np.float32]:
     """float32 (h, w) HSV saturation in [0, 1] of a uint8 (h, w, 3) image ((max - min) / max, 0 on black)."""
-    high = image.max(axis=2).astype(np.float32)
-    low = image.min(axis=2).astype(np.float32)
+    red, green, blue = image[..., 0], image[..., 1], image[..., 2]
+    # Element-wise over the three channel planes: numpy's max/min along a length-3 last axis is ~5x slower.
+    high = np.maximum(np.maximum(red, green), blue).astype(np.float32)
+    low = np.minimum(np.minimum(red, green), blue).astype(np.float32)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(high > 0, (high - low) / high, np.float32(0)).astype(np.float32)
 
@@ -76,16 +78,22 @@ def saturation(image: RGBImage) -> npt.NDArray[np.float32]:
 def close_disk(mask: npt.NDArray[np.bool_], radius: float) -> npt.NDArray[np.bool_]:
     """Binary closing of ``mask`` by a disk of ``radius`` px, treating everything beyond the image edge as empty.
 
-    Uses Euclidean distance transforms, so the cost does not grow with the radius.
+    Uses Euclidean distance transforms, so the cost does not grow with the radius, on the bounding box of
+    ``mask`` only: a closing never reaches past it (any pixel outside lies within ``radius`` of one farther than
+    ``radius`` from the mask), so the glass around the tissue costs nothing.
     """
-    if radius < 1:
+    if radius < 1 or not mask.any():
         return mask
-    # Zero padding: the erosion sees empty glass beyond the edge, as the dilation did.
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    box = slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
+    # Zero padding: the erosion sees empty glass beyond the box, as the dilation did.
     pad = math.ceil(radius) + 1
-    padded = np.pad(mask, pad)
+    padded = np.pad(mask[box], pad)
     dilated = ndimage.distance_transform_edt(~padded) <= radius
     closed = ndimage.distance_transform_edt(dilated) > radius
-    return closed[pad:-pad, pad:-pad] | mask
+    out = mask.copy()
+    out[box] |= closed[pad:-pad, pad:-pad]
+    return out
 
 
 def tissue_mask(thumbnail: RGBImage, params: TissueParams, pixel_um: float) -> npt.NDArray[np.bool_]:
