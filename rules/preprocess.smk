@@ -9,6 +9,8 @@ rule extract_fragments:
         "benchmarks/extract_fragments/{slide}.tsv"
     conda:
         "../envs/cellkd.yaml"
+    # tiles are decoded by threads (OpenSlide and the codecs release the GIL)
+    threads: 2
     resources:
         mem_mb=mem_mb_by_attempt(2000),
         runtime=120,

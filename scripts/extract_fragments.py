@@ -11,4 +11,5 @@ extract_fragments(
     params=TissueParams(**snakemake.params.tissue),
     mpp=snakemake.params.mpp,
     mpp_fallback=snakemake.params.mpp_fallback,
+    threads=snakemake.threads,
 )
