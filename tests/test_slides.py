@@ -463,7 +463,7 @@ def test_tissue_mask_closing_joins_near_pieces_and_fills_holes() -> None:
     [("detection_level_size", 8), ("min_area_um2", -1.0), ("closing_um", -1.0), ("saturation_floor", 1.5)],
 )
 def test_tissue_params_reject_bad_values(field: str, value: float) -> None:
-    with pytest.raises(ConfigError, match=rf"{field}={value!r} is invalid"):
+    with pytest.raises(ConfigError, match=rf"{field}={value!r} must be"):
         TissueParams(**{field: value})
 
 

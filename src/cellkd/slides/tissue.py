@@ -15,7 +15,8 @@ from scipy.sparse.csgraph import connected_components
 from skimage.filters import threshold_otsu
 from skimage.measure import label, regionprops
 
-from cellkd.errors import ConfigError, SlideError
+from cellkd.errors import SlideError
+from cellkd.params import check_parameters
 from cellkd.slides.reader import SlideReader, resolve_mpp
 from cellkd.store.fragments import Fragment, fragment_name
 from cellkd.types import RGBImage
@@ -42,27 +43,14 @@ class TissueParams:
     """Lowest saturation threshold: Otsu on a blank slide would otherwise split noise into 'tissue'."""
 
     def __post_init__(self) -> None:
-        checks = {
-            "detection_level_size": self.detection_level_size >= 32,
-            "min_area_um2": self.min_area_um2 >= 0,
-            "closing_um": self.closing_um >= 0,
-            "margin_um": self.margin_um >= 0,
-            "saturation_floor": 0 <= self.saturation_floor < 1,
-        }
-        allowed = {
-            "detection_level_size": ">= 32",
-            "min_area_um2": ">= 0",
-            "closing_um": ">= 0",
-            "margin_um": ">= 0",
-            "saturation_floor": "in [0, 1)",
-        }
-        for name, ok in checks.items():
-            if not ok:
-                value = getattr(self, name)
-                msg = (
-                    f"tissue parameter {name}={value!r} is invalid; expected {allowed[name]} (see workflow_config.yaml)"
-                )
-                raise ConfigError(msg)
+        checks = [
+            (self.detection_level_size >= 32, "detection_level_size", ">= 32"),
+            (self.min_area_um2 >= 0, "min_area_um2", ">= 0"),
+            (self.closing_um >= 0, "closing_um", ">= 0"),
+            (self.margin_um >= 0, "margin_um", ">= 0"),
+            (0 <= self.saturation_floor < 1, "saturation_floor", "in [0, 1)"),
+        ]
+        check_parameters(self, checks, "tissue", " (see tissue: in workflow_config.yaml)")
 
 
 def saturation(image: RGBImage) -> npt.NDArray[np.float32]:
