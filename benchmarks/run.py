@@ -81,7 +81,7 @@ def machine() -> str:
 def _describe(name: str, module: ModuleType) -> str:
     """One ``--help`` entry: the topic's name and its module docstring, wrapped."""
     text = " ".join((module.__doc__ or "").split())
-    return textwrap.fill(text, width=110, initial_indent=f"  {name:<12}", subsequent_indent=" " * 14)
+    return textwrap.fill(text, width=110, initial_indent=f"  {name:<14}", subsequent_indent=" " * 16)
 
 
 def main(argv: list[str] | None = None) -> int:

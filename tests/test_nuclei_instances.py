@@ -23,7 +23,6 @@ from cellkd.metrics import InstanceCounts, instance_counts, instance_counts_by_c
 from cellkd.nuclei import NucleiParams, find_instances
 from cellkd.nuclei.crops import instance_outlines
 from cellkd.nuclei.instances import _waist_depth, instance_stats
-from cellkd.store.fragments import Fragment
 from cellkd.synthetic import SyntheticSlideParams, generate_slide
 
 SHAPE = (380, 500)
@@ -70,7 +69,7 @@ def instance_polygons(mask: np.ndarray, params: NucleiParams) -> np.ndarray:
     """Outlines of ``find_instances(mask)`` as the nuclei store writes them (level 0, one fragment at 0, 0)."""
     labels = find_instances(mask, params)
     n = int(labels.max())
-    return instance_outlines(labels, instance_stats(labels, n), Fragment("f", 0, 0, mask.shape[1], mask.shape[0]), 1)
+    return instance_outlines(labels, instance_stats(labels, n), (0.0, 0.0), 1)
 
 
 def scored(params: NucleiParams) -> tuple[InstanceCounts, InstanceCounts]:
