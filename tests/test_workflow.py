@@ -161,7 +161,8 @@ def test_workflow_writes_table3_and_table4(demo_run: Path) -> None:
     assert set(zip(table3["labels"], table3["reference"], strict=True)) == {
         (labels, reference) for labels in ("ssa", "wsa") for reference in ("ea", "truth")
     }
-    assert ((table3["f1"] >= 0) & (table3["f1"] <= 1)).all()
+    assert table3[["f1_macro", "f1_weighted", "precision_macro", "recall_weighted"]].stack().between(0, 1).all()
+    assert table3["recall_weighted"].to_numpy() == pytest.approx(table3["accuracy"].to_numpy())
     truth = table3[(table3["reference"] == "truth") & (table3["stain"] == "raw")].set_index("labels")
     # WSA flips more labels than SSA, so it must agree less with the truth.
     assert truth.loc["wsa", "accuracy"] < truth.loc["ssa", "accuracy"]
@@ -196,7 +197,7 @@ def test_workflow_writes_table6_and_the_finetune_curve(demo_run: Path) -> None:
     assert len(table6) == 2 * 2 * 2  # stains x labels x counts
     assert set(table6["count"]) == {5, 10}
     assert (table6["effective_count"] <= table6["count"]).all()
-    for column in ("f1_before", "f1_after", "accuracy_before", "accuracy_after"):
+    for column in ("f1_macro_before", "f1_macro_after", "f1_weighted_before", "f1_weighted_after", "accuracy_after"):
         assert table6[column].between(0, 1).all()
     assert (demo_run / "results/report/finetune_curve.png").read_bytes()[:4] == b"\x89PNG"
 
