@@ -133,7 +133,8 @@ def test_workflow_segments_every_fragment_and_compares_with_qupath(demo_run: Pat
             assert mask.shape == fragments.level(fragment, 0).shape[:2]
             assert set(np.unique(mask[:])) <= {0, 1}
     figure = pd.read_csv(demo_run / "results/tables/figure4.csv")
-    assert set(figure["comparison"]) == {"model vs ssa", "model vs truth", "ssa vs truth"}
+    model_rows = {(arch, f"model vs {s}") for arch in TINY["segmentation"]["archs"] for s in ("ssa", "truth")}
+    assert set(zip(figure["arch"], figure["comparison"], strict=True)) == model_rows | {("none", "ssa vs truth")}
     assert set(figure["stain"]) == {"raw", "macenko"}
     assert (figure["slides"] == 2).all()
     # SSA is the truth with jittered borders and 5% missed nuclei: it must agree well with it.
@@ -448,6 +449,7 @@ def test_predict_target_plans_segmentation_and_export_for_new_unannotated_slides
     planned = result.stdout
     assert "results/predict/newslide.geojson" in planned
     assert "results/segmentation/raw/masks/newslide.h5" in planned
+    assert "masks/newslide.h5" not in planned.replace("results/segmentation/raw/masks/newslide.h5", "")  # no Figure 4
     assert "results/nuclei/raw/newslide.h5" in planned
     # a slide without annotations is never rasterized or used for training
     assert "results/masks/newslide.h5" not in planned
@@ -493,8 +495,13 @@ def test_dry_run_of_the_demo_plans_the_demo_models(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "cellkd preset: demo" in result.stdout + result.stderr
     assert "results/teacher/raw/wsa/vgg4/model.pt" in result.stdout
-    assert planned_jobs(result.stdout)["finetune_student"] == 2 * 2 * 4  # the demo's 4 counts
-    assert planned_jobs(result.stdout)["tabulate_instances"] == 1  # the demo's slides have a truth set
+    planned = planned_jobs(result.stdout)
+    assert planned["finetune_student"] == 2 * 2 * 4  # the demo's 4 counts
+    assert planned["tabulate_instances"] == 1  # the demo's slides have a truth set
+    # Figure 4 segments every slide with both architectures; the later steps use the selected one's masks
+    assert planned["segment_slide_per_arch"] == 2 * 2 * 2  # stains x archs x slides
+    assert planned["segment_slide"] == 2 * 2
+    assert "results/segmentation/macenko/unetplusplus/masks/demo1.h5" in result.stdout
 
 
 def test_sheet_without_ea_skips_phase_four_and_predicts_with_the_plain_student(tmp_path: Path) -> None:
