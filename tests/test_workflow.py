@@ -391,6 +391,30 @@ def test_dry_run_of_default_config_plans_every_preprocessing_rule(tmp_path: Path
         assert rule in result.stdout
 
 
+def rule_blocks() -> dict[str, str]:
+    """Rule name -> its text, from every rules/*.smk (snakefmt's layout: ``rule name:`` at column 0)."""
+    blocks = {}
+    for smk in sorted((REPO / "rules").glob("*.smk")):
+        for match in re.finditer(r"^rule (\w+):\n(.*?)(?=^\S|\Z)", smk.read_text(), re.MULTILINE | re.DOTALL):
+            blocks[match.group(1)] = match.group(2)
+    return blocks
+
+
+def test_every_param_a_script_reads_is_set_by_each_rule_that_runs_it() -> None:
+    # A renamed param (weak_set for labels) only fails when the job runs, deep into a run: catch it here.
+    checked = 0
+    for rule, block in rule_blocks().items():
+        script = re.search(r'script:\n\s+"\.\./scripts/(\w+\.py)"', block)
+        if not script:
+            continue
+        section = re.search(r"^    params:\n((?:^        .*\n)+)", block, re.MULTILINE)
+        given = set(re.findall(r"^        (\w+)=", section.group(1), re.MULTILINE)) if section else set()
+        read = set(re.findall(r"snakemake\.params\.(\w+)", (REPO / "scripts" / script.group(1)).read_text()))
+        assert read <= given, f"rule {rule} runs scripts/{script.group(1)} without params {sorted(read - given)}"
+        checked += 1
+    assert checked >= 25  # the regexes found the rules
+
+
 def test_lint_is_clean() -> None:
     result = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]

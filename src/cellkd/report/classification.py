@@ -35,7 +35,7 @@ SUMMARY_METRICS: tuple[str, ...] = (
 (each class counts the same, so a rare class weighs as much as a common one); ``*_weighted``: mean weighted by
 each class's support in the reference (so ``recall_weighted`` equals ``accuracy``, as in the paper's Table 3)."""
 AVERAGES_NOTE = (
-    "_macro: unweighted mean over classes; _weighted: weighted by class support (recall_weighted = accuracy)"
+    "`*_macro`: unweighted mean over classes; `*_weighted`: weighted by class support (`recall_weighted` = accuracy)"
 )
 """What the ``*_macro`` and ``*_weighted`` columns mean, appended to every classification table's title."""
 
@@ -104,7 +104,7 @@ def write_table3(table: pd.DataFrame, csv_path: PathLike, md_path: PathLike) -> 
         table,
         csv_path,
         md_path,
-        f"Table 3: agreement of the weak annotations with the expert (and truth) ({AVERAGES_NOTE})",
+        f"Table 3: agreement of the weak annotations with the expert (and truth) - {AVERAGES_NOTE}",
     )
 
 
@@ -158,7 +158,7 @@ def write_table4(metrics_csvs: Mapping[tuple[str, str, str], PathLike], csv_path
         table,
         csv_path,
         md_path,
-        f"Table 4: teachers on the test split, the doctor (EA) set and the truth ({AVERAGES_NOTE})",
+        f"Table 4: teachers on the test split, the doctor (EA) set and the truth - {AVERAGES_NOTE}",
     )
 
 
@@ -213,5 +213,5 @@ def write_table5(metrics_csvs: Mapping[tuple[str, str], PathLike], csv_path: Pat
     """Table 5: the distilled student per stain and teacher labels (keys ``(stain, labels)``), with speeds."""
     table = concat_tables(metrics_csvs, ("stain", "labels"))
     write_table(
-        table, csv_path, md_path, f"Table 5: distilled RCCNet student (test split, doctor set, truth) ({AVERAGES_NOTE})"
+        table, csv_path, md_path, f"Table 5: distilled RCCNet student (test split, doctor set, truth) - {AVERAGES_NOTE}"
     )

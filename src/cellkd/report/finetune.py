@@ -15,8 +15,8 @@ from cellkd.types import PathLike
 logger = logging.getLogger(__name__)
 
 TABLE6_TITLE = (
-    "Table 6: the student before and after fine-tuning on expert (EA) labels, on the reserved EA test nuclei "
-    "(f1_macro: unweighted mean over classes; f1_weighted: weighted by class support)"
+    "Table 6: the student before and after fine-tuning on expert (EA) labels, on the reserved EA test nuclei - "
+    "`f1_macro`: unweighted mean over classes; `f1_weighted`: weighted by class support"
 )
 _KEY_COUNT = "_requested_count"  # the key's count; metrics.csv has its own "count" column to check it against
 
