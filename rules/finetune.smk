@@ -48,7 +48,7 @@ rule tabulate_finetune:
         "../envs/cellkd.yaml"
     params:
         stains=STAINS,
-        weak_set=config["teacher"]["labels"],
+        labels=config["teacher"]["labels"],
         counts=config["finetune"]["counts"],
     script:
         "../scripts/tabulate_finetune.py"

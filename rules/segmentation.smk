@@ -148,10 +148,39 @@ rule segment_slide:
         "../scripts/segment_slide.py"
 
 
+# Figure 4 compares every architecture with QuPath, not only the selected one (as the paper does for U-Net
+# and U-Net++). Which one is selected is known only once selected.json exists, so the DAG cannot point these
+# masks at segment_slide's: the selected architecture's slides are segmented twice, once here for the figure.
+rule segment_slide_per_arch:
+    input:
+        model="results/segmentation/{stain}/{arch}/model.pt",
+        fragments="results/fragments/{stain}/{slide}.h5",
+    output:
+        "results/segmentation/{stain}/{arch}/masks/{slide}.h5",
+    log:
+        "logs/segment_slide_per_arch/{stain}/{arch}/{slide}.log",
+    benchmark:
+        "benchmarks/segment_slide_per_arch/{stain}/{arch}/{slide}.tsv"
+    conda:
+        "../envs/cellkd.yaml"
+    threads: 2
+    resources:
+        mem_mb=mem_mb_by_attempt(4000),
+        runtime=120,
+        gpu=GPU_JOBS,
+    params:
+        inference=config["segmentation"]["inference"],
+    script:
+        "../scripts/segment_slide.py"
+
+
 rule compare_with_qupath:
     input:
         predicted=expand(
-            "results/segmentation/{stain}/masks/{slide}.h5", stain=STAINS, slide=SLIDES
+            "results/segmentation/{stain}/{arch}/masks/{slide}.h5",
+            stain=STAINS,
+            arch=config["segmentation"]["archs"],
+            slide=SLIDES,
         ),
         masks=expand("results/masks/{slide}.h5", slide=SLIDES),
     output:
@@ -173,6 +202,7 @@ rule compare_with_qupath:
         runtime=30,
     params:
         stains=STAINS,
+        archs=config["segmentation"]["archs"],
         slides=list(SLIDES),
         references=[config["segmentation"]["mask_set"], "truth"],
         level=config["segmentation"]["inference"]["level"],

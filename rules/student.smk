@@ -89,6 +89,6 @@ rule tabulate_students:
         "../envs/cellkd.yaml"
     params:
         stains=STAINS,
-        weak_set=config["teacher"]["labels"],
+        labels=config["teacher"]["labels"],
     script:
         "../scripts/tabulate_students.py"

@@ -67,7 +67,7 @@ rule tabulate_teachers:
         "../envs/cellkd.yaml"
     params:
         stains=STAINS,
-        weak_set=config["teacher"]["labels"],
+        labels=config["teacher"]["labels"],
         archs=config["teacher"]["archs"],
     script:
         "../scripts/tabulate_teachers.py"

@@ -95,12 +95,12 @@ def tables(folder: Path) -> dict[str, Path]:
             {"stain": "macenko", "arch": "unet", "reference": "ssa", "dice": 0.6},
         ],
         "table5": [
-            {"stain": "raw", "labels": "wsa", "macro_f1": 0.5},
-            {"stain": "raw", "labels": "ssa", "macro_f1": 0.4},
+            {"stain": "raw", "labels": "wsa", "f1_macro": 0.5},
+            {"stain": "raw", "labels": "ssa", "f1_macro": 0.4},
         ],
         "table6": [
-            {"stain": "raw", "labels": "wsa", "count": 10, "macro_f1": 0.55},
-            {"stain": "raw", "labels": "wsa", "count": 5, "macro_f1": 0.45},
+            {"stain": "raw", "labels": "wsa", "count": 10, "f1_macro": 0.55},
+            {"stain": "raw", "labels": "wsa", "count": 5, "f1_macro": 0.45},
         ],
     }
     paths = {}
@@ -193,8 +193,8 @@ def test_manifest_describes_models_classes_resolution_sizes_and_training(bundle:
 def test_manifest_keeps_only_the_metrics_of_the_bundled_models(bundle: Path) -> None:
     metrics = manifest(bundle)["metrics"]
     assert metrics["table2"] == [{"stain": "raw", "arch": "unet", "reference": "ssa", "dice": 0.8}]
-    assert metrics["table5"] == [{"stain": "raw", "labels": "wsa", "macro_f1": 0.5}]
-    assert metrics["table6"] == [{"stain": "raw", "labels": "wsa", "count": 10, "macro_f1": 0.55}]
+    assert metrics["table5"] == [{"stain": "raw", "labels": "wsa", "f1_macro": 0.5}]
+    assert metrics["table6"] == [{"stain": "raw", "labels": "wsa", "count": 10, "f1_macro": 0.55}]
 
 
 def test_model_card_says_what_the_manifest_says(bundle: Path) -> None:

@@ -136,7 +136,7 @@ def test_export_model_rule_writes_a_bundle_from_the_trained_files(tmp_path: Path
         "muscle": 0,
         "background": 0,
     }
-    assert bundle.manifest["metrics"]["table6"] == [{"stain": "raw", "labels": "wsa", "count": 10, "macro_f1": 0.55}]
+    assert bundle.manifest["metrics"]["table6"] == [{"stain": "raw", "labels": "wsa", "count": 10, "f1_macro": 0.55}]
     assert (bundle.path / "MODEL_CARD.md").is_file()
 
 

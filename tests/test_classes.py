@@ -48,6 +48,10 @@ def test_from_config_turns_lists_into_hashable_tuples() -> None:
             [CONFIG_CLASSES[0], {**CONFIG_CLASSES[1], "aliases": ["OTHER"]}],
             r"qupath_name/aliases must be unique.*'other'",
         ),
+        (
+            [CONFIG_CLASSES[0], {**CONFIG_CLASSES[1], "name": "weighted"}],
+            r"classes\[\]\.name \['weighted'\] is reserved.*f1_weighted; rename the class",
+        ),
     ],
 )
 def test_from_config_names_the_bad_entry(entries: list[dict], message: str) -> None:

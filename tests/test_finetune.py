@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cellkd.errors import ConfigError, StoreError
+from cellkd.report.classification import SUMMARY_METRICS
 from cellkd.report.finetune import TABLE6_TITLE, write_table6
 from cellkd.training.classifier import ClassifierTrainParams, train_classifier
 from cellkd.training.finetune import FinetuneParams, finetune_student, select_expert_rows
@@ -208,8 +209,9 @@ def test_finetune_student_writes_before_and_after_rows_on_the_reserved_test_rows
     finetuned: Path, stores: list[Path]
 ) -> None:
     metrics = pd.read_csv(finetuned / "metrics.csv")
-    expected = ["count", "effective_count", "phase", "lr", "dropout", "f1", "accuracy", "precision", "recall"]
+    expected = ["count", "effective_count", "phase", "lr", "dropout", *SUMMARY_METRICS]
     assert list(metrics.columns) == [*expected, *(f"f1_{c}" for c in CLASSES), "nuclei"]
+    assert metrics["recall_weighted"].tolist() == pytest.approx(metrics["accuracy"].tolist())
     assert metrics["phase"].tolist() == ["before", "after"]
     assert metrics["count"].tolist() == [20, 20] and metrics["effective_count"].tolist() == [20, 20]
     assert np.isnan(metrics.loc[0, "lr"]) and metrics.loc[1, "lr"] == 1e-3
@@ -219,7 +221,7 @@ def test_finetune_student_writes_before_and_after_rows_on_the_reserved_test_rows
 
 
 def test_finetune_student_improves_on_the_lazy_student(finetuned: Path) -> None:
-    before, after = pd.read_csv(finetuned / "metrics.csv").set_index("phase")["f1"][["before", "after"]]
+    before, after = pd.read_csv(finetuned / "metrics.csv").set_index("phase")["f1_macro"][["before", "after"]]
     assert before < 0.75  # the student never saw immune or muscle labels
     assert after >= before - 1e-6
     assert after > 0.9  # chance is ~0.25 for 4 balanced classes; the colours separate them perfectly
@@ -238,7 +240,7 @@ def test_finetune_never_keeps_a_setting_worse_than_the_student_on_validation(
     assert grid["selected"].tolist() == [True, False]
     assert (out / "model.pt").read_bytes() == student.read_bytes()
     before, after = table.set_index("phase").loc[["before", "after"]].to_dict("records")
-    assert np.isnan(after["lr"]) and after["f1"] == before["f1"]
+    assert np.isnan(after["lr"]) and after["f1_macro"] == before["f1_macro"]
 
 
 @pytest.mark.slow
@@ -249,7 +251,7 @@ def test_finetune_student_scores_every_count_on_the_same_test_rows(
     small = finetune_student(student, stores, 3, tmp_path / "n3", params, device="cpu")
     reference = pd.read_csv(finetuned / "metrics.csv")
     assert small.loc[0, "nuclei"] == reference.loc[0, "nuclei"]
-    assert small.loc[0, "f1"] == pytest.approx(reference.loc[0, "f1"])  # same student, same rows
+    assert small.loc[0, "f1_macro"] == pytest.approx(reference.loc[0, "f1_macro"])  # same student, same rows
 
 
 def test_finetune_student_needs_expert_labels(student: Path, tmp_path: Path) -> None:
@@ -274,13 +276,15 @@ def write_metrics(path: Path, count: int, effective: int, before: float, after: 
             "phase": "before",
             "lr": np.nan,
             "dropout": np.nan,
-            "f1": before,
+            "f1_macro": before,
         },
-        {"count": count, "effective_count": effective, "phase": "after", "lr": 1e-4, "dropout": 0.3, "f1": after},
+        {"count": count, "effective_count": effective, "phase": "after", "lr": 1e-4, "dropout": 0.3, "f1_macro": after},
     ]
     frame = pd.DataFrame(rows)
-    frame["accuracy"] = frame["f1"] + 0.05
-    frame["precision"] = frame["recall"] = frame["f1_a"] = frame["f1_b"] = frame["f1"]
+    frame["f1_weighted"] = frame["f1_macro"] + 0.02
+    frame["accuracy"] = frame["recall_weighted"] = frame["f1_macro"] + 0.05
+    for column in ("precision_macro", "recall_macro", "precision_weighted", "f1_a", "f1_b"):
+        frame[column] = frame["f1_macro"]
     frame["nuclei"] = 30
     path.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(path, index=False)
@@ -298,9 +302,11 @@ def test_write_table6_writes_one_row_per_stain_labels_count_with_a_plot(tmp_path
     table = write_table6(inputs, csv, md, png)
     keys = list(table[["stain", "labels", "count"]].itertuples(index=False, name=None))
     assert keys == [("macenko", "wsa", 10), ("raw", "ssa", 10), ("raw", "ssa", 50), ("raw", "ssa", 500)]
-    assert table["f1_after"].tolist() == [0.55, 0.65, 0.7, 0.8]
-    assert table["f1_before"].tolist() == [0.5, 0.6, 0.6, 0.6]
-    assert table["f1_gain"].tolist() == pytest.approx([0.05, 0.05, 0.1, 0.2])
+    assert table["f1_macro_after"].tolist() == [0.55, 0.65, 0.7, 0.8]
+    assert table["f1_macro_before"].tolist() == [0.5, 0.6, 0.6, 0.6]
+    assert table["f1_macro_gain"].tolist() == pytest.approx([0.05, 0.05, 0.1, 0.2])
+    assert table["f1_weighted_after"].tolist() == pytest.approx([0.57, 0.67, 0.72, 0.82])
+    assert table["f1_weighted_before"].tolist() == pytest.approx([0.52, 0.62, 0.62, 0.62])
     assert table["accuracy_after"].tolist() == pytest.approx([0.6, 0.7, 0.75, 0.85])
     assert table.loc[3, "effective_count"] == 212 and table.loc[3, "lr"] == 1e-4
     pd.testing.assert_frame_equal(pd.read_csv(csv), table)
@@ -314,6 +320,13 @@ def test_write_table6_rejects_a_file_under_the_wrong_count(tmp_path: Path) -> No
     with pytest.raises(StoreError, match="n10.csv: holds count 10 but was given for \\('raw', 'ssa', 20\\)"):
         write_table6({("raw", "ssa", 20): path}, tmp_path / "t.csv", tmp_path / "t.md", tmp_path / "t.png")
     assert not (tmp_path / "t.csv").exists()
+
+
+def test_write_table6_names_a_metrics_file_of_an_older_cellkd(tmp_path: Path) -> None:
+    path = write_metrics(tmp_path / "n10.csv", 10, 10, 0.5, 0.6)
+    pd.read_csv(path).rename(columns={"f1_macro": "f1"}).drop(columns="f1_weighted").to_csv(path, index=False)
+    with pytest.raises(StoreError, match=r"n10\.csv.*no column\(s\) \['f1_macro', 'f1_weighted'\].*rerun"):
+        write_table6({("raw", "ssa", 10): path}, tmp_path / "t.csv", tmp_path / "t.md", tmp_path / "t.png")
 
 
 def test_write_table6_needs_both_phases(tmp_path: Path) -> None:

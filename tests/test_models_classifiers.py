@@ -21,6 +21,8 @@ EXPECTED_KIND = {
     "resnet18": "level0",
     "resnet16": "level0",
     "vgg4": "level0",
+    "resnet16ms": "multiscale",
+    "vgg4ms": "multiscale",
     "xception": "multiscale",
     "rccnet": "level0",
 }
@@ -97,6 +99,22 @@ def test_resnets_use_a_3x3_stride1_stem_without_max_pool() -> None:
     blocks18 = [len(getattr(create_model("resnet18"), f"layer{i}")) for i in range(1, 5)]
     blocks16 = [len(getattr(create_model("resnet16"), f"layer{i}")) for i in range(1, 5)]
     assert blocks18 == [2, 2, 2, 2] and blocks16 == [2, 2, 2, 1]
+
+
+def test_multiscale_variants_keep_the_architecture_and_change_only_the_input() -> None:
+    # resnet16ms is ResNet-16 on the 6-channel 16x16 input: the same blocks, a 6-channel stem.
+    resnet, multiscale = create_model("resnet16"), create_model("resnet16ms")
+    assert [len(getattr(multiscale, f"layer{i}")) for i in range(1, 5)] == [2, 2, 2, 1]
+    assert (resnet.conv1.in_channels, multiscale.conv1.in_channels) == (3, 6)
+    assert count_parameters(multiscale) - count_parameters(resnet) == 3 * 64 * 3 * 3  # 3 more stem channels
+    # vgg4ms: the same 2 convs and 2 linear layers; after the max-pool the flatten sees 64 x 8 x 8.
+    vgg, vgg_multiscale = create_model("vgg4"), create_model("vgg4ms")
+    widths = [(m.in_channels, m.out_channels) for m in vgg_multiscale if isinstance(m, nn.Conv2d)]
+    assert widths == [(6, 64), (64, 64)]
+    linear = [m.in_features for m in vgg_multiscale if isinstance(m, nn.Linear)]
+    assert linear == [64 * 8 * 8, 128] and [m.in_features for m in vgg if isinstance(m, nn.Linear)][0] == 64 * 16 * 16
+    with pytest.raises(RuntimeError):
+        multiscale(batch("level0"))  # a 32x32 RGB crop is not its input
 
 
 def test_classifiers_are_small_enough_for_crops() -> None:

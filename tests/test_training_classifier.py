@@ -466,9 +466,11 @@ def test_teacher_logits_for_other_stores_are_rejected(stores: list[Path], traine
         load_teacher_logits(tmp_path / "logits.h5", [other_stain])
 
 
-def test_multiscale_classifier_trains_on_level1_and_level2_crops(stores: list[Path], tmp_path: Path) -> None:
-    model_path = train_classifier(stores, "ssa", tmp_path, replace(QUICK, arch="xception"), device="cpu")
-    assert torch.load(model_path, weights_only=True)["input_kind"] == "multiscale"
+@pytest.mark.parametrize("arch", ["xception", "resnet16ms", "vgg4ms"])
+def test_multiscale_classifier_trains_on_level1_and_level2_crops(stores: list[Path], tmp_path: Path, arch: str) -> None:
+    model_path = train_classifier(stores, "ssa", tmp_path, replace(QUICK, arch=arch), device="cpu")
+    checkpoint = torch.load(model_path, weights_only=True)
+    assert (checkpoint["arch"], checkpoint["input_kind"]) == (arch, "multiscale")
     logits = predict_logits(model_path, stores[1:], device="cpu")
     assert logits.shape == (240, 4) and np.isfinite(logits).all()
 

@@ -133,7 +133,8 @@ def test_workflow_segments_every_fragment_and_compares_with_qupath(demo_run: Pat
             assert mask.shape == fragments.level(fragment, 0).shape[:2]
             assert set(np.unique(mask[:])) <= {0, 1}
     figure = pd.read_csv(demo_run / "results/tables/figure4.csv")
-    assert set(figure["comparison"]) == {"model vs ssa", "model vs truth", "ssa vs truth"}
+    model_rows = {(arch, f"model vs {s}") for arch in TINY["segmentation"]["archs"] for s in ("ssa", "truth")}
+    assert set(zip(figure["arch"], figure["comparison"], strict=True)) == model_rows | {("none", "ssa vs truth")}
     assert set(figure["stain"]) == {"raw", "macenko"}
     assert (figure["slides"] == 2).all()
     # SSA is the truth with jittered borders and 5% missed nuclei: it must agree well with it.
@@ -161,7 +162,8 @@ def test_workflow_writes_table3_and_table4(demo_run: Path) -> None:
     assert set(zip(table3["labels"], table3["reference"], strict=True)) == {
         (labels, reference) for labels in ("ssa", "wsa") for reference in ("ea", "truth")
     }
-    assert ((table3["f1"] >= 0) & (table3["f1"] <= 1)).all()
+    assert table3[["f1_macro", "f1_weighted", "precision_macro", "recall_weighted"]].stack().between(0, 1).all()
+    assert table3["recall_weighted"].to_numpy() == pytest.approx(table3["accuracy"].to_numpy())
     truth = table3[(table3["reference"] == "truth") & (table3["stain"] == "raw")].set_index("labels")
     # WSA flips more labels than SSA, so it must agree less with the truth.
     assert truth.loc["wsa", "accuracy"] < truth.loc["ssa", "accuracy"]
@@ -196,7 +198,7 @@ def test_workflow_writes_table6_and_the_finetune_curve(demo_run: Path) -> None:
     assert len(table6) == 2 * 2 * 2  # stains x labels x counts
     assert set(table6["count"]) == {5, 10}
     assert (table6["effective_count"] <= table6["count"]).all()
-    for column in ("f1_before", "f1_after", "accuracy_before", "accuracy_after"):
+    for column in ("f1_macro_before", "f1_macro_after", "f1_weighted_before", "f1_weighted_after", "accuracy_after"):
         assert table6[column].between(0, 1).all()
     assert (demo_run / "results/report/finetune_curve.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -389,6 +391,30 @@ def test_dry_run_of_default_config_plans_every_preprocessing_rule(tmp_path: Path
         assert rule in result.stdout
 
 
+def rule_blocks() -> dict[str, str]:
+    """Rule name -> its text, from every rules/*.smk (snakefmt's layout: ``rule name:`` at column 0)."""
+    blocks = {}
+    for smk in sorted((REPO / "rules").glob("*.smk")):
+        for match in re.finditer(r"^rule (\w+):\n(.*?)(?=^\S|\Z)", smk.read_text(), re.MULTILINE | re.DOTALL):
+            blocks[match.group(1)] = match.group(2)
+    return blocks
+
+
+def test_every_param_a_script_reads_is_set_by_each_rule_that_runs_it() -> None:
+    # A renamed param (weak_set for labels) only fails when the job runs, deep into a run: catch it here.
+    checked = 0
+    for rule, block in rule_blocks().items():
+        script = re.search(r'script:\n\s+"\.\./scripts/(\w+\.py)"', block)
+        if not script:
+            continue
+        section = re.search(r"^    params:\n((?:^        .*\n)+)", block, re.MULTILINE)
+        given = set(re.findall(r"^        (\w+)=", section.group(1), re.MULTILINE)) if section else set()
+        read = set(re.findall(r"snakemake\.params\.(\w+)", (REPO / "scripts" / script.group(1)).read_text()))
+        assert read <= given, f"rule {rule} runs scripts/{script.group(1)} without params {sorted(read - given)}"
+        checked += 1
+    assert checked >= 25  # the regexes found the rules
+
+
 def test_lint_is_clean() -> None:
     result = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
@@ -447,6 +473,7 @@ def test_predict_target_plans_segmentation_and_export_for_new_unannotated_slides
     planned = result.stdout
     assert "results/predict/newslide.geojson" in planned
     assert "results/segmentation/raw/masks/newslide.h5" in planned
+    assert "masks/newslide.h5" not in planned.replace("results/segmentation/raw/masks/newslide.h5", "")  # no Figure 4
     assert "results/nuclei/raw/newslide.h5" in planned
     # a slide without annotations is never rasterized or used for training
     assert "results/masks/newslide.h5" not in planned
@@ -492,8 +519,13 @@ def test_dry_run_of_the_demo_plans_the_demo_models(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "cellkd preset: demo" in result.stdout + result.stderr
     assert "results/teacher/raw/wsa/vgg4/model.pt" in result.stdout
-    assert planned_jobs(result.stdout)["finetune_student"] == 2 * 2 * 4  # the demo's 4 counts
-    assert planned_jobs(result.stdout)["tabulate_instances"] == 1  # the demo's slides have a truth set
+    planned = planned_jobs(result.stdout)
+    assert planned["finetune_student"] == 2 * 2 * 4  # the demo's 4 counts
+    assert planned["tabulate_instances"] == 1  # the demo's slides have a truth set
+    # Figure 4 segments every slide with both architectures; the later steps use the selected one's masks
+    assert planned["segment_slide_per_arch"] == 2 * 2 * 2  # stains x archs x slides
+    assert planned["segment_slide"] == 2 * 2
+    assert "results/segmentation/macenko/unetplusplus/masks/demo1.h5" in result.stdout
 
 
 def test_sheet_without_ea_skips_phase_four_and_predicts_with_the_plain_student(tmp_path: Path) -> None:

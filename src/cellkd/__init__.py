@@ -32,9 +32,10 @@ Artifacts, in data-flow order (path under ``results/``: writer -> layout -> read
     writer ``cellkd.training.segmentation`` (checkpoint format and resume state with
     ``cellkd.training.common``) and ``cellkd.report.segmentation`` (metrics, selection); readers
     ``cellkd.inference`` (model), ``cellkd.report.segmentation`` and ``cellkd.report.plots``.
-``segmentation/{stain}/masks/{slide}.h5`` (predicted nucleus masks per fragment)
-    writer and layout ``cellkd.inference.segment_fragment_store``; readers ``cellkd.nuclei``
-    (instances) and ``cellkd.report.segmentation`` (comparison with QuPath, Figure 4).
+``segmentation/{stain}/masks/{slide}.h5`` (predicted nucleus masks per fragment, selected architecture)
+    writer and layout ``cellkd.inference.segment_fragment_store``; reader ``cellkd.nuclei`` (instances).
+``segmentation/{stain}/{arch}/masks/{slide}.h5`` (the same, of every architecture)
+    same writer and layout; reader ``cellkd.report.segmentation`` (comparison with QuPath, Figure 4).
 ``nuclei/{stain}/{slide}.h5`` (nuclei store: one row per nucleus, crops, per-set labels, outline)
     computed by the ``cellkd.nuclei`` package (``instances``: components and watershed;
     ``matching``: annotations to labels; ``crops``: crops and outlines; ``extract``: the rule's

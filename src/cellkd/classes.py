@@ -50,6 +50,8 @@ DEFAULT_CLASSES: tuple[ClassSpec, ...] = (
     ClassSpec("muscle", "Muscle", (200, 0, 0)),
 )
 """other, immune, muscle (indices 0, 1, 2): the classes of the default workflow_config.yaml (demo and tests)."""
+RESERVED_NAMES: tuple[str, ...] = ("macro", "weighted")
+"""Names no class may take: the tables' per-class F1 column ``f1_<class>`` would collide with ``f1_macro``."""
 
 
 def classes_from_config(
@@ -81,6 +83,13 @@ def classes_from_config(
             )
             raise ConfigError(msg) from err
     names = [s.name for s in specs]
+    reserved = sorted(set(names) & set(RESERVED_NAMES))
+    if reserved:
+        msg = (
+            f"{source}: classes[].name {reserved} is reserved: the tables name per-class F1 f1_<class> next to "
+            "f1_macro and f1_weighted; rename the class"
+        )
+        raise ConfigError(msg)
     qupath_names = [n.casefold() for s in specs for n in s.qupath_names]
     for label, values in (("name", names), ("qupath_name/aliases", qupath_names)):
         repeated = sorted({v for v in values if values.count(v) > 1})

@@ -158,7 +158,8 @@ def segment_fragment_store(
 ) -> None:
     """Segment every fragment of ``fragment_store`` at ``level`` with the model in ``model_path``.
 
-    Writes ``out_path`` atomically (``results/segmentation/{stain}/masks/{slide}.h5``): attrs
+    Writes ``out_path`` atomically (``results/segmentation/{stain}/masks/{slide}.h5``,
+    or ``{stain}/{arch}/masks/`` for Figure 4): attrs
     complete, slide, stain, level, threshold, model, tile, overlap; per fragment a group
     ``/fragments/{name}`` (attrs x, y, width, height: level-0 bounding box) holding ``level{k}``,
     uint8 (H_k, W_k) 0/1 nucleus mask in level-k fragment pixels.

@@ -18,6 +18,9 @@ Architectures (all randomly initialised; no weights are downloaded):
   which drops ~4.7M of ResNet-18's 11.2M parameters.
 - ``vgg4``: one VGG block (2x conv3x3(64)+BN+ReLU, 2x2 max-pool) and two linear layers
   (64*16*16 -> 128 -> num_classes): 4 weighted layers, ~2.1M parameters.
+- ``resnet16ms`` and ``vgg4ms``: ResNet-16 and VGG-4 on the 16x16 multiscale input (6-channel stem; the
+  VGG-4 flatten sees 64*8*8), the inputs on which the paper compares ResNet-16, VGG-4 and Xception before it
+  moves to ResNet-18 on 32x32 crops.
 - ``xception``: a small Xception for the 16x16 multiscale input: a 2-conv entry stem, two
   strided residual blocks of depthwise-separable convolutions (64 -> 128 -> 256 channels, 16 -> 4 px),
   two middle residual blocks, a separable exit conv (512), global average pooling; ~0.74M parameters.
@@ -69,15 +72,17 @@ def classifier_input(crops: torch.Tensor) -> torch.Tensor:
 
 
 class _CifarResNet(ResNet):
-    """torchvision ResNet for 32x32 inputs: 3x3 stride-1 stem, no max-pool, dropout before ``fc``."""
+    """torchvision ResNet for 32x32 (or 16x16 multiscale) crops: 3x3 stride-1 stem, no max-pool, dropout before fc."""
 
     input_kind: InputKind = "level0"
 
-    def __init__(self, layers: list[int], num_classes: int, dropout: float) -> None:
+    def __init__(self, layers: list[int], num_classes: int, dropout: float, input_kind: InputKind = "level0") -> None:
         _check(num_classes, dropout)
         super().__init__(BasicBlock, layers, num_classes=num_classes)
+        self.input_kind = input_kind
         # The ImageNet stem (7x7 stride 2 + max-pool) would shrink a 32 px crop to 8 px before stage 1.
-        self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        in_channels = INPUT_SHAPES[input_kind][0]
+        self.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
         nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
         self.maxpool = nn.Identity()
         self.fc = nn.Sequential(nn.Dropout(p=dropout), self.fc)
@@ -93,27 +98,49 @@ def create_resnet16(num_classes: int = 4, dropout: float = 0.3) -> nn.Module:
     return _CifarResNet([2, 2, 2, 1], num_classes, dropout)
 
 
+def create_resnet16_multiscale(num_classes: int = 4, dropout: float = 0.3) -> nn.Module:
+    """ResNet-16 for (B, 6, 16, 16) multiscale crops -> logits (B, num_classes); stages see 16, 8, 4, 2 px."""
+    return _CifarResNet([2, 2, 2, 1], num_classes, dropout, input_kind="multiscale")
+
+
 def _conv_bn_relu(c_in: int, c_out: int, padding: int = 1) -> list[nn.Module]:
     return [nn.Conv2d(c_in, c_out, 3, padding=padding, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
 
 
 class VGG4(nn.Sequential):
-    """VGG-4 for (B, 3, 32, 32) level-0 crops -> logits (B, num_classes): 2 convs + 2 linear layers."""
+    """VGG-4 for (B, 3, 32, 32) level-0 crops (or (B, 6, 16, 16) multiscale) -> logits (B, num_classes).
+
+    2 convs + 2 linear layers; the first linear layer sees ``width`` x (S/2)^2 features.
+    """
 
     input_kind: InputKind = "level0"
 
-    def __init__(self, num_classes: int = 4, dropout: float = 0.3, width: int = 64, hidden: int = 128) -> None:
+    def __init__(
+        self,
+        num_classes: int = 4,
+        dropout: float = 0.3,
+        width: int = 64,
+        hidden: int = 128,
+        input_kind: InputKind = "level0",
+    ) -> None:
         _check(num_classes, dropout)
+        in_channels, size, _ = INPUT_SHAPES[input_kind]
         super().__init__(
-            *_conv_bn_relu(3, width),
+            *_conv_bn_relu(in_channels, width),
             *_conv_bn_relu(width, width),
             nn.MaxPool2d(2),
             nn.Flatten(),
-            nn.Linear(width * 16 * 16, hidden),
+            nn.Linear(width * (size // 2) ** 2, hidden),
             nn.ReLU(inplace=True),
             nn.Dropout(p=dropout),
             nn.Linear(hidden, num_classes),
         )
+        self.input_kind = input_kind
+
+
+def create_vgg4_multiscale(num_classes: int = 4, dropout: float = 0.3) -> nn.Module:
+    """VGG-4 for (B, 6, 16, 16) multiscale crops -> logits (B, num_classes); ~0.57M parameters."""
+    return VGG4(num_classes, dropout, input_kind="multiscale")
 
 
 class SeparableConv2d(nn.Sequential):
@@ -209,6 +236,8 @@ CLASSIFIER_CONSTRUCTORS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": create_resnet18,
     "resnet16": create_resnet16,
     "vgg4": VGG4,
+    "resnet16ms": create_resnet16_multiscale,
+    "vgg4ms": create_vgg4_multiscale,
     "xception": SmallXception,
     "rccnet": RCCNet,
 }

@@ -22,7 +22,22 @@ from cellkd.types import PathLike
 
 logger = logging.getLogger(__name__)
 
-SUMMARY_METRICS = ("f1", "accuracy", "precision", "recall")
+SUMMARY_METRICS: tuple[str, ...] = (
+    "f1_macro",
+    "f1_weighted",
+    "accuracy",
+    "precision_macro",
+    "precision_weighted",
+    "recall_macro",
+    "recall_weighted",
+)
+"""Summary columns of every classification table, in order. ``*_macro``: unweighted mean over the classes
+(each class counts the same, so a rare class weighs as much as a common one); ``*_weighted``: mean weighted by
+each class's support in the reference (so ``recall_weighted`` equals ``accuracy``, as in the paper's Table 3)."""
+AVERAGES_NOTE = (
+    "`*_macro`: unweighted mean over classes; `*_weighted`: weighted by class support (`recall_weighted` = accuracy)"
+)
+"""What the ``*_macro`` and ``*_weighted`` columns mean, appended to every classification table's title."""
 
 
 def read_labels(nuclei_stores: Sequence[PathLike]) -> tuple[dict[str, np.ndarray], np.ndarray, list[str]]:
@@ -48,14 +63,17 @@ def read_labels(nuclei_stores: Sequence[PathLike]) -> tuple[dict[str, np.ndarray
 
 
 def summary_row(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str]) -> dict[str, float]:
-    """Macro F1 / accuracy / precision / recall plus per-class F1 of the rows where both labels are known."""
+    """:data:`SUMMARY_METRICS`, per-class F1 (``f1_<class>``) and ``nuclei`` of the rows where both labels are known."""
     known = (y_true >= 0) & (y_pred >= 0)
     metrics = classification_metrics(y_true[known], y_pred[known], len(class_names), list(class_names))
     row = {
-        "f1": metrics["f1"],
+        "f1_macro": metrics["f1"],
+        "f1_weighted": metrics["f1_weighted"],
         "accuracy": metrics["accuracy"],
-        "precision": metrics["precision"],
-        "recall": metrics["recall"],
+        "precision_macro": metrics["precision"],
+        "precision_weighted": metrics["precision_weighted"],
+        "recall_macro": metrics["recall"],
+        "recall_weighted": metrics["recall_weighted"],
     }
     row.update({f"f1_{name}": metrics["per_class"][name]["f1"] for name in class_names})
     row["nuclei"] = int(known.sum())
@@ -82,7 +100,12 @@ def label_agreement(
 
 
 def write_table3(table: pd.DataFrame, csv_path: PathLike, md_path: PathLike) -> None:
-    write_table(table, csv_path, md_path, "Table 3: agreement of the weak annotations with the expert (and truth)")
+    write_table(
+        table,
+        csv_path,
+        md_path,
+        f"Table 3: agreement of the weak annotations with the expert (and truth) - {AVERAGES_NOTE}",
+    )
 
 
 def plot_confusion(confusion: np.ndarray, class_names: Sequence[str], title: str, png_path: PathLike) -> None:
@@ -131,7 +154,12 @@ def evaluate_predictions(
 def write_table4(metrics_csvs: Mapping[tuple[str, str, str], PathLike], csv_path: PathLike, md_path: PathLike) -> None:
     """Table 4: teacher scores per stain, training labels and architecture (keys ``(stain, labels, arch)``)."""
     table = concat_tables(metrics_csvs, ("stain", "labels", "arch"))
-    write_table(table, csv_path, md_path, "Table 4: teachers on the test split, the doctor (EA) set and the truth")
+    write_table(
+        table,
+        csv_path,
+        md_path,
+        f"Table 4: teachers on the test split, the doctor (EA) set and the truth - {AVERAGES_NOTE}",
+    )
 
 
 def evaluate_classifier_stores(
@@ -184,4 +212,6 @@ def measure_throughput(model_path: PathLike, nuclei_stores: Sequence[PathLike], 
 def write_table5(metrics_csvs: Mapping[tuple[str, str], PathLike], csv_path: PathLike, md_path: PathLike) -> None:
     """Table 5: the distilled student per stain and teacher labels (keys ``(stain, labels)``), with speeds."""
     table = concat_tables(metrics_csvs, ("stain", "labels"))
-    write_table(table, csv_path, md_path, "Table 5: distilled RCCNet student (test split, doctor set, truth)")
+    write_table(
+        table, csv_path, md_path, f"Table 5: distilled RCCNet student (test split, doctor set, truth) - {AVERAGES_NOTE}"
+    )

@@ -14,7 +14,10 @@ from cellkd.types import PathLike
 
 logger = logging.getLogger(__name__)
 
-TABLE6_TITLE = "Table 6: the student before and after fine-tuning on expert (EA) labels, on the reserved EA test nuclei"
+TABLE6_TITLE = (
+    "Table 6: the student before and after fine-tuning on expert (EA) labels, on the reserved EA test nuclei - "
+    "`f1_macro`: unweighted mean over classes; `f1_weighted`: weighted by class support"
+)
 _KEY_COUNT = "_requested_count"  # the key's count; metrics.csv has its own "count" column to check it against
 
 
@@ -22,14 +25,23 @@ def table6(metrics_csvs: Mapping[tuple[str, str, int], PathLike]) -> pd.DataFram
     """One row per (stain, labels, count) from the ``metrics.csv`` files of ``finetune_student``.
 
     Columns: stain, labels, count (requested), effective_count, lr, dropout (of the chosen grid point;
-    NaN when the un-fine-tuned student won on validation and was kept), f1_before, f1_after, f1_gain
-    (after - before), accuracy_before, accuracy_after, nuclei (test rows); sorted by stain, labels, count.
+    NaN when the un-fine-tuned student won on validation and was kept), f1_macro_before, f1_macro_after,
+    f1_macro_gain (after - before), f1_weighted_before, f1_weighted_after, accuracy_before, accuracy_after,
+    nuclei (test rows); sorted by stain, labels, count. Macro F1 is the unweighted mean over the classes,
+    weighted F1 the mean weighted by each class's support among the test nuclei.
     """
     if not metrics_csvs:
         raise StoreError(
             "no fine-tuning metrics.csv given; pass results/finetune/{stain}/{labels}/n{count}/metrics.csv"
         )
     long = concat_tables(metrics_csvs, ("stain", "labels", _KEY_COUNT))
+    missing_columns = sorted({"f1_macro", "f1_weighted", "accuracy"} - set(long.columns))
+    if missing_columns:
+        msg = (
+            f"{list(metrics_csvs.values())}: no column(s) {missing_columns} (written by an older cellkd, which named "
+            "macro F1 plain 'f1'); rerun the fine-tuning rules (snakemake --forcerun finetune_student)"
+        )
+        raise StoreError(msg)
     mismatch = long[long[_KEY_COUNT].astype(int) != long["count"].astype(int)]
     if len(mismatch):
         first = mismatch.iloc[0]
@@ -55,9 +67,11 @@ def table6(metrics_csvs: Mapping[tuple[str, str, int], PathLike]) -> pd.DataFram
                 "effective_count": int(after["effective_count"]),
                 "lr": float(after["lr"]),
                 "dropout": float(after["dropout"]),
-                "f1_before": float(before["f1"]),
-                "f1_after": float(after["f1"]),
-                "f1_gain": float(after["f1"]) - float(before["f1"]),
+                "f1_macro_before": float(before["f1_macro"]),
+                "f1_macro_after": float(after["f1_macro"]),
+                "f1_macro_gain": float(after["f1_macro"]) - float(before["f1_macro"]),
+                "f1_weighted_before": float(before["f1_weighted"]),
+                "f1_weighted_after": float(after["f1_weighted"]),
                 "accuracy_before": float(before["accuracy"]),
                 "accuracy_after": float(after["accuracy"]),
                 "nuclei": int(after["nuclei"]),
@@ -77,16 +91,26 @@ def plot_finetune_curve(table: pd.DataFrame, png_path: PathLike) -> None:
         for i, ((stain, labels), group) in enumerate(table.groupby(["stain", "labels"], sort=True)):
             group = group.sort_values(["effective_count", "count"])
             colour = colours[i % len(colours)]
-            ax.plot(group["effective_count"], group["f1_after"], "o-", color=colour, label=f"{stain} / {labels}: after")
             ax.plot(
-                group["effective_count"], group["f1_before"], "x--", color=colour, label=f"{stain} / {labels}: before"
+                group["effective_count"],
+                group["f1_macro_after"],
+                "o-",
+                color=colour,
+                label=f"{stain} / {labels}: after",
+            )
+            ax.plot(
+                group["effective_count"],
+                group["f1_macro_before"],
+                "x--",
+                color=colour,
+                label=f"{stain} / {labels}: before",
             )
         if len(counts) and counts.min() > 0 and counts.max() / counts.min() >= 10:
             ax.set_xscale("log")  # counts grow geometrically in the grid (10, 50, 100, 500, ...)
             ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())  # 10, 100 rather than 10^1, 10^2
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("expert labels per class (effective count)")
-        ax.set_ylabel("macro F1 on the reserved EA test nuclei")
+        ax.set_ylabel("macro F1 (unweighted mean over classes)\non the reserved EA test nuclei")
         ax.set_title("Fine-tuning the student on expert labels", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

@@ -1,7 +1,7 @@
 """Phase I results: per-architecture test metrics, architecture selection, Table 2 and the QuPath comparison.
 
-The comparison (the paper's Figure 4) measures, per slide and stain, how well two nucleus
-segmentations agree at level 0: the model against the QuPath (SSA) segmentation, and on
+The comparison (the paper's Figure 4) measures, per slide, stain and architecture, how well two nucleus
+segmentations agree at level 0: each architecture's model against the QuPath (SSA) segmentation, and on
 synthetic data also the model and QuPath each against the truth.
 """
 
@@ -125,41 +125,65 @@ def compare_segmentations(
     return pd.DataFrame([{"comparison": f"{a} vs {b}", **pixel_metrics(c)} for (a, b), c in counts.items()])
 
 
+ANNOTATIONS_ONLY = "none"
+"""The ``arch`` of Figure 4's rows that compare two annotation sets (``ssa vs truth``): no model takes part."""
+
+
 def write_qupath_comparison(
-    comparisons: Mapping[tuple[str, str], pd.DataFrame], csv_path: PathLike, md_path: PathLike, png_path: PathLike
+    comparisons: Mapping[tuple[str, str, str], pd.DataFrame], csv_path: PathLike, md_path: PathLike, png_path: PathLike
 ) -> pd.DataFrame:
-    """Figure 4: Dice and IoU per comparison, raw vs Macenko (keys ``(stain, slide)``), as table and bar plot."""
+    """Figure 4: Dice and IoU of each architecture vs QuPath (and truth), raw vs Macenko, as table and bar plot.
+
+    ``comparisons`` maps ``(stain, arch, slide)`` to the rows of :func:`compare_segmentations` for that
+    architecture's masks. Columns: stain, arch, comparison, dice, iou (means over slides), slides. A
+    comparison of two annotation sets (``ssa vs truth``) is the same for every architecture: it appears once
+    per stain, with arch :data:`ANNOTATIONS_ONLY`, after the architectures' rows.
+    """
     frames = []
-    for (stain, slide), frame in comparisons.items():
+    for (stain, arch, slide), frame in comparisons.items():
         frame = frame.copy()
+        model_rows = frame["comparison"].str.startswith("model vs ")
         frame.insert(0, "slide", slide)
+        frame.insert(0, "arch", np.where(model_rows, arch, ANNOTATIONS_ONLY))
         frame.insert(0, "stain", stain)
         frames.append(frame)
-    per_slide = pd.concat(frames, ignore_index=True)
-    table = per_slide.groupby(["stain", "comparison"], as_index=False, sort=False)[["dice", "iou"]].mean()
-    table["slides"] = per_slide.groupby(["stain", "comparison"], sort=False).size().to_numpy()
-    write_table(table, csv_path, md_path, "Figure 4: model vs QuPath segmentation (mean over slides)")
+    per_slide = pd.concat(frames, ignore_index=True).drop_duplicates(["stain", "arch", "slide", "comparison"])
+    per_slide = per_slide.sort_values("arch", key=lambda arch: arch == ANNOTATIONS_ONLY, kind="stable")
+    table = per_slide.groupby(["stain", "arch", "comparison"], as_index=False, sort=False).agg(
+        dice=("dice", "mean"), iou=("iou", "mean"), slides=("slide", "size")
+    )
+    title = "Figure 4: each segmentation architecture vs the QuPath segmentation (and truth), mean over slides"
+    write_table(table, csv_path, md_path, title)
     _plot_comparison(table, png_path)
     return table
 
 
 def _plot_comparison(table: pd.DataFrame, png_path: PathLike) -> None:
-    comparisons = list(dict.fromkeys(table["comparison"]))
+    # One bar group per comparison, the model named by its architecture ("unet vs ssa"); one bar per stain.
+    labels = pd.Series(
+        [
+            comparison if arch == ANNOTATIONS_ONLY else comparison.replace("model", arch, 1)
+            for arch, comparison in zip(table["arch"], table["comparison"], strict=True)
+        ],
+        index=table.index,
+    )
+    groups = list(dict.fromkeys(labels))
     stains = list(dict.fromkeys(table["stain"]))
     width = 0.8 / len(stains)
-    with png_figure(png_path, dpi=120, nrows=1, ncols=2, figsize=(10, 4), sharey=True) as (fig, axes):
+    with png_figure(png_path, dpi=120, nrows=1, ncols=2, figsize=(12, 4.5), sharey=True) as (fig, axes):
         for ax, metric in zip(axes, ("dice", "iou"), strict=True):
             for i, stain in enumerate(stains):
-                values = table[table["stain"] == stain].set_index("comparison").reindex(comparisons)[metric]
-                positions = np.arange(len(comparisons)) + (i - (len(stains) - 1) / 2) * width
+                rows = table["stain"] == stain
+                values = pd.Series(table.loc[rows, metric].to_numpy(), index=labels[rows]).reindex(groups)
+                positions = np.arange(len(groups)) + (i - (len(stains) - 1) / 2) * width
                 bars = ax.bar(positions, values.to_numpy(), width, label=stain)
-                ax.bar_label(bars, fmt="%.2f", fontsize=8)
-            ax.set_xticks(np.arange(len(comparisons)), comparisons, rotation=15)
+                ax.bar_label(bars, fmt="%.2f", fontsize=7)
+            ax.set_xticks(np.arange(len(groups)), groups, rotation=25, ha="right")
             ax.set_title(metric.upper() if metric == "iou" else metric.capitalize())
             ax.set_ylim(0, 1.05)
         axes[0].set_ylabel("agreement (mean over slides)")
         axes[1].legend(title="stain")
-        fig.suptitle("Nucleus segmentation: model vs QuPath (and truth, where known)")
+        fig.suptitle("Nucleus segmentation: each architecture vs QuPath (and truth, where known)")
 
 
 def selected_model_path(selected_json: PathLike) -> str:

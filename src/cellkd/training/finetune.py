@@ -36,10 +36,10 @@ import pandas as pd
 import torch
 
 from cellkd.errors import ConfigError, StoreError
-from cellkd.metrics.classification import CLASSIFICATION_METRICS, classification_metrics
+from cellkd.metrics.classification import classification_metrics
 from cellkd.models.checkpoint import read_classifier_checkpoint
 from cellkd.params import check_parameters, params_from_dict
-from cellkd.report.classification import summary_row
+from cellkd.report.classification import SUMMARY_METRICS, summary_row
 from cellkd.store.atomic import atomic_path
 from cellkd.training.classifier import ClassifierTrainParams, predict_logits, read_nucleus_rows, train_classifier
 from cellkd.types import PathLike
@@ -200,7 +200,8 @@ def finetune_student(
     Returns and writes ``out_dir/metrics.csv``: two rows, phase "before" (the student as is, lr and
     dropout NaN) and "after" (the chosen model; lr and dropout NaN when the student was kept), each
     scored on the reserved EA test rows, columns
-    count (requested), effective_count, phase, lr, dropout, f1, accuracy, precision, recall (macro),
+    count (requested), effective_count, phase, lr, dropout, the summary columns of
+    :func:`cellkd.report.classification.summary_row` (f1_macro, f1_weighted, accuracy, precision_macro, ...),
     f1_<class> per class, nuclei (test rows).
     """
     out = Path(out_dir)
@@ -315,7 +316,7 @@ def finetune_student(
     table = pd.DataFrame(table_rows)
     with atomic_path(out / "metrics.csv") as tmp:
         table.to_csv(tmp, index=False)
-    summary = ", ".join(f"{m} {table.loc[0, m]:.4f} -> {table.loc[1, m]:.4f}" for m in CLASSIFICATION_METRICS)
+    summary = ", ".join(f"{m} {table.loc[0, m]:.4f} -> {table.loc[1, m]:.4f}" for m in SUMMARY_METRICS)
     logger.info("fine-tuning on %d EA test nuclei: %s", len(test_rows), summary)
     return table
 
