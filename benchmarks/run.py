@@ -81,7 +81,8 @@ def machine() -> str:
 def _describe(name: str, module: ModuleType) -> str:
     """One ``--help`` entry: the topic's name and its module docstring, wrapped."""
     text = " ".join((module.__doc__ or "").split())
-    return textwrap.fill(text, width=110, initial_indent=f"  {name:<12}", subsequent_indent=" " * 14)
+    # The space after the padded name keeps a name of 12 characters or more apart from its text.
+    return textwrap.fill(text, width=110, initial_indent=f"  {name:<12} ", subsequent_indent=" " * 15)
 
 
 def main(argv: list[str] | None = None) -> int:
