@@ -80,7 +80,11 @@ def test_rules_that_run_no_network_import_no_torch() -> None:
 
 @pytest.mark.parametrize("script", CLASSIFIER_SCRIPTS)
 def test_classifier_jobs_load_no_segmentation_stack_nor_torchvision(script: str) -> None:
-    # Building the demo's classifiers too: their constructors must not pull the stack in either.
-    build = "from cellkd.models import create_model; create_model('rccnet'); create_model('vgg4')"
+    # Then what they all import when they run (predict_logits) and build the demo's classifiers: neither may pull
+    # the stack in.
+    build = (
+        "from cellkd.training.classifier import predict_logits; "
+        "from cellkd.models import create_model; create_model('rccnet'); create_model('vgg4')"
+    )
     heavy = ("segmentation_models_pytorch", "timm", "torchvision")
     assert _first_import_loading(_cellkd_imports(script), heavy, then=build) == ""
