@@ -73,8 +73,8 @@ def run(ctx: Context) -> list[Row]:
         torch.manual_seed(0)
         student, teacher = RCCNet(), create_resnet18()
         crops = torch.randint(0, 256, (512 if ctx.quick else 2048, 32, 32, 3), dtype=torch.uint8)
-    n_teacher = 128 if ctx.quick else 512  # ResNet-18 runs 50-90 crops/s per core: fewer crops, same batches
-    repeats = 1 if ctx.quick else 3
+    n_teacher = 128 if ctx.quick else 256  # ResNet-18 runs 30-90 crops/s per core: fewer crops, same batches
+    repeats = 1 if ctx.quick else 5
     fc1 = next(m for m in student.modules() if isinstance(m, torch.nn.Linear))  # 64*6*6 -> 512
     n_params = sum(p.numel() for p in student.parameters())
     fc1_share = sum(p.numel() for p in fc1.parameters()) / n_params
@@ -106,8 +106,8 @@ def run(ctx: Context) -> list[Row]:
             notes = (
                 f"same crops (uint8 -> classifier_input), both through predict_logits' forward step (channels_last, "
                 f"batches of {CPU_FORWARD_BATCH}), {len(crops)} student / {n_teacher} teacher crops, best of {repeats} "
-                f"after a warm-up pass; load average {os.getloadavg()[0]:.1f} on {N_CORES} cores (with the cores "
-                f"busy, 2 threads lose more to OpenMP barriers on small batches than they gain)"
+                f"after a warm-up pass; load average {os.getloadavg()[0]:.1f} on {N_CORES} cores (on busy cores "
+                f"2-thread figures swing: OpenMP barriers wait for descheduled threads)"
             )
             if threads == THREADS[0]:
                 notes += (
