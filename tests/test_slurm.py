@@ -137,3 +137,18 @@ def test_slurm_profile_lists_every_rule_that_asks_for_a_gpu() -> None:
     assert gpu_rules, "no rule asks for a GPU: the parse above is out of date"
     assert gpu_rules == {rule for rule, resources in profile["set-resources"].items() if "gpu" in resources}
     assert gpu_rules <= set(profile["set-threads"])
+
+
+def test_slurm_profile_groups_name_existing_rules_and_batch_them_into_one_submission() -> None:
+    rules = {
+        line.removeprefix("rule ").rstrip(":")
+        for rules_file in (REPO / "rules").glob("*.smk")
+        for line in rules_file.read_text().splitlines()
+        if line.startswith("rule ")
+    }
+    profile = yaml.safe_load((REPO / "profiles/slurm/config.yaml").read_text())
+    groups = profile["groups"]
+    assert set(groups) <= rules, f"profile groups name unknown rules: {set(groups) - rules}"
+    for group in set(groups.values()):
+        members = [rule for rule, name in groups.items() if name == group]
+        assert profile["group-components"][group] >= len(members)

@@ -30,6 +30,7 @@ from cellkd.training.classifier import (
     train_classifier,
 )
 from cellkd.training.classifier.distillation import class_weights
+from cellkd.training.classifier.evaluate import CPU_FORWARD_BATCH, infer_logits, prepare_for_inference
 from cellkd.training.classifier.train import epochs_without_improvement
 
 CLASSES = ["other", "immune", "muscle", "background"]
@@ -279,6 +280,20 @@ def test_predict_logits_covers_every_row_in_store_order(trained: Path, stores: l
     with torch.inference_mode():
         expected = model(classifier_input(crops)).numpy()
     np.testing.assert_allclose(logits[[n_a, n_a + 239]], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_inference_in_channels_last_and_small_batches_gives_the_plain_forwards_logits() -> None:
+    torch.manual_seed(0)
+    model = RCCNet().eval()
+    crops = torch.randint(0, 256, (CPU_FORWARD_BATCH * 2 + 7, 32, 32, 3), dtype=torch.uint8)  # 3 forward batches
+    with torch.inference_mode():
+        expected = model(classifier_input(crops))
+        prepared = prepare_for_inference(model)
+        logits = infer_logits(prepared, crops)
+    assert prepared.training is False
+    assert prepared[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert logits.shape == expected.shape and logits.dtype == torch.float32
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)  # float rounding of another conv layout only
 
 
 def test_evaluate_classifier_scores_labelled_rows_of_the_split_against_hand_counts(stores: list[Path]) -> None:

@@ -11,8 +11,8 @@ and carries ``input_kind``, telling the data loader which crops of the nuclei st
 
 Architectures (all randomly initialised; no weights are downloaded):
 
-- ``resnet18``: torchvision's ResNet-18 adapted to 32x32 (CIFAR-style): 3x3 stride-1 stem, no
-  max-pool, so the four stages see 32, 16, 8, 4 px; dropout before the final linear layer.
+- ``resnet18``: torchvision's ResNet-18 (:mod:`cellkd.models.resnet`) adapted to 32x32 (CIFAR-style): 3x3
+  stride-1 stem, no max-pool, so the four stages see 32, 16, 8, 4 px; dropout before the final linear layer.
 - ``resnet16``: the same with BasicBlock stages [2, 2, 2, 1]: 1 stem conv + 14 block convs + 1
   linear = 16 weighted layers (ResNet-18 has [2, 2, 2, 2]); the last, widest stage is halved,
   which drops ~4.7M of ResNet-18's 11.2M parameters.
@@ -37,7 +37,6 @@ from typing import Literal
 
 import torch
 from torch import nn
-from torchvision.models.resnet import BasicBlock, ResNet
 
 from cellkd.models.segmentation import preprocess
 
@@ -71,36 +70,26 @@ def classifier_input(crops: torch.Tensor) -> torch.Tensor:
     return groups[0] if len(groups) == 1 else torch.cat(groups, dim=1)
 
 
-class _CifarResNet(ResNet):
-    """torchvision ResNet for 32x32 (or 16x16 multiscale) crops: 3x3 stride-1 stem, no max-pool, dropout before fc."""
+def _cifar_resnet(layers: list[int], num_classes: int, dropout: float, input_kind: InputKind = "level0") -> nn.Module:
+    from cellkd.models.resnet import CifarResNet  # lazily: torchvision loads only where a ResNet is built
 
-    input_kind: InputKind = "level0"
-
-    def __init__(self, layers: list[int], num_classes: int, dropout: float, input_kind: InputKind = "level0") -> None:
-        _check(num_classes, dropout)
-        super().__init__(BasicBlock, layers, num_classes=num_classes)
-        self.input_kind = input_kind
-        # The ImageNet stem (7x7 stride 2 + max-pool) would shrink a 32 px crop to 8 px before stage 1.
-        in_channels = INPUT_SHAPES[input_kind][0]
-        self.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
-        nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
-        self.maxpool = nn.Identity()
-        self.fc = nn.Sequential(nn.Dropout(p=dropout), self.fc)
+    _check(num_classes, dropout)
+    return CifarResNet(layers, num_classes, dropout, input_kind=input_kind)
 
 
 def create_resnet18(num_classes: int = 4, dropout: float = 0.3) -> nn.Module:
     """ResNet-18 for (B, 3, 32, 32) level-0 crops -> logits (B, num_classes); ~11.2M parameters."""
-    return _CifarResNet([2, 2, 2, 2], num_classes, dropout)
+    return _cifar_resnet([2, 2, 2, 2], num_classes, dropout)
 
 
 def create_resnet16(num_classes: int = 4, dropout: float = 0.3) -> nn.Module:
     """ResNet-16 (BasicBlock stages [2, 2, 2, 1]) for (B, 3, 32, 32) -> logits (B, num_classes); ~6.5M parameters."""
-    return _CifarResNet([2, 2, 2, 1], num_classes, dropout)
+    return _cifar_resnet([2, 2, 2, 1], num_classes, dropout)
 
 
 def create_resnet16_multiscale(num_classes: int = 4, dropout: float = 0.3) -> nn.Module:
     """ResNet-16 for (B, 6, 16, 16) multiscale crops -> logits (B, num_classes); stages see 16, 8, 4, 2 px."""
-    return _CifarResNet([2, 2, 2, 1], num_classes, dropout, input_kind="multiscale")
+    return _cifar_resnet([2, 2, 2, 1], num_classes, dropout, input_kind="multiscale")
 
 
 def _conv_bn_relu(c_in: int, c_out: int, padding: int = 1) -> list[nn.Module]:

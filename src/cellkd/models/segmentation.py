@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
-import segmentation_models_pytorch as smp
 import torch
-from segmentation_models_pytorch.decoders.unet.decoder import UnetDecoderBlock
-from segmentation_models_pytorch.decoders.unetplusplus.decoder import DecoderBlock as UnetPlusPlusDecoderBlock
 from torch import nn
+
+if TYPE_CHECKING:
+    import segmentation_models_pytorch as smp
+    from segmentation_models_pytorch.decoders.unet.decoder import UnetDecoderBlock
+    from segmentation_models_pytorch.decoders.unetplusplus.decoder import DecoderBlock as UnetPlusPlusDecoderBlock
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +40,17 @@ DEFAULT_DECODER_CHANNELS: tuple[int, ...] = (256, 128, 64, 32, 16)
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
-_SMP_CLASSES: dict[str, type[smp.base.SegmentationModel]] = {"unet": smp.Unet, "unetplusplus": smp.UnetPlusPlus}
+
+def _smp_decoder_blocks() -> tuple[type[UnetDecoderBlock], type[UnetPlusPlusDecoderBlock]]:
+    """smp's U-Net and U-Net++ decoder block classes.
+
+    smp (and timm, which it imports) is imported only when a segmentation model is built: importing it costs 2-3 s,
+    and the classifier jobs, which import this module for :func:`preprocess`, never need it.
+    """
+    from segmentation_models_pytorch.decoders.unet.decoder import UnetDecoderBlock
+    from segmentation_models_pytorch.decoders.unetplusplus.decoder import DecoderBlock
+
+    return UnetDecoderBlock, DecoderBlock
 
 
 def preprocess(images: npt.NDArray[np.uint8] | torch.Tensor) -> torch.Tensor:
@@ -147,8 +160,9 @@ def _block_input_channels(model: smp.base.SegmentationModel, encoder_depth: int)
     """
     seen: dict[str, int] = {}
     handles = []
+    blocks = _smp_decoder_blocks()
     for name, module in model.decoder.named_modules():
-        if isinstance(module, (UnetDecoderBlock, UnetPlusPlusDecoderBlock)):
+        if isinstance(module, blocks):
 
             def record(_module: nn.Module, args: tuple, _name: str = name) -> None:
                 seen[_name] = int(args[0].shape[1])
@@ -170,11 +184,12 @@ def _block_input_channels(model: smp.base.SegmentationModel, encoder_depth: int)
 def _replace_upsampling(model: smp.base.SegmentationModel, encoder_depth: int) -> int:
     """Swap every smp decoder block for its ConvTranspose version in place; returns how many were swapped."""
     in_channels = _block_input_channels(model, encoder_depth)
+    unet_block, unetplusplus_block = _smp_decoder_blocks()
     swapped = 0
     for name, block in list(model.decoder.named_modules()):
-        if isinstance(block, UnetDecoderBlock):
+        if isinstance(block, unet_block):
             new: nn.Module = UnetUpBlock(block, in_channels[name])
-        elif isinstance(block, UnetPlusPlusDecoderBlock):
+        elif isinstance(block, unetplusplus_block):
             new = UnetPlusPlusUpBlock(block, in_channels[name])
         else:
             continue
@@ -204,7 +219,7 @@ def create_segmentation_model(
         ``DEFAULT_DECODER_CHANNELS[-encoder_depth:]``.
     Returns a module mapping float32 (B, 3, H, W) (see :func:`preprocess`) to logits (B, 1, H, W).
     """
-    if name not in _SMP_CLASSES:
+    if name not in SEGMENTATION_ARCHS:
         raise ValueError(f"unknown segmentation architecture {name!r}; expected one of {list(SEGMENTATION_ARCHS)}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout={dropout!r} must lie in [0, 1)")
@@ -215,11 +230,13 @@ def create_segmentation_model(
         raise ValueError(
             f"decoder_channels={channels!r} must hold {encoder_depth} positive integers (one per encoder stage)"
         )
+    import segmentation_models_pytorch as smp  # lazily: see _smp_decoder_blocks
+
     available = smp.encoders.get_encoder_names()
     if encoder not in available:
         raise ValueError(f"unknown encoder {encoder!r}; expected one of smp's encoders, e.g. resnet18, resnet34")
 
-    model = _SMP_CLASSES[name](
+    model = {"unet": smp.Unet, "unetplusplus": smp.UnetPlusPlus}[name](
         encoder_name=encoder,
         encoder_weights=None,
         encoder_depth=encoder_depth,

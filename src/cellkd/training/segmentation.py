@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from segmentation_models_pytorch.losses import DiceLoss
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
 
@@ -338,6 +337,9 @@ def train_segmentation(
     generator = torch.Generator()
     train_loader = _loader(train_set, params, dev, generator=generator)
     val_loader = _loader(val_set, params, dev)
+    # Imported here: smp (and timm, torchvision) take seconds to import, and the classifier jobs import this package.
+    from segmentation_models_pytorch.losses import DiceLoss
+
     loss_fn = DiceLoss(mode="binary", from_logits=True)
 
     with torch.random.fork_rng(devices=rng_devices(dev)):
