@@ -131,7 +131,7 @@ def test_slurm_profile_lists_every_rule_that_asks_for_a_gpu() -> None:
         for line in rules_file.read_text().splitlines():
             if line.startswith("rule "):
                 rule = line.removeprefix("rule ").rstrip(":")
-            elif line.strip() == "gpu=1,":
+            elif line.strip() == "gpu=GPU_JOBS,":  # 1 where a GPU is configured or found (rules/common.smk)
                 gpu_rules.add(rule)
     profile = yaml.safe_load((REPO / "profiles/slurm/config.yaml").read_text())
     assert gpu_rules, "no rule asks for a GPU: the parse above is out of date"
