@@ -31,3 +31,18 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "SOURCES.md").is_file():
         pytest.skip(f"real sample data not found at {SHARED_DATA} (CI keeps ../shared beside the clone)")
     return SHARED_DATA
+
+
+def write_one_slide_sheet(folder: Path, annotation_sets: tuple[str, ...]) -> Path:
+    """A one-slide sheet in ``folder``: a real 64x64 RGB TIFF and an empty QuPath GeoJSON per annotation set."""
+    import numpy as np
+    import tifffile
+
+    tifffile.imwrite(folder / "s1.tif", np.full((64, 64, 3), 200, dtype=np.uint8), photometric="rgb")
+    columns = {"slide": "s1", "path": "s1.tif"}
+    for name in annotation_sets:
+        (folder / f"s1.{name}.geojson").write_text('{"type": "FeatureCollection", "features": []}')
+        columns[name] = f"s1.{name}.geojson"
+    sheet = folder / "slides.tsv"
+    sheet.write_text("\t".join(columns) + "\n" + "\t".join(columns.values()) + "\n")
+    return sheet

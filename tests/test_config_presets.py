@@ -6,10 +6,9 @@ import copy
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-import tifffile
 import yaml
+from conftest import write_one_slide_sheet
 
 from cellkd.config import (
     Phases,
@@ -41,18 +40,6 @@ def schema_default(dotted: str) -> Any:
     for part in dotted.split("."):
         node = node["properties"][part]
     return node["default"]
-
-
-def write_sheet(folder: Path, annotation_sets: tuple[str, ...]) -> Path:
-    """A one-slide sheet: a real 64x64 RGB TIFF and an empty QuPath GeoJSON per annotation set."""
-    tifffile.imwrite(folder / "s1.tif", np.full((64, 64, 3), 200, dtype=np.uint8), photometric="rgb")
-    columns = {"slide": "s1", "path": "s1.tif"}
-    for name in annotation_sets:
-        (folder / f"s1.{name}.geojson").write_text('{"type": "FeatureCollection", "features": []}')
-        columns[name] = f"s1.{name}.geojson"
-    sheet = folder / "slides.tsv"
-    sheet.write_text("\t".join(columns) + "\n" + "\t".join(columns.values()) + "\n")
-    return sheet
 
 
 def effective(overrides: dict[str, Any]) -> tuple[dict[str, Any], str]:
@@ -87,7 +74,7 @@ def test_every_demo_setting_has_a_different_paper_value_and_is_not_in_workflow_c
 
 
 def test_real_sheet_gets_the_paper_training_settings(tmp_path: Path) -> None:
-    sheet = write_sheet(tmp_path, ("ssa", "wsa", "ea"))
+    sheet = write_one_slide_sheet(tmp_path, ("ssa", "wsa", "ea"))
     config, note = effective({"sheet": str(sheet)})
     assert note.startswith("cellkd preset: paper")
     assert "overrides" not in note
@@ -112,13 +99,13 @@ def test_empty_sheet_gets_the_demo_settings_and_user_keys_win() -> None:
 
 
 def test_real_sheet_notes_the_keys_the_user_overrides(tmp_path: Path) -> None:
-    config, note = effective({"sheet": str(write_sheet(tmp_path, ("ssa",))), "teacher": {"archs": ["vgg4"]}})
+    config, note = effective({"sheet": str(write_one_slide_sheet(tmp_path, ("ssa",))), "teacher": {"archs": ["vgg4"]}})
     assert config["teacher"]["archs"] == ["vgg4"] and config["teacher"]["epochs"] == 30
     assert note.endswith("the config overrides teacher.archs")
 
 
 def plan(tmp_path: Path, sets: tuple[str, ...], given: dict[str, Any] | None = None) -> tuple[dict, Phases]:
-    sheet = write_sheet(tmp_path, sets)
+    sheet = write_one_slide_sheet(tmp_path, sets)
     config, _ = effective({"sheet": str(sheet), **copy.deepcopy(given or {})})
     return config, plan_phases(config, given or {}, load_sheet(sheet, SHEET_SCHEMA))
 
@@ -185,5 +172,5 @@ def test_gpu_jobs_request_no_gpu_on_cpu() -> None:
 
 def test_the_paper_preset_as_configfile_of_a_real_sheet_overrides_nothing(tmp_path: Path) -> None:
     paper = yaml.safe_load((PRESETS / "paper.yaml").read_text())
-    _, note = effective({**paper, "sheet": str(write_sheet(tmp_path, ("ssa",)))})
+    _, note = effective({**paper, "sheet": str(write_one_slide_sheet(tmp_path, ("ssa",)))})
     assert note.startswith("cellkd preset: paper") and "overrides" not in note

@@ -17,6 +17,7 @@ import pandas as pd
 import psutil
 import pytest
 import yaml
+from conftest import write_one_slide_sheet
 
 from cellkd.annotations import read_qupath_geojson
 from cellkd.classes import DEFAULT_CLASSES
@@ -480,24 +481,10 @@ def test_predict_target_plans_segmentation_and_export_for_new_unannotated_slides
     assert "results/patches/raw/newslide.h5" not in planned
 
 
-def write_real_sheet(folder: Path, annotation_sets: tuple[str, ...]) -> Path:
-    """A one-slide sheet with a real (tiny) TIFF and an empty QuPath GeoJSON per annotation set."""
-    import tifffile
-
-    tifffile.imwrite(folder / "s1.tif", np.full((64, 64, 3), 200, dtype=np.uint8), photometric="rgb")
-    columns = {"slide": "s1", "path": "s1.tif"}
-    for name in annotation_sets:
-        (folder / f"s1.{name}.geojson").write_text('{"type": "FeatureCollection", "features": []}')
-        columns[name] = f"s1.{name}.geojson"
-    sheet = folder / "slides.tsv"
-    sheet.write_text("\t".join(columns) + "\n" + "\t".join(columns.values()) + "\n")
-    return sheet
-
-
 def dry_run_with_sheet(workdir: Path, sets: tuple[str, ...], *target: str, **config) -> subprocess.CompletedProcess:
     """Dry run of the shipped workflow_config.yaml on a real sheet with ``sets``, plus ``config`` overrides."""
     shutil.copy(REPO / "workflow_config.yaml", workdir / "workflow_config.yaml")
-    sheet = write_real_sheet(workdir, sets)
+    sheet = write_one_slide_sheet(workdir, sets)
     return run_snakemake(workdir, *target, "--dry-run", "--cores", "1", config={"sheet": str(sheet), **config})
 
 
