@@ -91,20 +91,14 @@ def plot_finetune_curve(table: pd.DataFrame, png_path: PathLike) -> None:
         for i, ((stain, labels), group) in enumerate(table.groupby(["stain", "labels"], sort=True)):
             group = group.sort_values(["effective_count", "count"])
             colour = colours[i % len(colours)]
-            ax.plot(
-                group["effective_count"],
-                group["f1_macro_after"],
-                "o-",
-                color=colour,
-                label=f"{stain} / {labels}: after",
-            )
-            ax.plot(
-                group["effective_count"],
-                group["f1_macro_before"],
-                "x--",
-                color=colour,
-                label=f"{stain} / {labels}: before",
-            )
+            for phase, style in (("after", "o-"), ("before", "x--")):
+                ax.plot(
+                    group["effective_count"],
+                    group[f"f1_macro_{phase}"],
+                    style,
+                    color=colour,
+                    label=f"{stain} / {labels}: {phase}",
+                )
         if len(counts) and counts.min() > 0 and counts.max() / counts.min() >= 10:
             ax.set_xscale("log")  # counts grow geometrically in the grid (10, 50, 100, 500, ...)
             ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())  # 10, 100 rather than 10^1, 10^2
