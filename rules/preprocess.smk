@@ -18,6 +18,7 @@ rule extract_fragments:
         tissue=config["tissue"],
         mpp=get_slide_mpp,
         mpp_fallback=config["mpp_fallback"],
+        working_mpp=config["mpp"],
     script:
         "../scripts/extract_fragments.py"
 
@@ -106,6 +107,7 @@ rule import_public_dataset:
         runtime=120,
     params:
         kind=get_dataset_kind,
+        working_mpp=config["mpp"],
         mask_set=config["segmentation"]["mask_set"],
         patches=config["patches"],
         macenko=config["macenko"],

@@ -1,4 +1,4 @@
-"""Snakemake adapter: detect tissue fragments and store them at levels 1, 1/2, 1/4."""
+"""Snakemake adapter: detect tissue fragments and store them at the working resolution and 1/2, 1/4 of it."""
 
 from cellkd.slides import TissueParams, extract_fragments
 from cellkd.workflow import log_to
@@ -12,4 +12,5 @@ extract_fragments(
     mpp=snakemake.params.mpp,
     mpp_fallback=snakemake.params.mpp_fallback,
     threads=snakemake.threads,
+    working_mpp=snakemake.params.working_mpp,
 )

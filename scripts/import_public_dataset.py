@@ -20,4 +20,5 @@ import_public_dataset(
     params=PatchParams(**snakemake.params.patches, seed=seed),
     normalize=normalize,
     source=snakemake.wildcards.dataset,
+    working_mpp=snakemake.params.working_mpp,
 )

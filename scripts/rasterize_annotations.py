@@ -11,8 +11,10 @@ from cellkd.workflow import log_to
 log_to(snakemake.log[0])
 with FragmentStore(snakemake.input.fragments) as fragments:
     slide_size = fragments.slide_size
-    # The slide's (or the sheet's) resolution; extract_fragments already warned when it fell back.
-    mpp = fragments.mpp if math.isfinite(fragments.mpp) else snakemake.params.mpp_fallback
+    # The slide's (or the sheet's) level-0 resolution, which the GeoJSON is in; extract_fragments already
+    # warned when it fell back.
+    slide_mpp = fragments.geometry.slide_mpp
+    mpp = slide_mpp if math.isfinite(slide_mpp) else snakemake.params.mpp_fallback
 # Namedlist membership tests values, not names: the .keys() is needed.
 annotation_names = [name for name in ANNOTATION_SETS if name in snakemake.input.keys()]  # noqa: SIM118
 write_mask_store(

@@ -10,10 +10,13 @@ or drag the file onto the viewer). Each feature is::
                     "measurements": {"Nucleus: Area µm^2": ..., "Area px": ..., "Class probability": ...,
                                      "P(<qupath_name>)": ..., ..., "P(Background)": ...}}}
 
+The nuclei store is in the fragment store's working px; polygons and ``Area px`` are mapped to the
+slide's own level-0 px by its ``SlideGeometry`` (the one mapping of ``cellkd.store.fragments``), so the
+file overlays the slide in QuPath whatever the working resolution.
 ``Area px`` is the nucleus area in level-0 pixels (the nuclei store's ``area``: every pixel of the
 instance, so it can exceed the polygon's area where the outline dropped a diagonally attached part);
-``Nucleus: Area µm^2`` (QuPath's name for it) is that area times the slide's mpp squared, left out
-when the mpp is not known. ``objectType`` is ``detection`` (nucleus objects), or ``cell``, where
+``Nucleus: Area µm^2`` (QuPath's name for it) is that area in µm², left out when the mpp is not known.
+``objectType`` is ``detection`` (nucleus objects), or ``cell``, where
 QuPath expects cell objects: then the cell boundary and its ``nucleusGeometry`` are the nucleus outline.
 ``Class probability`` is the probability of the predicted class; ``P(...)`` one per class, QuPath
 names, background last.
@@ -42,6 +45,7 @@ from cellkd.annotations.qupath import class_lookup, write_qupath_geojson
 from cellkd.bundle import check_resolution, is_bundle_weights, read_bundle
 from cellkd.classes import ClassSpec
 from cellkd.errors import ConfigError
+from cellkd.store.fragments import SlideGeometry
 from cellkd.store.nuclei import NucleiStore
 from cellkd.types import PathLike
 
@@ -85,15 +89,18 @@ def export_predictions(
     include_background: bool = False,
     mpp: float | None = None,
     object_type: str = "detection",
+    geometry: SlideGeometry | None = None,
 ) -> int:
     """Write the nuclei of ``nuclei_store`` with their predicted classes as QuPath GeoJSON detections (atomic).
 
     ``probabilities``: float (N, K), row i for nucleus row i of the store, K = len(classes) + 1
     (background last), e.g. a classifier's softmax. The predicted class is the argmax (ties: the lower
-    index). Polygons are the store's outlines in level-0 slide px; the file layout and measurements
-    are in the module docstring. Nuclei predicted as background are written (as ``"Background"``)
-    only with ``include_background``. ``mpp``: the slide's level-0 microns per pixel for the µm² area
-    (None or NaN = not known: no µm² area); ``object_type``: QuPath ``detection`` or ``cell``.
+    index). Polygons are the store's outlines mapped to level-0 slide px by ``geometry`` (the fragment
+    store's; None: the store is in slide px); the file layout and measurements are in the module
+    docstring. Nuclei predicted as background are written (as ``"Background"``) only with
+    ``include_background``. ``mpp``: microns per nuclei-store pixel for the µm² area (default: the
+    geometry's working mpp; None or NaN = not known: no µm² area); ``object_type``: QuPath ``detection``
+    or ``cell``.
     Returns the number of features written (0 gives an empty
     FeatureCollection, which ``read_qupath_geojson`` rejects with "no features").
 
@@ -132,11 +139,14 @@ def export_predictions(
         geometries = np.asarray(store.geometries(), dtype=object)[rows]
         area = store.table()["area"].to_numpy()[rows]
 
+    if geometry is not None:
+        mpp = geometry.working_mpp if mpp is None else mpp
+        geometries = geometry.geometries_to_slide(geometries)
     measurements: dict[str, npt.ArrayLike] = {}
     if mpp is not None and np.isfinite(mpp) and mpp > 0:
         measurements[AREA_UM2_MEASUREMENT] = area * float(mpp) ** 2
     measurements |= {
-        AREA_MEASUREMENT: area,
+        AREA_MEASUREMENT: area if geometry is None or not geometry.resampled else geometry.area_to_slide(area),
         PROBABILITY_MEASUREMENT: probs[rows, predicted[rows]],
     }
     for j, spec in enumerate((*specs, BACKGROUND_CLASS)):
@@ -172,8 +182,9 @@ def classify_nuclei(
 
     ``model_path``: a classifier ``model.pt``, or a model bundle's classifier weights
     (``cellkd.bundle``; its classes must be ``classes``, and a slide scanned at another resolution
-    than the bundle's training slides is warned about). ``fragment_store``: the slide's fragment store,
-    whose mpp gives the areas in µm² (None: px only).
+    than the bundle's working resolution is warned about). ``fragment_store``: the slide's fragment store,
+    whose ``SlideGeometry`` maps the nuclei to the slide's level-0 px and gives the areas in µm² (None: the
+    nuclei store is taken to be in slide px, areas in px only).
     Returns the number of exported detections (see ``export_predictions``).
     """
     import torch
@@ -181,10 +192,10 @@ def classify_nuclei(
     from cellkd.store.fragments import FragmentStore
     from cellkd.training.classifier import predict_logits
 
-    mpp = None
+    mpp = geometry = None
     if fragment_store is not None:
         with FragmentStore(fragment_store) as fragments:
-            mpp = fragments.mpp
+            mpp, geometry = fragments.mpp, fragments.geometry
     if is_bundle_weights(model_path):
         check_resolution(read_bundle(Path(model_path).parent, classes), mpp, str(nuclei_store))
     logits = torch.from_numpy(predict_logits(model_path, [nuclei_store]))
@@ -197,6 +208,7 @@ def classify_nuclei(
         include_background=include_background,
         mpp=mpp,
         object_type=object_type,
+        geometry=geometry,
     )
     logger.info("%s: exported %d of %d nuclei to %s", nuclei_store, count, len(probabilities), out_path)
     return count

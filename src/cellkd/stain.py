@@ -344,8 +344,8 @@ def normalize_fragment_store(
             slide=store.slide,
             source=store.source,
             stain="macenko",
-            mpp=store.mpp,
             slide_size=store.slide_size,
+            geometry=store.geometry,
         )
         with writer as w:
             w.attrs.update(attrs)

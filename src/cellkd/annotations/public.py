@@ -22,6 +22,11 @@ Lizard
     carry no resolution; Lizard was released at 20x, ``LIZARD_MPP`` = 0.5 µm/px.
 
 Hidden files and folders (``.name``, ``__MACOSX``: leftovers of zip archives) are skipped for both.
+
+At a working resolution (``working_mpp``, the config's ``mpp``) every image is resampled to it like a slide
+(``cellkd.slides.working``): MoNuSeg's polygons are scaled with it before they are rasterized, Lizard's
+instance map is sampled at the working pixels' centres (nearest), and the fragment store records the
+``SlideGeometry``. A MoNuSeg tile at 0.25 µm/px imported at 0.5 is half as wide and high.
 """
 
 from __future__ import annotations
@@ -46,11 +51,12 @@ from cellkd.annotations.rasterize import rasterize_fragment
 from cellkd.errors import AnnotationError, ConfigError, StoreError
 from cellkd.slides.downsample import block_mean
 from cellkd.slides.reader import open_slide
+from cellkd.slides.working import WorkingSlide
 from cellkd.store.atomic import atomic_h5
 from cellkd.store.compression import COMPRESSION
-from cellkd.store.fragments import CHUNK, Fragment, FragmentStoreWriter, fragment_name
+from cellkd.store.fragments import CHUNK, Fragment, FragmentStoreWriter, SlideGeometry, fragment_name
 from cellkd.store.patches import PatchParams, cut_patches
-from cellkd.types import DOWNSAMPLES, ClassMask, PathLike, RGBImage
+from cellkd.types import DOWNSAMPLES, ClassMask, PathLike
 from cellkd.workflow import progress
 
 logger = logging.getLogger(__name__)
@@ -327,22 +333,18 @@ def find_pairs(dataset_dir: PathLike, kind: PublicKind) -> list[tuple[Path, Path
 # --------------------------------------------------------------------------- stores
 
 
-def _read_image(path: Path) -> tuple[RGBImage, float]:
-    """uint8 (H, W, 3) pixels of a tile and its µm/px (NaN when the file does not say)."""
-    with open_slide(path) as slide:
-        width, height = slide.dimensions
-        image = slide.read_region(0, 0, width, height)
-        return image, slide.mpp if slide.mpp is not None else float("nan")
+_Nuclei = list[Polygon] | npt.NDArray[np.bool_]
+"""An image's nuclei as its dataset gives them: MoNuSeg polygons or Lizard's nucleus mask (level-0 image px)."""
 
 
-def _masks_for(
+def _read_nuclei(
     kind: str, annotation: Path, image_path: Path, width: int, height: int
-) -> tuple[list[ClassMask], float | None]:
-    """The image's nucleus masks per level and the dataset's µm/px for it (None when it does not say)."""
+) -> tuple[_Nuclei, float | None]:
+    """The image's nuclei (checked against its size) and the dataset's µm/px for it (None when it does not say)."""
     if kind == "monuseg":
         polygons, mpp = read_monuseg_annotation(annotation)
         _check_polygons_fit(polygons, width, height, annotation, image_path)
-        return polygon_masks(polygons, width, height), mpp
+        return polygons, mpp
     mask = read_lizard_mat(annotation)
     if mask.shape != (height, width):
         msg = (
@@ -350,7 +352,19 @@ def _masks_for(
             f"{width} x {height} px; the label file belongs to another image"
         )
         raise AnnotationError(msg)
-    return instance_masks(mask), LIZARD_MPP
+    return mask, LIZARD_MPP
+
+
+def _nucleus_masks(nuclei: _Nuclei, geometry: SlideGeometry, width: int, height: int) -> list[ClassMask]:
+    """The nucleus masks per level of a ``width`` x ``height`` working-px image (``geometry``: image -> working)."""
+    if isinstance(nuclei, list):
+        return polygon_masks(list(geometry.geometries_to_working(nuclei)), width, height)
+    if geometry.resampled:
+        # Each working pixel takes the label under its centre: resampling a label map must not blend labels.
+        rows = np.minimum(np.floor(geometry.to_slide(np.arange(height) + 0.5)).astype(np.int64), nuclei.shape[0] - 1)
+        cols = np.minimum(np.floor(geometry.to_slide(np.arange(width) + 0.5)).astype(np.int64), nuclei.shape[1] - 1)
+        nuclei = nuclei[np.ix_(rows, cols)]
+    return instance_masks(nuclei)
 
 
 def _choose_mpp(image_mpp: float, dataset_mpp: float | None, image_path: Path, annotation: Path) -> float:
@@ -376,24 +390,38 @@ def write_image_stores(
     mask_set: str,
     fragment_out: PathLike,
     mask_out: PathLike,
+    working_mpp: float | None = None,
 ) -> None:
     """Write one public image as a fragment store and its nucleus masks as a mask store (both atomic).
 
     The image is slide ``image_path.stem`` with one fragment ``f000`` = the whole image, levels
-    0, 1, 2 (block means), at the dataset's resolution (MoNuSeg's XML ``MicronsPerPixel``,
-    ``LIZARD_MPP``; the image's own tags when the XML has none); the mask store holds
+    0, 1, 2 (block means). Its resolution is the dataset's (MoNuSeg's XML ``MicronsPerPixel``,
+    ``LIZARD_MPP``; the image's own tags when the XML has none); level 0 is the image resampled to
+    ``working_mpp`` (None, or an image of unknown resolution: its own pixels). The mask store holds
     ``fragments/f000/{mask_set}/level{k}`` uint8 (H_k, W_k, 1), class ``"nucleus"`` (layouts: ``cellkd.store``).
     """
     _layout(kind)
     image_path, annotation_path = Path(image_path), Path(annotation_path)
-    image, mpp = _read_image(image_path)
-    height, width = image.shape[:2]
-    masks, dataset_mpp = _masks_for(kind, annotation_path, image_path, width, height)
-    mpp = _choose_mpp(mpp, dataset_mpp, image_path, annotation_path)
+    with open_slide(image_path) as reader:
+        image_mpp = reader.mpp if reader.mpp is not None else float("nan")
+        nuclei, dataset_mpp = _read_nuclei(kind, annotation_path, image_path, *reader.dimensions)
+        mpp = _choose_mpp(image_mpp, dataset_mpp, image_path, annotation_path)
+        if math.isfinite(mpp):
+            geometry = SlideGeometry.for_slide(mpp, working_mpp)
+        else:
+            if working_mpp is not None:
+                logger.warning(
+                    "%s: no resolution known; imported at its own pixels, not %g µm/px", image_path, working_mpp
+                )
+            geometry = SlideGeometry.identity(mpp)
+        width, height = geometry.size_to_working(reader.dimensions)
+        image = WorkingSlide(reader, geometry).read_region(0, 0, width, height)
+        slide_size = reader.dimensions
+    masks = _nucleus_masks(nuclei, geometry, width, height)
     fragment = Fragment(fragment_name(0), 0, 0, width, height)
     slide = image_path.stem
     writer = FragmentStoreWriter(
-        fragment_out, slide=slide, source=str(image_path), stain="raw", mpp=mpp, slide_size=(width, height)
+        fragment_out, slide=slide, source=str(image_path), stain="raw", slide_size=slide_size, geometry=geometry
     )
     with writer:
         for level, down in enumerate(DOWNSAMPLES):
@@ -438,6 +466,7 @@ def import_public_dataset(
     normalize: Callable[[Path, Path], object] | None = None,
     *,
     source: str | None = None,
+    working_mpp: float | None = None,
 ) -> int:
     """Turn every image/annotation pair of a MoNuSeg or Lizard folder into stores and the patch store ``out_path``.
 
@@ -448,7 +477,8 @@ def import_public_dataset(
     when given, turns each raw fragment store, written to a temporary folder under ``work_dir`` (default:
     the system temp folder, removed afterwards), into the kept one at ``out`` (e.g. Macenko via
     ``cellkd.stain.normalize_fragment_store``). ``source`` names the patch store's source and seeds its
-    split (default: ``kind``). Returns N, the patch count.
+    split (default: ``kind``). ``working_mpp``: the resolution every image is resampled to (config
+    ``mpp``; None: their own). Returns N, the patch count.
     """
     _layout(kind)
     if not mask_set or "/" in mask_set:
@@ -464,10 +494,10 @@ def import_public_dataset(
             fragments = stores / "fragments" / f"{image.stem}.h5"
             masks = stores / "masks" / f"{image.stem}.h5"
             if normalize is None:
-                write_image_stores(image, annotation, kind, mask_set, fragments, masks)
+                write_image_stores(image, annotation, kind, mask_set, fragments, masks, working_mpp)
             else:
                 raw = Path(tmp) / "raw.h5"
-                write_image_stores(image, annotation, kind, mask_set, raw, masks)
+                write_image_stores(image, annotation, kind, mask_set, raw, masks, working_mpp)
                 normalize(raw, fragments)
                 if not fragments.is_file():
                     msg = f"normalize hook {normalize!r} wrote no fragment store at {fragments} for image {image}"

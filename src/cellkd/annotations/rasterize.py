@@ -1,5 +1,9 @@
 """Rasterize nucleus polygons into per-class masks aligned with the fragment store.
 
+The GeoJSON is in the slide's level-0 px; ``write_mask_store`` scales it to the fragment store's working
+px (``SlideGeometry``) before burning, so masks and fragment pixels share one grid. Below, "level-0" means
+working px (the same thing when the slide is not resampled).
+
 Pixel convention: pixel ``(r, c)`` of fragment level ``k`` (downsample ``d``) covers the level-0
 square ``[x + d*c, x + d*(c+1)) x [y + d*r, y + d*(r+1))`` where ``(x, y)`` is the fragment origin;
 it is set when its **centre** ``(x + d*(c + 0.5), y + d*(r + 0.5))`` lies inside a polygon
@@ -117,7 +121,7 @@ def _burn(
 def rasterize_fragment(annotations: gpd.GeoDataFrame, fragment: Fragment, level: int, n_classes: int) -> ClassMask:
     """uint8 (H_k, W_k, C) 0/1 class masks of ``fragment`` at ``level``; (H_k, W_k) = ``fragment.shape_at(level)``.
 
-    ``annotations``: from ``read_qupath_geojson`` (level-0 slide pixels, ``class_index`` < ``n_classes``).
+    ``annotations``: from ``read_qupath_geojson``, in the fragment's pixels (``class_index`` < ``n_classes``).
     See the module docstring for the pixel-centre rule and overlaps.
     """
     if n_classes < 1:
@@ -151,6 +155,7 @@ def write_mask_store(
     ``slide_size``: level-0 (width, height) of the slide; when given, each GeoJSON is checked to
     belong to it (``check_annotations_fit``). ``options`` (the config's ``annotations:``) and ``mpp``
     (level-0 µm/px, to set large annotation regions aside) are passed to ``read_qupath_geojson``.
+    The polygons are then scaled to the fragment store's working px (its ``SlideGeometry``).
     """
     if not annotations:
         raise ValueError("annotations must name at least one annotation set")
@@ -158,12 +163,14 @@ def write_mask_store(
         if not set_name or "/" in set_name:
             raise ValueError(f"annotation set name {set_name!r} must be non-empty and contain no '/'")
     n_classes = len(classes)
+    with FragmentStore(fragment_store) as store:
+        geometry = store.geometry
     frames: dict[str, gpd.GeoDataFrame] = {}
     for set_name, path in annotations.items():
         frame = read_qupath_geojson(path, classes, options=options, mpp=mpp)
         if slide_size is not None:
             check_annotations_fit(frame, slide_size[0], slide_size[1], path)
-        frames[set_name] = frame
+        frames[set_name] = geometry.frame_to_working(frame)
 
     with FragmentStore(fragment_store) as store, atomic_h5(out_path) as h5:
         h5.attrs["slide"] = store.slide

@@ -241,12 +241,14 @@ def _read_set(
     options: AnnotationOptions | None,
     mpp: float | None,
 ) -> AnnotationSet:
-    """Read one annotation set (polygons and point labels) once per slide and check that it fits the slide."""
+    """Read one annotation set (polygons and point labels) once per slide, check that it fits the slide and
+    scale it from the slide's level-0 px to the store's working px."""
     read = read_qupath_annotations(path, classes, options=options, mpp=mpp)
     if store.slide_size is not None:
         for frame in (read.nuclei, read.points):
             check_annotations_fit(frame, *store.slide_size, path)
-    return AnnotationSet(set_name, str(path), read.nuclei, read.points)
+    to_working = store.geometry.frame_to_working
+    return AnnotationSet(set_name, str(path), to_working(read.nuclei), to_working(read.points))
 
 
 def extract_nuclei(

@@ -36,6 +36,9 @@ def plot_prediction_overlay(
 ) -> dict[str, int]:
     """Draw the predictions of ``predictions_path`` (QuPath GeoJSON) over the largest fragment.
 
+    The GeoJSON is in the slide's level-0 px; it is scaled to the fragment store's working px
+    (its ``SlideGeometry``) to meet the stored pixels.
+
     ``classes`` are the classes the predictions may carry (background included where it was exported).
     Returns the number of nuclei per class name on the drawn fragment, which the legend shows too.
     """
@@ -47,6 +50,7 @@ def plot_prediction_overlay(
     nuclei = read_qupath_geojson(predictions_path, classes, allow_empty=True)
 
     with FragmentStore(fragments_path) as store:
+        nuclei = store.geometry.frame_to_working(nuclei)
         fragment = max(store.fragments, key=lambda f: f.width * f.height)
         coarse_level = len(DOWNSAMPLES) - 1
         thumbnail, thumbnail_scale = _strided_thumbnail(store, fragment, coarse_level)

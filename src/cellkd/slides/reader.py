@@ -121,6 +121,17 @@ class SlideReader:
         """uint8 (height, width, 3) RGB of the level-0 box at (x, y); outside the slide reads white."""
         raise NotImplementedError
 
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        """Level-0 px per pixel of each pyramid level, finest first; a plain image has level 0 only."""
+        return (1.0,)
+
+    def read_level(self, level: int, x: int, y: int, width: int, height: int) -> RGBImage:
+        """uint8 (height, width, 3) RGB of the box at (x, y) in pyramid-level ``level`` px; outside reads white."""
+        if level != 0:
+            raise ValueError(f"{self.path}: has no pyramid level {level}")
+        return self.read_region(x, y, width, height)
+
     def thumbnail(self, max_size: int) -> tuple[RGBImage, tuple[float, float]]:
         """uint8 (h, w, 3) RGB of the whole slide, long side <= ``max_size`` (never upscaled).
 
@@ -171,6 +182,17 @@ class OpenSlideReader(SlideReader):
 
     def read_region(self, x: int, y: int, width: int, height: int) -> RGBImage:
         return self._read_level(0, x, y, width, height)
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        return self._level_downsamples
+
+    def read_level(self, level: int, x: int, y: int, width: int, height: int) -> RGBImage:
+        if not 0 <= level < len(self._level_downsamples):
+            raise ValueError(
+                f"{self.path}: has no pyramid level {level} (levels 0..{len(self._level_downsamples) - 1})"
+            )
+        return self._read_level(level, x, y, width, height)
 
     def _read_level(self, level: int, x: int, y: int, width: int, height: int) -> RGBImage:
         """uint8 (height, width, 3) RGB of the box at (x, y) in pyramid-level ``level`` px; outside reads white."""

@@ -7,9 +7,11 @@ with HDF5); importing this package does that for every cellkd reader.
 Layouts (all images uint8 RGB (H, W, 3); masks uint8 0/1 (H, W, C), C = classes in config order):
 
 fragment store ``results/fragments/{stain}/{slide}.h5`` (``cellkd.store.fragments``)
-    attrs: complete, slide, source, stain, mpp (level-0 µm/px or NaN), downsamples [1, 2, 4],
-        slide_size (level-0 width, height; 0, 0 when unknown)
-    ``/fragments/{name}`` attrs x, y, width, height (bounding box in level-0 slide pixels)
+    attrs: complete, slide, source, stain, mpp (µm per stored px: the working resolution; NaN when unknown),
+        slide_mpp (the slide's level-0 µm/px), slide_scale (level-0 slide px per stored px),
+        slide_mpp_assumed (slide_mpp is mpp_fallback), downsamples [1, 2, 4],
+        slide_size (level-0 width, height; 0, 0 when unknown); ``SlideGeometry`` reads them
+    ``/fragments/{name}`` attrs x, y, width, height (bounding box in working px: level-0 slide px / slide_scale)
     ``/fragments/{name}/level{k}`` dataset (ceil(height/d), ceil(width/d), 3), chunked 256²
 
 mask store ``results/masks/{slide}.h5`` (``cellkd.annotations``)

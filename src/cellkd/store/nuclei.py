@@ -11,16 +11,18 @@ Nuclei store ``results/nuclei/{stain}/{slide}.h5`` (written atomically)
         split_depth, split_waist, split_by, split_ratios, split_block_size, seed,
         split_names ["train", "val", "test"], partial_sets, segmentation_level, predicted_store,
         fragment_store, annotation_files
-    1-D (N,): ``fragment`` (str), ``centroid_x``, ``centroid_y`` (float32, level-0 slide px),
-        ``area`` (int32, level-0 px), ``split`` (int8: 0 train, 1 val, 2 test)
-    ``bbox`` (N, 4) int32: x0, y0, x1, y1 in level-0 slide px, half-open
+    Coordinates are the fragment store's working px (``SlideGeometry`` maps them to the slide's level-0 px;
+    the same when the slide is not resampled).
+    1-D (N,): ``fragment`` (str), ``centroid_x``, ``centroid_y`` (float32, working px),
+        ``area`` (int32, working px), ``split`` (int8: 0 train, 1 val, 2 test)
+    ``bbox`` (N, 4) int32: x0, y0, x1, y1 in working px, half-open
     ``crops/level0`` (N, crop_size, crop_size, 3) uint8; ``crops/level1``, ``crops/level2``
         (N, multiscale_size, multiscale_size, 3) uint8; chunked (``CROP_CHUNK`` rows), compressed; centred
         on the centroid at downsample 1, 2, 4 (``cellkd.nuclei.crops``)
     ``labels/{set}`` int8 (N,): class index ``i`` is ``classes[i]``, ``len(classes) - 1`` is
         background, ``UNLABELLED`` (-1) a nucleus a partial set does not cover (``cellkd.nuclei.matching``)
-    ``geometry`` (N,) variable-length uint8: WKB of the nucleus outline, a shapely Polygon in level-0
-        slide px (``cellkd.nuclei.crops``); chunked (``CROP_CHUNK`` rows); read with
+    ``geometry`` (N,) variable-length uint8: WKB of the nucleus outline, a shapely Polygon in working px
+        (``cellkd.nuclei.crops``); chunked (``CROP_CHUNK`` rows); read with
         :meth:`NucleiStore.geometries`
 
 Rows run fragment by fragment (sorted names), then by extraction tile (row-major, ``nuclei.tile``
@@ -58,12 +60,12 @@ CROP_LEVELS = (0, 1, 2)
 class FragmentNuclei:
     """The nuclei of one fragment (or one tile of it) as the store holds them, sorted by centroid (y, x)."""
 
-    centroid_x: npt.NDArray[np.float64]  # level-0 slide px
+    centroid_x: npt.NDArray[np.float64]  # working px (see the module docstring)
     centroid_y: npt.NDArray[np.float64]
-    area: npt.NDArray[np.int64]  # level-0 px
-    bbox: npt.NDArray[np.int64]  # (n, 4) x0, y0, x1, y1, level-0 slide px, half-open
+    area: npt.NDArray[np.int64]  # working px
+    bbox: npt.NDArray[np.int64]  # (n, 4) x0, y0, x1, y1, working px, half-open
     labels: dict[str, npt.NDArray[np.int64]]
-    outline: npt.NDArray[np.object_]  # (n,) shapely Polygons, level-0 slide px
+    outline: npt.NDArray[np.object_]  # (n,) shapely Polygons, working px
 
 
 class _Appender:
@@ -257,7 +259,7 @@ class NucleiStore:
         return np.flatnonzero(self.split == split).astype(np.int64)
 
     def geometries(self) -> list[shapely.Polygon]:
-        """The (N,) nucleus outlines as shapely Polygons in level-0 slide px, in row order."""
+        """The (N,) nucleus outlines as shapely Polygons in working px, in row order."""
         if "geometry" not in self._h5:
             msg = f"{self.path}: the nuclei store has no outlines (written by an older cellkd); rerun extract_nuclei"
             raise StoreError(msg)
