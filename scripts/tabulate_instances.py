@@ -12,16 +12,20 @@ log_to(snakemake.log[0])
 classes = classes_from_config(snakemake.params.classes)
 options = AnnotationOptions.from_config(snakemake.params.annotations)
 slides = snakemake.params.slides
-mpps = {}
+mpps, geometries = {}, {}
 for slide, path in zip(slides, snakemake.input.fragments, strict=True):
     with FragmentStore(path) as fragments:
-        # The slide's (or the sheet's) resolution, as rasterize_annotations reads it.
-        mpps[slide] = fragments.mpp if math.isfinite(fragments.mpp) else snakemake.params.mpp_fallback
+        # The slide's (or the sheet's) level-0 resolution, as rasterize_annotations reads it.
+        slide_mpp = fragments.geometry.slide_mpp
+        mpps[slide] = slide_mpp if math.isfinite(slide_mpp) else snakemake.params.mpp_fallback
+        geometries[slide] = fragments.geometry
 truth = dict(zip(slides, snakemake.input.truth, strict=True))
 # expand() iterates stain (outer) then slide (inner).
 keys = [(stain, slide) for stain in snakemake.params.stains for slide in slides]
 counts = {
-    (stain, slide): slide_instance_counts(nuclei, truth[slide], classes, options=options, mpp=mpps[slide])
+    (stain, slide): slide_instance_counts(
+        nuclei, truth[slide], classes, options=options, mpp=mpps[slide], geometry=geometries[slide]
+    )
     for (stain, slide), nuclei in zip(keys, snakemake.input.nuclei, strict=True)
 }
 write_instance_table(counts, snakemake.output.csv, snakemake.output.md)

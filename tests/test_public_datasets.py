@@ -7,6 +7,8 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+import cv2
+import h5py
 import numpy as np
 import pytest
 import scipy.io
@@ -257,6 +259,30 @@ def test_write_image_stores_takes_mpp_from_the_monuseg_xml_and_lizard_default(
     write_image_stores(image, labels / "L1.mat", "lizard", MASK_SET, tmp_path / "lf.h5", tmp_path / "lm.h5")
     with FragmentStore(tmp_path / "lf.h5") as store:
         assert store.mpp == 0.5
+
+
+def test_lizard_at_a_finer_working_mpp_is_upsampled_with_its_labels_sampled_not_blended(
+    lizard_dir: Path, tmp_path: Path
+) -> None:
+    """Lizard (0.5 µm/px) imported at 0.25: twice the size; each working pixel takes the label under its centre."""
+    labels = lizard_dir / "Lizard_Labels" / "Labels"
+    image = lizard_dir / "Lizard_Images1" / "L1.png"
+    write_image_stores(image, labels / "L1.mat", "lizard", MASK_SET, tmp_path / "f.h5", tmp_path / "m.h5", 0.25)
+    height, width = LIZARD_SHAPES["L1"]
+    with FragmentStore(tmp_path / "f.h5") as store:
+        assert (store.mpp, store.geometry.slide_mpp, store.geometry.scale) == (0.25, 0.5, 0.5)
+        assert store.slide_size == (width, height)
+        (fragment,) = store.fragments
+        assert (fragment.height, fragment.width) == (2 * height, 2 * width)
+        pixels = store.level(fragment, 0)[()]
+    # bilinear upsampling by 2 at the pixel centres: OpenCV's, inside the border (past it the slide reads white)
+    reference = cv2.resize(tile_pixels(height, width, 3), (2 * width, 2 * height), interpolation=cv2.INTER_LINEAR)
+    difference = np.abs(pixels.astype(int) - reference)[1:-1, 1:-1]
+    assert difference.max() <= 1
+    with h5py.File(tmp_path / "m.h5", "r") as masks:
+        level0 = masks[f"fragments/f000/{MASK_SET}/level0"][()][..., 0]
+    nucleus = inst_map(height, width, shift=10) > 0
+    np.testing.assert_array_equal(level0, np.repeat(np.repeat(nucleus, 2, axis=0), 2, axis=1))
 
 
 def test_monuseg_xml_mpp_overrides_disagreeing_tags_with_warning(

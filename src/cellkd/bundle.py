@@ -17,9 +17,9 @@ Layout of a bundle folder::
 ``model.json`` (``format`` ``"cellkd.bundle"``, ``format_version`` :data:`BUNDLE_FORMAT_VERSION`)
     name, cellkd_version, created (UTC, ISO 8601);
     classes: [{name, qupath_name, color, aliases}], background is the extra last class;
-    resolution: {mpp, assumed_mpp, slides: {slide: mpp}, note}: the level-0 µm/px of the training slides
-    (median; assumed_mpp: the mpp_fallback of slides that record none; the models
-    work at that level-0 resolution; slides are not resampled, so new slides should be scanned alike);
+    resolution: {mpp, assumed_mpp, slides: {slide: mpp}, note}: the working µm/px of the training fragment
+    stores (median; assumed_mpp: the mpp_fallback of slides that record none); the models work at that
+    resolution, and ``bundle_config`` sets the config's ``mpp`` to it so new slides are resampled alike;
     stain: {normalization: raw|macenko, macenko: {io, alpha, beta, max_samples} | null,
     reference: stain_reference.json | null};
     sizes: {patch, crop, multiscale, tile, overlap, level};
@@ -149,9 +149,9 @@ def _training_resolution(
         "assumed_mpp": mpp_fallback,
         "slides": slides_mpp,
         "note": (
-            "level-0 microns per pixel of the training slides (median; fragment stores; assumed_mpp for slides "
-            "that record none). The models work on level-0 pixels and slides are not resampled: new slides "
-            "should have about this resolution."
+            "microns per pixel the models were trained at: the working resolution (config mpp) of the training "
+            "fragment stores (median; assumed_mpp for slides that record none). Predicting with the bundle "
+            "resamples every slide to it."
         ),
     }
     if references and any(r != references[0] for r in references):
@@ -528,8 +528,9 @@ def read_bundle_checkpoint(weights_path: PathLike, expected_format: str) -> dict
 def bundle_config(config: dict[str, Any], bundle: Bundle) -> list[str]:
     """Replace the config's prediction settings with ``bundle``'s (in place); return the log lines.
 
-    Set: ``predict.stain``, ``macenko`` (fitting params and the bundle's reference), ``mpp_fallback``
-    (the training resolution, for slides that do not record theirs), the nuclei crop / instance keys
+    Set: ``predict.stain``, ``macenko`` (fitting params and the bundle's reference), ``mpp`` (the working
+    resolution the models were trained at), ``mpp_fallback`` (the same, for slides that do not record theirs:
+    they are then read as they are), the nuclei crop / instance keys
     and ``segmentation.inference`` (all but batch_size). The classes must already match (:func:`read_bundle`).
     """
     manifest = bundle.manifest
@@ -549,6 +550,8 @@ def bundle_config(config: dict[str, Any], bundle: Bundle) -> list[str]:
     assumed = bundle.mpp if bundle.mpp is not None else bundle.manifest["resolution"].get("assumed_mpp")
     if assumed is not None:
         put(config, "mpp_fallback", assumed, "mpp_fallback")
+    if bundle.mpp is not None:
+        put(config, "mpp", bundle.mpp, "mpp")
     for key, value in manifest["nuclei"].items():
         put(config["nuclei"], key, value, f"nuclei.{key}")
     put(config["nuclei"], "crop_size", manifest["sizes"]["crop"], "nuclei.crop_size")
@@ -564,12 +567,12 @@ def bundle_config(config: dict[str, Any], bundle: Bundle) -> list[str]:
 
 
 def check_resolution(bundle: Bundle, mpp: float | None, slide: str) -> None:
-    """Log a warning when ``slide``'s level-0 mpp differs from the bundle's training resolution."""
+    """Log a warning when ``slide``'s working mpp differs from the bundle's training resolution."""
     if bundle.mpp is None or mpp is None or not math.isfinite(mpp):
         return
     if abs(mpp - bundle.mpp) > RESOLUTION_TOLERANCE * bundle.mpp:
         logger.warning(
-            "%s: %.4g µm/px, but the bundle %s was trained at %.4g µm/px and slides are not resampled; "
+            "%s: %.4g µm/px, but the bundle %s was trained at %.4g µm/px; set mpp: to the bundle's or "
             "expect worse segmentation and classification",
             slide,
             mpp,

@@ -1,7 +1,7 @@
 """Instance-level agreement of the segmented nuclei with the truth: the table next to Table 2.
 
 Table 2 scores pixels, which cannot see a nucleus cut in two or two nuclei fused into one. This
-table compares each slide's nuclei (the outlines in its nuclei store, level-0 px) with its ``truth``
+table compares each slide's nuclei (the outlines in its nuclei store, mapped to level-0 px) with its ``truth``
 GeoJSON nucleus by nucleus (``cellkd.metrics.instances``: one-to-one matches at IoU 0.5, split and
 merge rates, panoptic quality), summed over the slides of each stain, in total and per true class.
 Only slides with a ``truth`` set can be scored, so only the demo (and synthetic sheets) have it.
@@ -18,6 +18,7 @@ from cellkd.annotations.qupath import AnnotationOptions, read_qupath_geojson
 from cellkd.classes import ClassSpec
 from cellkd.metrics.instances import INSTANCE_METRICS, InstanceCounts, instance_counts, instance_counts_by_class
 from cellkd.report.tables import write_table
+from cellkd.store.fragments import SlideGeometry
 from cellkd.store.nuclei import NucleiStore
 from cellkd.types import PathLike
 
@@ -34,14 +35,18 @@ def slide_instance_counts(
     *,
     options: AnnotationOptions | None = None,
     mpp: float | None = None,
+    geometry: SlideGeometry | None = None,
 ) -> dict[str, InstanceCounts]:
     """Counts of one slide's nuclei against its truth: ``"all"``, then one entry per class name.
 
     ``options`` and ``mpp`` are passed to ``read_qupath_geojson`` (how the export is read, and the
-    slide's µm/px to set large annotation regions aside).
+    slide's level-0 µm/px to set large annotation regions aside). ``geometry``: the fragment store's,
+    which maps the nuclei store's working px to the truth's level-0 px (None: they are the same).
     """
     with NucleiStore(nuclei_store) as store:
         predicted = store.geometries()
+    if geometry is not None:
+        predicted = list(geometry.geometries_to_slide(predicted))
     truth = read_qupath_geojson(truth_geojson, classes, options=options, mpp=mpp)
     outlines = truth.geometry.to_numpy()
     per_class = instance_counts_by_class(predicted, outlines, truth["class_index"].to_numpy(), len(classes))
