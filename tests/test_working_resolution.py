@@ -309,3 +309,17 @@ def test_config_mpp_must_be_positive() -> None:
         validate_config(config, repo / "schemas" / "config.schema.yaml", source="test")
     demo = yaml.safe_load((repo / "config" / "demo.yaml").read_text())
     assert demo["mpp"] == config["demo"]["mpp"]  # the demo's slides are read at their own resolution
+
+
+def test_resampled_store_does_not_depend_on_the_read_tile(
+    two_scans: dict[str, dict[str, Path]], tmp_path: Path
+) -> None:
+    """The 0.25 scan read at 0.5 in 128-px tiles equals the whole-fragment read (seamless resampling)."""
+    slide = two_scans["fine"]["fragments"].parent.parent / "s_025.tiff"
+    extract_fragments(slide, tmp_path / "tiled.h5", "s", working_mpp=WORKING_MPP, tile=128, threads=2)
+    with FragmentStore(tmp_path / "tiled.h5") as tiled, FragmentStore(two_scans["fine"]["fragments"]) as whole:
+        for fragment in whole.fragments:
+            for level in range(3):
+                a = tiled.level(fragment, level)[()].astype(np.int16)
+                b = whole.level(fragment, level)[()].astype(np.int16)
+                assert np.abs(a - b).max() <= 1, level
