@@ -323,3 +323,15 @@ def test_resampled_store_does_not_depend_on_the_read_tile(
                 a = tiled.level(fragment, level)[()].astype(np.int16)
                 b = whole.level(fragment, level)[()].astype(np.int16)
                 assert np.abs(a - b).max() <= 1, level
+
+
+def test_a_slide_at_the_working_mpp_is_stored_as_it_is(two_scans: dict[str, dict[str, Path]], tmp_path: Path) -> None:
+    """The demo's case (slides at 0.5, mpp 0.5): the same pixels and boxes as reading the slide without resampling."""
+    slide = two_scans["coarse"]["fragments"].parent.parent / "s_050.tiff"
+    extract_fragments(slide, tmp_path / "own.h5", "s", working_mpp=None, threads=0)
+    with FragmentStore(tmp_path / "own.h5") as own, FragmentStore(two_scans["coarse"]["fragments"]) as working:
+        assert own.fragments == working.fragments
+        assert own.mpp == working.mpp
+        for fragment in own.fragments:
+            for level in range(3):
+                np.testing.assert_array_equal(own.level(fragment, level)[()], working.level(fragment, level)[()])
