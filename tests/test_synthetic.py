@@ -584,28 +584,29 @@ def test_a_segmented_background_object_is_background_in_every_complete_set(
     """Segmentation that finds the nuclei and the debris: every debris instance is background for truth, ssa and wsa
     (no polygon matches it) and unlabelled for the partial ea set; the nuclei keep their classes in the truth."""
     from affine import Affine
+    from test_nuclei import write_predicted
 
     from cellkd.nuclei.extract import extract_nuclei
     from cellkd.slides.extract import extract_fragments
-    from cellkd.store.atomic import atomic_h5
     from cellkd.store.fragments import FragmentStore
     from cellkd.store.nuclei import UNLABELLED, NucleiStore
 
     generated, drawn = debris_slide
     fragments = tmp_path / "fragments.h5"
     extract_fragments(generated.slide, fragments, "s1")
-    rings = np.concatenate([drawn.nuclei.rings, drawn.debris.rings])
-    predicted = tmp_path / "predicted.h5"
-    with FragmentStore(fragments) as store, atomic_h5(predicted) as h5:
-        h5.attrs.update({"slide": "s1", "stain": "raw", "level": 0})
-        for f in store.fragments:
-            group = h5.require_group(f"fragments/{f.name}")
-            group.attrs.update({"x": f.x, "y": f.y, "width": f.width, "height": f.height})
-            group["level0"] = rasterio.features.rasterize(
-                [(layout.geojson_polygon(r), 1) for r in rings],
-                out_shape=(f.height, f.width),
-                transform=Affine.translation(f.x, f.y),
+    # Segmentation stand-in: the drawn nuclei and every background object, rasterized per fragment.
+    shapes = [(layout.geojson_polygon(r), 1) for r in np.concatenate([drawn.nuclei.rings, drawn.debris.rings])]
+    with FragmentStore(fragments) as store:
+        masks = {
+            f.name: rasterio.features.rasterize(
+                shapes, out_shape=(f.height, f.width), transform=Affine.translation(f.x, f.y)
             )
+            for f in store.fragments
+        }
+        predicted = write_predicted(tmp_path / "predicted.h5", store.fragments, masks)
+        x, y = drawn.debris.centres.T
+        # Tissue detection may drop a small fragment of this small slide: count the debris it kept.
+        in_tissue = sum(((x >= f.x) & (x < f.x + f.width) & (y >= f.y) & (y < f.y + f.height)) for f in store.fragments)
     out = tmp_path / "nuclei.h5"
     extract_nuclei(predicted, fragments, generated.geojson, DEFAULT_CLASSES, out, mpp=DEBRIS.mpp)
     with NucleiStore(out) as store:
@@ -618,7 +619,8 @@ def test_a_segmented_background_object_is_background_in_every_complete_set(
         for kind, objects in (("debris", drawn.debris), ("nuclei", drawn.nuclei))
     }
     is_debris = nearest["debris"] < nearest["nuclei"]
-    assert is_debris.sum() >= 0.9 * len(drawn.debris)
+    assert in_tissue.sum() > 20
+    assert is_debris.sum() >= 0.9 * in_tissue.sum()
     for name in ("truth", "ssa", "wsa"):
         assert (labels[name][is_debris] == background).all(), name
     assert (labels["ea"][is_debris] == UNLABELLED).all()
