@@ -343,4 +343,6 @@ def sample_nuclei(
     everything = Nuclei(
         rings, centres, labels, concentration.astype(np.float32), chromatin.astype(np.float32), eosin.astype(np.float32)
     )
+    if not debris.any():  # no copy of the (possibly paper-scale) arrays
+        return everything, everything.take(np.zeros(0, np.intp))
     return everything.take(np.flatnonzero(~debris)), everything.take(np.flatnonzero(debris))
