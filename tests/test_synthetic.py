@@ -491,7 +491,7 @@ def test_overlapping_appearance_makes_classes_share_feature_ranges() -> None:
     assert min(overlap["overlapping"]) > 0.01
 
 
-def test_default_demo_config_keeps_flips_and_schema_rules_match_the_code() -> None:
+def test_default_demo_config_uses_rules_overlap_and_debris_and_schema_rules_match_the_code() -> None:
     import yaml
 
     from cellkd.config import validate_config
@@ -499,9 +499,30 @@ def test_default_demo_config_keeps_flips_and_schema_rules_match_the_code() -> No
     config = yaml.safe_load(Path("workflow_config.yaml").read_text())
     validate_config(config, "schemas/config.schema.yaml", "workflow_config.yaml")
     params = synthetic.params_from_config(config["demo"])
-    assert (params.annotator, params.appearance) == ("flips", "distinct")
+    assert (params.annotator, params.appearance) == ("rules", "overlapping")
+    assert params.debris_per_nucleus > 0
     assert params.ssa_rules == synthetic.DEFAULT_SSA_RULES
     assert params.wsa_rules == synthetic.DEFAULT_WSA_RULES
+
+
+def test_wsa_mislabels_exactly_the_nuclei_its_mis_set_threshold_covers() -> None:
+    """Two annotators that differ only in the muscle rule's elongation threshold (2.3 vs 2.7), measuring the same
+    contours with the same noise, disagree on exactly the nuclei whose measured elongation lies in [2.3, 2.7)."""
+    careful = replace(REALISTIC, wsa_miss=0.0, wsa_jitter_px=1.0, wsa_rules=synthetic.DEFAULT_SSA_RULES)
+    mis_set = (synthetic.WeakRule("muscle", minimum=(("elongation", 2.7),)), *synthetic.DEFAULT_SSA_RULES[1:])
+    drawn = synthetic.draw_slide("demo0", careful)
+
+    def wsa(params: SyntheticSlideParams) -> annotate.Annotation:
+        rng = np.random.default_rng(7)
+        return annotate.weak_annotation(rng, drawn.nuclei, params, "wsa", DEFAULT_CLASSES, drawn.stain)
+
+    good, bad = wsa(careful), wsa(replace(careful, wsa_rules=mis_set))
+    elongation = good.features["elongation"]
+    np.testing.assert_array_equal(elongation, bad.features["elongation"])
+    covered = (elongation >= 2.3) & (elongation < 2.7)
+    assert covered.sum() > 10
+    np.testing.assert_array_equal(good.labels != bad.labels, covered)
+    assert (good.labels[covered] == 2).all() and (bad.labels[covered] != 2).all()
 
 
 def test_params_from_config_names_an_unknown_demo_key() -> None:
@@ -518,6 +539,92 @@ def test_bad_rules_are_rejected_naming_the_problem(tmp_path: Path) -> None:
     params = SyntheticSlideParams(width=512, height=512, class_fractions=(0.5, 0.5), annotator="rules")
     with pytest.raises(ValueError, match=r"ssa_rules name class\(es\) \['immune', 'muscle', 'other'\]"):
         generate_slide("c", tmp_path / "c.tiff", {}, params, classes=classes)
+
+
+# --- background objects (debris) ------------------------------------------------------------------------------
+
+DEBRIS = replace(SMALL, debris_per_nucleus=0.3)
+"""``SMALL`` with about one background object per three nuclei."""
+
+
+@pytest.fixture(scope="module")
+def debris_slide(tmp_path_factory: pytest.TempPathFactory) -> tuple[Generated, synthetic.slide.DrawnSlide]:
+    """A ``DEBRIS`` slide with all four sets written, and what was drawn for it."""
+    generated = _generate(tmp_path_factory.mktemp("debris"), params=DEBRIS)
+    return generated, synthetic.draw_slide("s1", DEBRIS)
+
+
+def test_debris_is_in_the_pixels_but_in_no_annotation_set(debris_slide: tuple[Generated, object]) -> None:
+    generated, drawn = debris_slide
+    debris = drawn.debris
+    assert generated.truth.debris == len(debris) == round(0.3 * generated.truth.n_nuclei)
+    pixels = _level0(generated.slide).astype(float).sum(axis=-1)
+    col, row = np.floor(debris.centres).astype(int).T
+    nuclei_col, nuclei_row = np.floor(drawn.nuclei.centres).astype(int).T
+    assert np.median(pixels[row, col]) < np.median(pixels[nuclei_row, nuclei_col]), "debris is darker than nuclei"
+    points = shapely.points(debris.centres)
+    for name in ANNOTATION_SET_NAMES:
+        polygons = [shapely.geometry.shape(f["geometry"]) for f in _features(generated.geojson[name])]
+        hits = shapely.STRtree(polygons).query(points, predicate="within")
+        assert hits.size == 0, f"{name} holds a background object"
+
+
+def test_no_debris_leaves_the_nuclei_as_they_were() -> None:
+    """The background kind is drawn last with zero weight: debris_per_nucleus=0 changes no nucleus."""
+    with_none = synthetic.draw_slide("s1", replace(DEBRIS, debris_per_nucleus=0.0))
+    plain = synthetic.draw_slide("s1", SMALL)
+    assert len(with_none.debris) == 0
+    np.testing.assert_array_equal(with_none.nuclei.rings, plain.nuclei.rings)
+    np.testing.assert_array_equal(with_none.nuclei.concentration, plain.nuclei.concentration)
+
+
+def test_a_segmented_background_object_is_background_in_every_complete_set(
+    debris_slide: tuple[Generated, object], tmp_path: Path
+) -> None:
+    """Segmentation that finds the nuclei and the debris: every debris instance is background for truth, ssa and wsa
+    (no polygon matches it) and unlabelled for the partial ea set; the nuclei keep their classes in the truth."""
+    from affine import Affine
+    from test_nuclei import write_predicted
+
+    from cellkd.nuclei.extract import extract_nuclei
+    from cellkd.slides.extract import extract_fragments
+    from cellkd.store.fragments import FragmentStore
+    from cellkd.store.nuclei import UNLABELLED, NucleiStore
+
+    generated, drawn = debris_slide
+    fragments = tmp_path / "fragments.h5"
+    extract_fragments(generated.slide, fragments, "s1")
+    # Segmentation stand-in: the drawn nuclei and every background object, rasterized per fragment.
+    shapes = [(layout.geojson_polygon(r), 1) for r in np.concatenate([drawn.nuclei.rings, drawn.debris.rings])]
+    with FragmentStore(fragments) as store:
+        masks = {
+            f.name: rasterio.features.rasterize(
+                shapes, out_shape=(f.height, f.width), transform=Affine.translation(f.x, f.y)
+            )
+            for f in store.fragments
+        }
+        predicted = write_predicted(tmp_path / "predicted.h5", store.fragments, masks)
+        x, y = drawn.debris.centres.T
+        # Tissue detection may drop a small fragment of this small slide: count the debris it kept.
+        in_tissue = sum(((x >= f.x) & (x < f.x + f.width) & (y >= f.y) & (y < f.y + f.height)) for f in store.fragments)
+    out = tmp_path / "nuclei.h5"
+    extract_nuclei(predicted, fragments, generated.geojson, DEFAULT_CLASSES, out, mpp=DEBRIS.mpp)
+    with NucleiStore(out) as store:
+        table = store.table()
+        labels = {name: store.labels(name) for name in ANNOTATION_SET_NAMES}
+    centres = table[["centroid_x", "centroid_y"]].to_numpy(dtype=float)
+    background = len(DEFAULT_CLASSES)
+    nearest = {
+        kind: np.linalg.norm(centres[:, None] - objects.centres[None], axis=-1).min(axis=1)
+        for kind, objects in (("debris", drawn.debris), ("nuclei", drawn.nuclei))
+    }
+    is_debris = nearest["debris"] < nearest["nuclei"]
+    assert in_tissue.sum() > 20
+    assert is_debris.sum() >= 0.9 * in_tissue.sum()
+    for name in ("truth", "ssa", "wsa"):
+        assert (labels[name][is_debris] == background).all(), name
+    assert (labels["ea"][is_debris] == UNLABELLED).all()
+    assert (labels["truth"][~is_debris] != background).mean() > 0.99
 
 
 # --- paper-scale fixture ---------------------------------------------------------------------------------------

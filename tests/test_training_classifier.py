@@ -241,6 +241,20 @@ def test_class_weighting_gives_inverse_frequency_weights(stores: list[Path], tmp
     assert torch.load(model_path, weights_only=True)["params"]["class_weighting"] is True
 
 
+@pytest.mark.parametrize("phase", ["teacher", "student"])
+def test_class_weighting_is_a_config_option_of_teacher_and_student(phase: str) -> None:
+    """The schema takes ``class_weighting`` for both phases, and the rules' whole-block params reach the trainer."""
+    import yaml
+
+    from cellkd.config import validate_config
+
+    config = yaml.safe_load(Path("workflow_config.yaml").read_text())
+    config[phase]["class_weighting"] = True
+    validate_config(config, "schemas/config.schema.yaml", "workflow_config.yaml")
+    settings = {k: v for k, v in config[phase].items() if k not in ("archs", "labels", "validate_against")}
+    assert ClassifierTrainParams.from_dict({**settings, "arch": "vgg4"}).class_weighting is True
+
+
 def test_distillation_loss_soft_term_needs_teacher_logits() -> None:
     with pytest.raises(ValueError, match="needs teacher_logits"):
         distillation_loss(torch.zeros(2, 4), torch.zeros(2, dtype=torch.long), None, 2.0, 1.0, 0.5)

@@ -4,7 +4,8 @@ One call of ``generate_slide`` writes:
 
 * an OpenSlide-readable pyramidal tiled TIFF (levels 1, 1/2, 1/4; 256x256 tiles; mpp in the
   resolution tags) showing irregular tissue fragments on a white background, with nuclei of three
-  kinds (``other``, ``immune``, ``muscle``; ``spec``: their appearance, distinct or overlapping);
+  kinds (``other``, ``immune``, ``muscle``; ``spec``: their appearance, distinct or overlapping) and, with
+  ``debris_per_nucleus`` > 0, nucleus-like debris (``DEBRIS_STYLE``) that no annotation set holds;
 * QuPath-style GeoJSON: ``truth`` (every nucleus, true class, exact contour), ``ssa`` / ``wsa``
   (strong / weak synthetic annotations: some nuclei missed, contours jittered, labels from random
   flips or from a weak rule-based classifier, see ``annotate``) and ``ea`` (expert annotations: true
@@ -23,6 +24,7 @@ from cellkd.synthetic.slide import draw_slide, generate_demo_slide, generate_sli
 from cellkd.synthetic.spec import (
     ANNOTATION_SET_NAMES,
     APPEARANCES,
+    DEBRIS_STYLE,
     DEFAULT_SSA_RULES,
     DEFAULT_WSA_RULES,
     NUCLEUS_STYLES,
@@ -38,6 +40,7 @@ __all__ = [
     "ANNOTATION_SET_NAMES",
     "APPEARANCES",
     "BACKGROUND_INTENSITY",
+    "DEBRIS_STYLE",
     "DEFAULT_SSA_RULES",
     "DEFAULT_WSA_RULES",
     "NUCLEUS_STYLES",

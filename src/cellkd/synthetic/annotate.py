@@ -21,13 +21,8 @@ import numpy.typing as npt
 
 from cellkd.classes import ClassSpec
 from cellkd.synthetic.layout import Nuclei
-from cellkd.synthetic.render import (
-    EOSIN_KEPT_IN_NUCLEUS,
-    MEAN_TISSUE_EOSIN,
-    REFERENCE_STAIN_MATRIX,
-    TEXTURE_AFTER_BLUR,
-)
-from cellkd.synthetic.spec import RULE_FEATURES, SyntheticSlideParams, WeakRule
+from cellkd.synthetic.render import MEAN_TISSUE_EOSIN, REFERENCE_STAIN_MATRIX, TEXTURE_AFTER_BLUR
+from cellkd.synthetic.spec import EOSIN_KEPT_IN_NUCLEUS, RULE_FEATURES, SyntheticSlideParams, WeakRule
 
 MEASUREMENT_NOISE = 0.05
 """Relative per-nucleus noise of the stain measurements (pixel sampling, out-of-focus light)."""

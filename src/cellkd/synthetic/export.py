@@ -22,7 +22,8 @@ from cellkd.classes import ClassSpec
 from cellkd.store.atomic import atomic_path
 from cellkd.synthetic.annotate import Annotation, Stain, deconvolved, measure_nuclei, polygon_moments
 from cellkd.synthetic.layout import Nuclei, closed, geojson_polygon
-from cellkd.synthetic.render import EOSIN_KEPT_IN_NUCLEUS, MEAN_TISSUE_EOSIN, TISSUE_HEMATOXYLIN
+from cellkd.synthetic.render import MEAN_TISSUE_EOSIN, TISSUE_HEMATOXYLIN
+from cellkd.synthetic.spec import EOSIN_KEPT_IN_NUCLEUS
 from cellkd.types import PathLike
 
 CELL_EXPANSION_UM = 5.0

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -18,7 +18,7 @@ import shapely
 from scipy.ndimage import gaussian_filter
 from scipy.spatial import cKDTree
 
-from cellkd.synthetic.spec import NucleusStyle, SyntheticSlideParams
+from cellkd.synthetic.spec import EOSIN_KEPT_IN_NUCLEUS, NucleusStyle, SyntheticSlideParams
 
 logger = logging.getLogger(__name__)
 
@@ -32,13 +32,46 @@ _MAX_ROUNDS = 12
 
 @dataclass(frozen=True)
 class Nuclei:
-    """Accepted nuclei, sorted by centroid (y, x)."""
+    """Accepted nuclei (or nucleus-like background objects), sorted by centroid (y, x)."""
 
     rings: npt.NDArray[np.float64]  # (N, K, 2) open rings, level-0 (x, y), rounded to 0.01 px
     centres: npt.NDArray[np.float64]  # (N, 2) (x, y); each contour is star-shaped around its centre
     labels: npt.NDArray[np.int64]  # (N,) class index
     concentration: npt.NDArray[np.float32]  # (N,) hematoxylin concentration
     chromatin: npt.NDArray[np.float32]  # (N,) relative texture amplitude
+    eosin: npt.NDArray[np.float32] | None = field(default=None)
+    # (N,) eosin kept inside, relative to the tissue's; None: EOSIN_KEPT_IN_NUCLEUS for every object
+
+    def __post_init__(self) -> None:
+        if self.eosin is None:
+            object.__setattr__(self, "eosin", np.full(len(self.labels), EOSIN_KEPT_IN_NUCLEUS, np.float32))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def take(self, index: npt.NDArray[np.intp]) -> Nuclei:
+        """The objects at ``index``, in that order."""
+        assert self.eosin is not None
+        return Nuclei(
+            self.rings[index],
+            self.centres[index],
+            self.labels[index],
+            self.concentration[index],
+            self.chromatin[index],
+            self.eosin[index],
+        )
+
+    def concatenate(self, other: Nuclei) -> Nuclei:
+        """These objects followed by ``other``'s."""
+        assert self.eosin is not None and other.eosin is not None
+        return Nuclei(
+            np.concatenate([self.rings, other.rings]),
+            np.concatenate([self.centres, other.centres]),
+            np.concatenate([self.labels, other.labels]),
+            np.concatenate([self.concentration, other.concentration]),
+            np.concatenate([self.chromatin, other.chromatin]),
+            np.concatenate([self.eosin, other.eosin]),
+        )
 
 
 class SmoothField:
@@ -224,19 +257,26 @@ def sample_nuclei(
     params: SyntheticSlideParams,
     styles: Sequence[NucleusStyle],
     orientation: SmoothField,
-) -> Nuclei:
+    debris_style: NucleusStyle | None = None,
+) -> tuple[Nuclei, Nuclei]:
     """Place non-overlapping nuclei fully inside the fragments, with class counts set by ``class_fractions``.
 
-    Candidates come in rounds (at most ``_BATCH`` at a time, so memory stays bounded on huge slides);
-    a candidate is accepted greedily unless it leaves its fragment or comes within ``_NUCLEUS_GAP_PX``
-    of an accepted nucleus. Each round draws classes in proportion to the still-missing counts, so
-    hard-to-place (elongated) classes catch up.
+    Returns the nuclei and the background objects (``debris_per_nucleus`` per nucleus, drawn in
+    ``debris_style``, label -1): they are placed together, as one more kind, so neither overlaps the
+    other. Candidates come in rounds (at most ``_BATCH`` at a time, so memory stays bounded on huge
+    slides); a candidate is accepted greedily unless it leaves its fragment or comes within
+    ``_NUCLEUS_GAP_PX`` of an accepted object. Each round draws kinds in proportion to the still-missing
+    counts, so hard-to-place (elongated) classes catch up.
     """
     if params.nuclei_total is None:
         target = round(params.nuclei_per_mpx * sum(f.area for f in fragments) / 1e6)
     else:
         target = params.nuclei_total
-    remaining = _largest_remainder(params.class_fractions, target)
+    n_debris = round(params.debris_per_nucleus * target) if debris_style is not None else 0
+    # The background kind comes last: with none to place, its zero weight leaves every draw as before.
+    remaining = np.append(_largest_remainder(params.class_fractions, target), n_debris)
+    styles = [*styles, debris_style or styles[0]]
+    target += n_debris
     for fragment in fragments:
         shapely.prepare(fragment)
     fragment_array = np.asarray(fragments, dtype=object)
@@ -294,4 +334,15 @@ def sample_nuclei(
     spread = np.array([s.hematoxylin_sd for s in styles])[labels]
     concentration = base * np.clip(1 + spread * rng.standard_normal(len(labels)), 0.6, 1.4)
     chromatin = np.array([s.chromatin for s in styles])[labels]
-    return Nuclei(rings, centres, labels, concentration.astype(np.float32), chromatin.astype(np.float32))
+    debris = labels == len(styles) - 1
+    eosin = np.full(len(labels), EOSIN_KEPT_IN_NUCLEUS)
+    if debris.any():  # drawn only when there is debris: the nuclei's stream stays as without it
+        lo, hi = styles[-1].eosin_kept
+        eosin[debris] = rng.uniform(lo, hi, int(debris.sum()))
+    labels = np.where(debris, -1, labels)
+    everything = Nuclei(
+        rings, centres, labels, concentration.astype(np.float32), chromatin.astype(np.float32), eosin.astype(np.float32)
+    )
+    if not debris.any():  # no copy of the (possibly paper-scale) arrays
+        return everything, everything.take(np.zeros(0, np.intp))
+    return everything.take(np.flatnonzero(~debris)), everything.take(np.flatnonzero(debris))

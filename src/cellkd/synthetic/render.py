@@ -37,9 +37,6 @@ REFERENCE_STAIN_MATRIX: npt.NDArray[np.float64] = np.array(
 )
 """Rows: hematoxylin and eosin optical-density vectors (R, G, B) of Macenko's reference H&E."""
 
-EOSIN_KEPT_IN_NUCLEUS = 0.35
-"""A nucleus displaces most of the eosinophilic cytoplasm and stroma: the eosin it keeps, relative."""
-
 MEAN_TISSUE_EOSIN = 0.48 + 0.22 * 0.375
 """Mean eosin concentration of the tissue: the base plus the fibres' mean, E[(0.5 + 0.5 sin)^2] = 3/8."""
 
@@ -67,7 +64,10 @@ def stain_matrix(rng: np.random.Generator, jitter: float) -> tuple[npt.NDArray[n
 
 
 class Renderer:
-    """Renders horizontal strips of the level-0 image; the same rows always give the same pixels."""
+    """Renders horizontal strips of the level-0 image; the same rows always give the same pixels.
+
+    ``nuclei`` are every dark object drawn: the nuclei, then any background objects (``Nuclei.concatenate``).
+    """
 
     def __init__(
         self,
@@ -172,7 +172,7 @@ class Renderer:
         inside = labels > 0
         which = labels[inside] - 1
         hema[inside] = self.nuclei.concentration[which] * (1 + self.nuclei.chromatin[which] * 0.5 * fine[inside])
-        eosin[inside] *= EOSIN_KEPT_IN_NUCLEUS
+        eosin[inside] *= self.nuclei.eosin[which]
         hema = gaussian_filter(np.clip(hema, 0, None), self.blur) * self.scales[0]
         eosin = gaussian_filter(np.clip(eosin, 0, None), self.blur) * self.scales[1]
         return hema[..., None] * self.stain[0] + eosin[..., None] * self.stain[1]

@@ -20,7 +20,14 @@ from cellkd.synthetic.annotate import Annotation, Stain, expert_annotation, uuid
 from cellkd.synthetic.export import write_detections
 from cellkd.synthetic.layout import Nuclei, SmoothField, fragment_box, fragment_polygons, sample_nuclei
 from cellkd.synthetic.render import Renderer, stain_matrix, write_pyramid
-from cellkd.synthetic.spec import ANNOTATION_SET_NAMES, SlideTruth, SyntheticSlideParams, params_from_config, style_for
+from cellkd.synthetic.spec import (
+    ANNOTATION_SET_NAMES,
+    DEBRIS_STYLE,
+    SlideTruth,
+    SyntheticSlideParams,
+    params_from_config,
+    style_for,
+)
 from cellkd.types import PathLike
 
 logger = logging.getLogger(__name__)
@@ -34,7 +41,10 @@ def _seed_sequence(seed: int, slide_id: str) -> np.random.SeedSequence:
 
 @dataclass
 class DrawnSlide:
-    """Everything random about one slide, drawn but not yet written; ``annotations`` derives the sets."""
+    """Everything random about one slide, drawn but not yet written; ``annotations`` derives the sets.
+
+    ``debris``: the background objects, rendered in the pixels but held by no annotation set.
+    """
 
     slide_id: str
     seed: int
@@ -42,6 +52,7 @@ class DrawnSlide:
     classes: tuple[ClassSpec, ...]
     fragments: list[shapely.Polygon]
     nuclei: Nuclei
+    debris: Nuclei
     stain: Stain
     renderer: Renderer
     ids: list[str]
@@ -82,6 +93,7 @@ class DrawnSlide:
             nuclei_per_class=tuple(int(v) for v in np.bincount(self.nuclei.labels, minlength=len(self.classes))),
             annotation_counts=tuple(counts),
             stain_matrix=tuple(tuple(float(v) for v in row) for row in self.stain.matrix),  # type: ignore[arg-type]
+            debris=len(self.debris),
         )
 
 
@@ -101,9 +113,9 @@ def draw_slide(
     styles = [style_for(spec, i, params.styles) for i, spec in enumerate(classes)]
     fragments = fragment_polygons(layout_rng, params)
     orientation = SmoothField(layout_rng, params.width, params.height, cell=80 / params.mpp)
-    nuclei = sample_nuclei(nuclei_rng, fragments, params, styles, orientation)
+    nuclei, debris = sample_nuclei(nuclei_rng, fragments, params, styles, orientation, DEBRIS_STYLE)
     stain = Stain(*stain_matrix(stain_rng, params.stain_jitter))
-    renderer = Renderer(render_rng, params, fragments, nuclei, stain.matrix, stain.scales)
+    renderer = Renderer(render_rng, params, fragments, nuclei.concatenate(debris), stain.matrix, stain.scales)
     return DrawnSlide(
         slide_id,
         int(seed),
@@ -111,6 +123,7 @@ def draw_slide(
         tuple(classes),
         fragments,
         nuclei,
+        debris,
         stain,
         renderer,
         uuids(id_rng, len(nuclei.labels)),
@@ -149,13 +162,14 @@ def generate_slide(
         counts.append((name, len(annotation.kept)))
     truth = drawn.truth(counts)
     logger.info(
-        "slide %s: %dx%d px, %d fragments, %d nuclei %s, written in %.1f s",
+        "slide %s: %dx%d px, %d fragments, %d nuclei %s, %d background objects, written in %.1f s",
         slide_id,
         params.width,
         params.height,
         len(drawn.fragments),
         truth.n_nuclei,
         dict(zip(truth.class_names, truth.nuclei_per_class, strict=True)),
+        truth.debris,
         time.perf_counter() - started,
     )
     return truth

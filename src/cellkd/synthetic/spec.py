@@ -19,6 +19,9 @@ from cellkd.params import check_parameters, is_int, params_from_dict
 ANNOTATION_SET_NAMES: tuple[str, ...] = ("truth", "ssa", "wsa", "ea")
 """Keys ``generate_slide`` accepts in ``geojson_paths``."""
 
+EOSIN_KEPT_IN_NUCLEUS = 0.35
+"""A nucleus displaces most of the eosinophilic cytoplasm and stroma: the eosin it keeps, relative."""
+
 RULE_FEATURES: tuple[str, ...] = ("area_um2", "elongation", "circularity", "hematoxylin", "texture")
 """Measured nucleus features a weak-annotator rule may test (see ``annotate.measure_nuclei``)."""
 
@@ -34,6 +37,8 @@ class NucleusStyle:
     hematoxylin_sd: float  # relative per-nucleus spread of that concentration
     chromatin: float  # relative amplitude of per-pixel chromatin texture
     aligned: bool  # long axis follows the slide's smooth fibre-orientation field
+    eosin_kept: tuple[float, float] = (EOSIN_KEPT_IN_NUCLEUS, EOSIN_KEPT_IN_NUCLEUS)
+    # uniform range of the eosin left inside the object, relative to the tissue's
 
 
 DISTINCT_STYLES: Mapping[str, NucleusStyle] = {
@@ -49,6 +54,11 @@ OVERLAPPING_STYLES: Mapping[str, NucleusStyle] = {
     "muscle": NucleusStyle((4.5, 8.0), (2.0, 4.5), 0.04, 1.10, 0.15, 0.20, aligned=True),
 }
 """The same three kinds with overlapping size, elongation, darkness and texture ranges."""
+
+DEBRIS_STYLE = NucleusStyle((1.4, 3.2), (1.0, 1.8), 0.16, 1.95, 0.15, 0.03, aligned=False, eosin_kept=(0.3, 1.6))
+"""Nucleus-like objects that are not nuclei: apoptotic bodies and pyknotic debris. Small, irregular, very dark
+and homogeneous (condensed chromatin, no texture), mostly in hypereosinophilic cytoplasm (pinker than a nucleus).
+Small round ones look like immune nuclei; the texture, outline and eosin set most of them apart."""
 
 APPEARANCES: Mapping[str, Mapping[str, NucleusStyle]] = {"distinct": DISTINCT_STYLES, "overlapping": OVERLAPPING_STYLES}
 """Appearance sets by name (``SyntheticSlideParams.appearance``)."""
@@ -115,6 +125,9 @@ class SyntheticSlideParams:
     are physical, so they shrink in pixels as mpp grows). ``nuclei_total``, when set, fixes the number
     of nuclei whatever the tissue area (``nuclei_per_mpx`` is then unused). ``fragment_aspect`` bounds
     the minor/major ratio of the tissue blobs; ``nucleus_size`` multiplies every nucleus axis (denser tissue).
+    ``debris_per_nucleus``: nucleus-like non-nuclei (``DEBRIS_STYLE``) drawn per nucleus; they are in the
+    pixels but in no annotation set (not even the truth), so a segmentation that finds them makes nuclei
+    that every set labels background, as QuPath's cell detection finds debris that nobody classifies.
 
     ``annotator`` says how SSA and WSA labels arise: ``flips`` moves ``*_flip`` of the kept labels to
     another class uniformly at random; ``rules`` classifies every kept nucleus with the decision list
@@ -135,6 +148,7 @@ class SyntheticSlideParams:
     class_fractions: tuple[float, ...] = (0.5, 0.3, 0.2)
     appearance: Literal["distinct", "overlapping"] = "distinct"
     nucleus_size: float = 1.0
+    debris_per_nucleus: float = 0.0
     annotator: Literal["flips", "rules"] = "flips"
     ssa_flip: float = 0.10
     ssa_miss: float = 0.05
@@ -184,6 +198,11 @@ class SyntheticSlideParams:
                 "(minimum, maximum) minor/major ratios in [0.1, 1]",
             ),
             (0.2 <= self.nucleus_size <= 5.0, "nucleus_size", "a factor on every nucleus axis in [0.2, 5]"),
+            (
+                0.0 <= self.debris_per_nucleus <= 2.0,
+                "debris_per_nucleus",
+                "background objects per nucleus in [0, 2]",
+            ),
             (
                 0.0 <= self.nuclei_per_mpx <= 10_000.0,
                 "nuclei_per_mpx",
@@ -269,6 +288,7 @@ class SlideTruth:
     fragment (including a 2-pixel optical-blur halo); outside them the slide is background.
     ``nuclei_per_class``: nucleus counts in ``class_names`` order. ``annotation_counts``: features
     written per GeoJSON set. ``stain_matrix``: the H and E optical-density rows actually used.
+    ``debris``: background objects drawn (in the pixels, in no annotation set).
     """
 
     slide_id: str
@@ -280,6 +300,7 @@ class SlideTruth:
     nuclei_per_class: tuple[int, ...]
     annotation_counts: tuple[tuple[str, int], ...]
     stain_matrix: tuple[tuple[float, float, float], tuple[float, float, float]]
+    debris: int = 0
 
     @property
     def n_nuclei(self) -> int:
