@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from cellkd.errors import StoreError
 from cellkd.report.classification import write_table5
 from cellkd.report.seeds import ci95_half_width, format_mean_ci, interval_note, mean_ci95
 from cellkd.report.segmentation import select_architecture, selected_model_path, write_table2
@@ -86,7 +87,7 @@ def test_table2_csv_carries_mean_and_ci_computed_from_its_per_seed_rows(tmp_path
     markdown = paths.md.read_text()
     assert "t-interval over 1/3 seeds" in markdown.splitlines()[0]
     assert "0.900 ± 0.248" in markdown
-    assert "| 0.600 " in markdown  # one seed: the mean alone
+    assert "| 0.600 " in markdown and "0.6000" not in markdown  # one seed: the mean alone, as written
 
 
 def test_table5_averages_every_score_column_but_keeps_the_test_set_size(tmp_path: Path) -> None:
@@ -131,3 +132,10 @@ def test_selection_takes_the_best_mean_dice_over_seeds_and_the_first_seed_model(
     assert payload["scores"] == pytest.approx({"unet": 0.75, "unetplusplus": 0.825})
     assert payload["seed"] == 3  # the first seed given, not the best one
     assert selected_model_path(selected) == str(tmp_path / "raw/unetplusplus/seed3/model.pt")
+
+
+def test_a_selection_file_without_a_seed_names_the_rule_to_rerun(tmp_path: Path) -> None:
+    selected = tmp_path / "selected.json"
+    selected.write_text(json.dumps({"arch": "unet"}))
+    with pytest.raises(StoreError, match=r"selected\.json: names no seed.*--forcerun select_segmentation"):
+        selected_model_path(selected)

@@ -209,4 +209,9 @@ def selected_model_path(selected_json: PathLike) -> str:
     """``model.pt`` of the architecture and seed named in ``selected.json`` (beside it: ``{arch}/seed{seed}/``)."""
     selected = Path(selected_json)
     payload = json.loads(selected.read_text(encoding="utf-8"))
+    if "seed" not in payload:
+        raise StoreError(
+            f"{selected}: names no seed (written by a cellkd without training seeds); "
+            "rerun it with snakemake --forcerun select_segmentation"
+        )
     return str(selected.parent / payload["arch"] / f"seed{payload['seed']}" / "model.pt")

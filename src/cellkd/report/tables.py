@@ -73,6 +73,7 @@ def write_seed_outputs(
         per_seed.to_csv(tmp, index=False)
     with atomic_path(paths.csv) as tmp:
         aggregated.to_csv(tmp, index=False)
-    markdown = markdown_view(aggregated, metrics).to_markdown(index=False, floatfmt=".4f")
+    # disable_numparse: a lone mean ("0.172", one seed) stays as written, not re-read as a number and padded to 0.1720
+    markdown = markdown_view(aggregated, metrics).to_markdown(index=False, disable_numparse=True)
     note = interval_note(aggregated[SEEDS_COLUMN]) if len(aggregated) else "no rows"
     atomic_write_text(paths.md, f"# {title} ({note})\n\n{markdown}\n")
