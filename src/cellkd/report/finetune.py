@@ -165,7 +165,7 @@ def plot_finetune_curve(table: pd.DataFrame, png_path: PathLike) -> None:
         band = (
             "no band: one seed" if seeds == [1] else f"band: 95% CI, t-interval over {'/'.join(map(str, seeds))} seeds"
         )
-        ax.set_title(f"Fine-tuning the student on expert labels (mean; {band})", fontsize=9)
+        ax.set_title(f"Fine-tuning the student on expert labels\n(mean over seeds; {band})", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
 
