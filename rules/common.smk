@@ -1,4 +1,5 @@
 import copy
+import itertools
 import re
 from pathlib import Path
 
@@ -73,6 +74,11 @@ PREDICT = config["predict"]
 PREDICT_COUNT = PREDICT["count"] or max(config["finetune"]["counts"])
 
 STAINS = config["stains"]
+# Training seeds: every model is trained (and evaluated) once per seed, and Tables 2, 4-6 report mean ± 95% CI
+# over them. `seed` stays the data seed (demo slides, splits), so every training seed sees the same data. What
+# segments the slides, and what predict and export_model use, is the first seed's model.
+SEEDS = config["seeds"]
+FIRST_SEED = SEEDS[0]
 if PREDICT["stain"] not in STAINS and not PREDICT_MODEL:
     raise ConfigError(
         f"predict.stain {PREDICT['stain']!r} is not in stains {STAINS}; add it or change predict.stain"
@@ -92,6 +98,7 @@ wildcard_constraints:
     arch="[a-z0-9]+",
     weak_set="ssa|wsa",
     per_class=r"\d+",
+    seed=r"\d+",
 
 
 def get_slide_path(wildcards):
@@ -153,7 +160,7 @@ def get_segmentation_train_params(wildcards):
         for k, v in config["segmentation"].items()
         if k not in ("archs", "inference")
     }
-    return {**settings, "arch": wildcards.arch, "seed": config["seed"]}
+    return {**settings, "arch": wildcards.arch, "seed": int(wildcards.seed)}
 
 
 def get_segmentation_references(wildcards):
@@ -190,18 +197,18 @@ def get_teacher_train_params(wildcards):
     settings = {
         k: v for k, v in config["teacher"].items() if k not in ("archs", "labels")
     }
-    return {**settings, "arch": wildcards.arch, "seed": config["seed"]}
+    return {**settings, "arch": wildcards.arch, "seed": int(wildcards.seed)}
 
 
 def get_distilled_teacher(wildcards):
-    """The teacher the student learns from: the first configured teacher architecture."""
+    """The teacher the student learns from: the first configured teacher architecture, of the student's seed."""
     arch = config["teacher"]["archs"][0]
-    return f"results/teacher/{wildcards.stain}/{wildcards.weak_set}/{arch}/model.pt"
+    return f"results/teacher/{wildcards.stain}/{wildcards.weak_set}/{arch}/seed{wildcards.seed}/model.pt"
 
 
 def get_student_train_params(wildcards):
     settings = {k: v for k, v in config["student"].items() if k != "validate_against"}
-    return {**settings, "seed": config["seed"]}
+    return {**settings, "seed": int(wildcards.seed)}
 
 
 def get_expert_nuclei_stores(wildcards):
@@ -219,14 +226,15 @@ def get_expert_nuclei_stores(wildcards):
 
 def get_finetune_params(wildcards):
     settings = {k: v for k, v in config["finetune"].items() if k != "counts"}
-    return {**settings, "seed": config["seed"]}
+    # the seed of the student it starts from, which also draws the expert subsets
+    return {**settings, "seed": int(wildcards.seed)}
 
 
 def get_trained_predict_model(wildcards):
-    """The fine-tuned student; the plain distilled student when the sheet has no expert labels."""
+    """The first seed's fine-tuned student; its plain distilled student when the sheet has no expert labels."""
     if not PHASES.finetune:
-        return f"results/student/{PREDICT['stain']}/{PREDICT['labels']}/model.pt"
-    return f"results/finetune/{PREDICT['stain']}/{PREDICT['labels']}/n{PREDICT_COUNT}/model.pt"
+        return f"results/student/{PREDICT['stain']}/{PREDICT['labels']}/seed{FIRST_SEED}/model.pt"
+    return f"results/finetune/{PREDICT['stain']}/{PREDICT['labels']}/n{PREDICT_COUNT}/seed{FIRST_SEED}/model.pt"
 
 
 def get_predict_model(wildcards):
@@ -242,13 +250,14 @@ def bundle_weights(component):
 
 
 def selected_segmentation_inputs(stain):
-    """selected.json of ``stain`` and every model.pt it may name."""
+    """selected.json of ``stain`` and every model.pt it may name: each architecture's first seed."""
     return {
         "selected": f"results/segmentation/{stain}/selected.json",
         "models": expand(
-            "results/segmentation/{stain}/{arch}/model.pt",
+            "results/segmentation/{stain}/{arch}/seed{seed}/model.pt",
             stain=stain,
             arch=config["segmentation"]["archs"],
+            seed=FIRST_SEED,
         ),
     }
 
@@ -278,14 +287,17 @@ BUNDLE_NAME = (
 
 
 def get_export_inputs(wildcards):
-    """The trained models behind `predict`, and what the bundle records about their training."""
+    """The trained models behind `predict`, and what the bundle records about their training.
+
+    The tables are the per-seed ones: the bundle records the rows of its own (first-seed) models.
+    """
     stain = PREDICT["stain"]
     tables = {
-        "table2": "results/tables/table2.csv",
-        "table5": "results/tables/table5.csv",
+        "table2": "results/tables/table2_per_seed.csv",
+        "table5": "results/tables/table5_per_seed.csv",
     }
     if PHASES.finetune:
-        tables["table6"] = "results/tables/table6.csv"
+        tables["table6"] = "results/tables/table6_per_seed.csv"
     return {
         **selected_segmentation_inputs(stain),
         "classifier": get_trained_predict_model(wildcards),
@@ -309,6 +321,7 @@ def get_export_settings(wildcards):
         "nuclei": config["nuclei"],
         "inference": config["segmentation"]["inference"],
         "count": PREDICT_COUNT if PHASES.finetune else None,
+        "seed": FIRST_SEED,
         "annotation_sets": {s: sorted(e.annotations) for s, e in SLIDES.items()},
         "public_datasets": list(DATASETS),
         "mpp_fallback": config["mpp_fallback"],
@@ -316,20 +329,20 @@ def get_export_settings(wildcards):
 
 
 def get_training_histories(wildcards):
-    """Every history.csv the run writes, named "<phase>|<model label>" for the curve plot."""
+    """Every history.csv the run writes, named "<phase>|<model label>" for the curve plot (every seed)."""
     histories = {}
-    for stain in STAINS:
+    for stain, seed in itertools.product(STAINS, SEEDS):
         for arch in config["segmentation"]["archs"]:
-            histories[f"segmentation|{stain}/{arch}"] = (
-                f"results/segmentation/{stain}/{arch}/history.csv"
+            histories[f"segmentation|{stain}/{arch}/seed{seed}"] = (
+                f"results/segmentation/{stain}/{arch}/seed{seed}/history.csv"
             )
         for weak_set in config["teacher"]["labels"]:
             for arch in config["teacher"]["archs"]:
-                histories[f"teacher|{stain}/{weak_set}/{arch}"] = (
-                    f"results/teacher/{stain}/{weak_set}/{arch}/history.csv"
+                histories[f"teacher|{stain}/{weak_set}/{arch}/seed{seed}"] = (
+                    f"results/teacher/{stain}/{weak_set}/{arch}/seed{seed}/history.csv"
                 )
-            histories[f"student|{stain}/{weak_set}"] = (
-                f"results/student/{stain}/{weak_set}/history.csv"
+            histories[f"student|{stain}/{weak_set}/seed{seed}"] = (
+                f"results/student/{stain}/{weak_set}/seed{seed}/history.csv"
             )
     return histories
 

@@ -3,12 +3,12 @@ rule train_segmentation:
         patches=get_segmentation_patch_stores,
         pixels=get_segmentation_pixel_stores,
     output:
-        model="results/segmentation/{stain}/{arch}/model.pt",
-        history="results/segmentation/{stain}/{arch}/history.csv",
+        model="results/segmentation/{stain}/{arch}/seed{seed}/model.pt",
+        history="results/segmentation/{stain}/{arch}/seed{seed}/history.csv",
     log:
-        "logs/train_segmentation/{stain}/{arch}.log",
+        "logs/train_segmentation/{stain}/{arch}/seed{seed}.log",
     benchmark:
-        "benchmarks/train_segmentation/{stain}/{arch}.tsv"
+        "benchmarks/train_segmentation/{stain}/{arch}/seed{seed}.tsv"
     conda:
         "../envs/cellkd.yaml"
     threads: 2
@@ -24,15 +24,15 @@ rule train_segmentation:
 
 rule evaluate_segmentation:
     input:
-        model="results/segmentation/{stain}/{arch}/model.pt",
+        model="results/segmentation/{stain}/{arch}/seed{seed}/model.pt",
         patches=get_segmentation_patch_stores,
         pixels=get_segmentation_pixel_stores,
     output:
-        "results/segmentation/{stain}/{arch}/metrics.csv",
+        "results/segmentation/{stain}/{arch}/seed{seed}/metrics.csv",
     log:
-        "logs/evaluate_segmentation/{stain}/{arch}.log",
+        "logs/evaluate_segmentation/{stain}/{arch}/seed{seed}.log",
     benchmark:
-        "benchmarks/evaluate_segmentation/{stain}/{arch}.tsv"
+        "benchmarks/evaluate_segmentation/{stain}/{arch}/seed{seed}.tsv"
     conda:
         "../envs/cellkd.yaml"
     threads: 2
@@ -45,11 +45,15 @@ rule evaluate_segmentation:
         "../scripts/evaluate_segmentation.py"
 
 
+# The architecture with the best MEAN test Dice over the seeds; its FIRST seed's model (seeds[0]) then segments
+# every slide (segment_slide), so nuclei, classifiers and predictions rest on one segmentation per slide: training
+# seeds vary the classifiers, not the data they learn from.
 rule select_segmentation:
     input:
         metrics=expand(
-            "results/segmentation/{{stain}}/{arch}/metrics.csv",
+            "results/segmentation/{{stain}}/{arch}/seed{seed}/metrics.csv",
             arch=config["segmentation"]["archs"],
+            seed=SEEDS,
         ),
     output:
         "results/segmentation/{stain}/selected.json",
@@ -59,6 +63,7 @@ rule select_segmentation:
         "../envs/cellkd.yaml"
     params:
         archs=config["segmentation"]["archs"],
+        seeds=SEEDS,
         reference=config["segmentation"]["mask_set"],
     script:
         "../scripts/select_segmentation.py"
@@ -67,9 +72,10 @@ rule select_segmentation:
 rule tabulate_segmentation:
     input:
         metrics=expand(
-            "results/segmentation/{stain}/{arch}/metrics.csv",
+            "results/segmentation/{stain}/{arch}/seed{seed}/metrics.csv",
             stain=STAINS,
             arch=config["segmentation"]["archs"],
+            seed=SEEDS,
         ),
     output:
         csv=report(
@@ -77,6 +83,7 @@ rule tabulate_segmentation:
             caption="../report/table2.rst",
             category="Phase I: segmentation",
         ),
+        per_seed="results/tables/table2_per_seed.csv",
         md="results/tables/table2.md",
     log:
         "logs/tabulate_segmentation.log",
@@ -85,6 +92,7 @@ rule tabulate_segmentation:
     params:
         stains=STAINS,
         archs=config["segmentation"]["archs"],
+        seeds=SEEDS,
     script:
         "../scripts/tabulate_segmentation.py"
 
@@ -126,7 +134,7 @@ rule tabulate_instances:
 
 rule segment_slide:
     input:
-        # the selected architecture's model.pt, or the predict_model bundle's weights
+        # the selected architecture's first-seed model.pt, or the predict_model bundle's weights
         unpack(get_segmentation_model_inputs),
         fragments="results/fragments/{stain}/{slide}.h5",
     output:
@@ -151,9 +159,10 @@ rule segment_slide:
 # Figure 4 compares every architecture with QuPath, not only the selected one (as the paper does for U-Net
 # and U-Net++). Which one is selected is known only once selected.json exists, so the DAG cannot point these
 # masks at segment_slide's: the selected architecture's slides are segmented twice, once here for the figure.
+# Each architecture's first seed (as segment_slide): one segmentation per slide and arch, not one per seed.
 rule segment_slide_per_arch:
     input:
-        model="results/segmentation/{stain}/{arch}/model.pt",
+        model=f"results/segmentation/{{stain}}/{{arch}}/seed{SEEDS[0]}/model.pt",
         fragments="results/fragments/{stain}/{slide}.h5",
     output:
         "results/segmentation/{stain}/{arch}/masks/{slide}.h5",

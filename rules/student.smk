@@ -3,11 +3,11 @@ rule cache_teacher_logits:
         model=get_distilled_teacher,
         nuclei=get_nuclei_stores,
     output:
-        "results/student/{stain}/{weak_set}/teacher_logits.h5",
+        "results/student/{stain}/{weak_set}/seed{seed}/teacher_logits.h5",
     log:
-        "logs/cache_teacher_logits/{stain}/{weak_set}.log",
+        "logs/cache_teacher_logits/{stain}/{weak_set}/seed{seed}.log",
     benchmark:
-        "benchmarks/cache_teacher_logits/{stain}/{weak_set}.tsv"
+        "benchmarks/cache_teacher_logits/{stain}/{weak_set}/seed{seed}.tsv"
     conda:
         "../envs/cellkd.yaml"
     threads: 2
@@ -21,15 +21,15 @@ rule cache_teacher_logits:
 
 rule train_student:
     input:
-        logits="results/student/{stain}/{weak_set}/teacher_logits.h5",
+        logits="results/student/{stain}/{weak_set}/seed{seed}/teacher_logits.h5",
         nuclei=get_nuclei_stores,
     output:
-        model="results/student/{stain}/{weak_set}/model.pt",
-        history="results/student/{stain}/{weak_set}/history.csv",
+        model="results/student/{stain}/{weak_set}/seed{seed}/model.pt",
+        history="results/student/{stain}/{weak_set}/seed{seed}/history.csv",
     log:
-        "logs/train_student/{stain}/{weak_set}.log",
+        "logs/train_student/{stain}/{weak_set}/seed{seed}.log",
     benchmark:
-        "benchmarks/train_student/{stain}/{weak_set}.tsv"
+        "benchmarks/train_student/{stain}/{weak_set}/seed{seed}.tsv"
     conda:
         "../envs/cellkd.yaml"
     threads: 2
@@ -46,19 +46,19 @@ rule train_student:
 
 rule evaluate_student:
     input:
-        model="results/student/{stain}/{weak_set}/model.pt",
+        model="results/student/{stain}/{weak_set}/seed{seed}/model.pt",
         teacher=get_distilled_teacher,
         nuclei=get_nuclei_stores,
     output:
-        metrics="results/student/{stain}/{weak_set}/metrics.csv",
+        metrics="results/student/{stain}/{weak_set}/seed{seed}/metrics.csv",
         confusion=report(
-            "results/student/{stain}/{weak_set}/confusion.png",
+            "results/student/{stain}/{weak_set}/seed{seed}/confusion.png",
             caption="../report/confusion.rst",
             category="Phase III: student",
-            subcategory="{stain} / {weak_set}",
+            subcategory="{stain} / {weak_set} / seed {seed}",
         ),
     log:
-        "logs/evaluate_student/{stain}/{weak_set}.log",
+        "logs/evaluate_student/{stain}/{weak_set}/seed{seed}.log",
     conda:
         "../envs/cellkd.yaml"
     threads: 2
@@ -72,9 +72,10 @@ rule evaluate_student:
 rule tabulate_students:
     input:
         metrics=expand(
-            "results/student/{stain}/{weak_set}/metrics.csv",
+            "results/student/{stain}/{weak_set}/seed{seed}/metrics.csv",
             stain=STAINS,
             weak_set=config["teacher"]["labels"],
+            seed=SEEDS,
         ),
     output:
         csv=report(
@@ -82,6 +83,7 @@ rule tabulate_students:
             caption="../report/table5.rst",
             category="Phase III: student",
         ),
+        per_seed="results/tables/table5_per_seed.csv",
         md="results/tables/table5.md",
     log:
         "logs/tabulate_students.log",
@@ -90,5 +92,6 @@ rule tabulate_students:
     params:
         stains=STAINS,
         labels=config["teacher"]["labels"],
+        seeds=SEEDS,
     script:
         "../scripts/tabulate_students.py"

@@ -2,12 +2,12 @@ rule train_teacher:
     input:
         nuclei=get_nuclei_stores,
     output:
-        model="results/teacher/{stain}/{weak_set}/{arch}/model.pt",
-        history="results/teacher/{stain}/{weak_set}/{arch}/history.csv",
+        model="results/teacher/{stain}/{weak_set}/{arch}/seed{seed}/model.pt",
+        history="results/teacher/{stain}/{weak_set}/{arch}/seed{seed}/history.csv",
     log:
-        "logs/train_teacher/{stain}/{weak_set}/{arch}.log",
+        "logs/train_teacher/{stain}/{weak_set}/{arch}/seed{seed}.log",
     benchmark:
-        "benchmarks/train_teacher/{stain}/{weak_set}/{arch}.tsv"
+        "benchmarks/train_teacher/{stain}/{weak_set}/{arch}/seed{seed}.tsv"
     conda:
         "../envs/cellkd.yaml"
     threads: 2
@@ -24,18 +24,18 @@ rule train_teacher:
 
 rule evaluate_teacher:
     input:
-        model="results/teacher/{stain}/{weak_set}/{arch}/model.pt",
+        model="results/teacher/{stain}/{weak_set}/{arch}/seed{seed}/model.pt",
         nuclei=get_nuclei_stores,
     output:
-        metrics="results/teacher/{stain}/{weak_set}/{arch}/metrics.csv",
+        metrics="results/teacher/{stain}/{weak_set}/{arch}/seed{seed}/metrics.csv",
         confusion=report(
-            "results/teacher/{stain}/{weak_set}/{arch}/confusion.png",
+            "results/teacher/{stain}/{weak_set}/{arch}/seed{seed}/confusion.png",
             caption="../report/confusion.rst",
             category="Phase II: labels and teachers",
-            subcategory="{stain} / {weak_set} / {arch}",
+            subcategory="{stain} / {weak_set} / {arch} / seed {seed}",
         ),
     log:
-        "logs/evaluate_teacher/{stain}/{weak_set}/{arch}.log",
+        "logs/evaluate_teacher/{stain}/{weak_set}/{arch}/seed{seed}.log",
     conda:
         "../envs/cellkd.yaml"
     threads: 2
@@ -49,10 +49,11 @@ rule evaluate_teacher:
 rule tabulate_teachers:
     input:
         metrics=expand(
-            "results/teacher/{stain}/{weak_set}/{arch}/metrics.csv",
+            "results/teacher/{stain}/{weak_set}/{arch}/seed{seed}/metrics.csv",
             stain=STAINS,
             weak_set=config["teacher"]["labels"],
             arch=config["teacher"]["archs"],
+            seed=SEEDS,
         ),
     output:
         csv=report(
@@ -60,6 +61,7 @@ rule tabulate_teachers:
             caption="../report/table4.rst",
             category="Phase II: labels and teachers",
         ),
+        per_seed="results/tables/table4_per_seed.csv",
         md="results/tables/table4.md",
     log:
         "logs/tabulate_teachers.log",
@@ -69,5 +71,6 @@ rule tabulate_teachers:
         stains=STAINS,
         labels=config["teacher"]["labels"],
         archs=config["teacher"]["archs"],
+        seeds=SEEDS,
     script:
         "../scripts/tabulate_teachers.py"

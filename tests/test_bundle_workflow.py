@@ -99,7 +99,7 @@ def test_export_model_plans_the_bundle_from_the_predicting_models(tmp_path: Path
     planned = planned_jobs(result.stdout)
     assert planned["export_model"] == 1
     assert "results/models/cellkd-raw-wsa" in result.stdout
-    assert "results/finetune/raw/wsa/n10/model.pt" in result.stdout  # TINY's largest count
+    assert "results/finetune/raw/wsa/n10/seed0/model.pt" in result.stdout  # TINY's largest count, first seed
     named = run_snakemake(
         tmp_path, "export_model", "--dry-run", "--cores", "1", config={**TINY, "export": {"name": "lab-v1"}}
     )
@@ -111,14 +111,14 @@ def test_export_model_rule_writes_a_bundle_from_the_trained_files(tmp_path: Path
     results = tmp_path / "results"
     seg, cls = tiny_models(tmp_path)
     for source, target in [
-        (seg, "segmentation/raw/unet/model.pt"),
-        (cls, "finetune/raw/wsa/n10/model.pt"),
+        (seg, "segmentation/raw/unet/seed0/model.pt"),
+        (cls, "finetune/raw/wsa/n10/seed0/model.pt"),
         (fragment_store(tmp_path, "demo0", "raw", 0.5), "fragments/raw/demo0.h5"),
-        *((path, f"tables/{name}.csv") for name, path in tables(tmp_path).items()),
+        *((path, f"tables/{name}_per_seed.csv") for name, path in tables(tmp_path).items()),
     ]:
         (results / target).parent.mkdir(parents=True, exist_ok=True)
         source.rename(results / target)
-    (results / "segmentation/raw/selected.json").write_text(json.dumps({"arch": "unet"}))
+    (results / "segmentation/raw/selected.json").write_text(json.dumps({"arch": "unet", "seed": 0}))
     (results / "nuclei/raw").mkdir(parents=True)
     with h5py.File(results / "nuclei/raw/demo0.h5", "w") as h5:  # the minimal nuclei store NucleiStore reads
         h5.attrs.update({"complete": True, "classes": ["other", "immune", "muscle", "background"]})
@@ -136,7 +136,9 @@ def test_export_model_rule_writes_a_bundle_from_the_trained_files(tmp_path: Path
         "muscle": 0,
         "background": 0,
     }
-    assert bundle.manifest["metrics"]["table6"] == [{"stain": "raw", "labels": "wsa", "count": 10, "f1_macro": 0.55}]
+    assert bundle.manifest["metrics"]["table6"] == [
+        {"stain": "raw", "labels": "wsa", "count": 10, "seed": 0, "f1_macro": 0.55}
+    ]
     assert (bundle.path / "MODEL_CARD.md").is_file()
 
 

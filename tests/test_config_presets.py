@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -174,3 +175,23 @@ def test_the_paper_preset_as_configfile_of_a_real_sheet_overrides_nothing(tmp_pa
     paper = yaml.safe_load((PRESETS / "paper.yaml").read_text())
     _, note = effective({**paper, "sheet": str(write_one_slide_sheet(tmp_path, ("ssa",)))})
     assert note.startswith("cellkd preset: paper") and "overrides" not in note
+
+
+@pytest.mark.parametrize(
+    ("seeds", "message"),
+    [
+        ([], "seeds: [] should be non-empty"),
+        ([0, 0], "seeds: [0, 0] has non-unique elements"),
+        ([1.5], "seeds.0: 1.5 is not of type 'integer'"),
+        ([-1], "seeds.0: -1 is less than the minimum of 0"),
+    ],
+)
+def test_seeds_must_be_unique_non_negative_integers(seeds: list, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        effective({"seeds": seeds})
+
+
+def test_both_presets_train_three_seeds_and_one_is_allowed() -> None:
+    assert effective({})[0]["seeds"] == [0, 1, 2]  # the demo (empty sheet)
+    assert schema_default("seeds") == [0, 1, 2]  # the paper preset is the schema defaults
+    assert effective({"seeds": [7]})[0]["seeds"] == [7]

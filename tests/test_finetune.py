@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from cellkd.errors import ConfigError, StoreError
 from cellkd.report.classification import SUMMARY_METRICS
 from cellkd.report.finetune import TABLE6_TITLE, write_table6
+from cellkd.report.tables import SeedTablePaths
 from cellkd.training.classifier import ClassifierTrainParams, train_classifier
 from cellkd.training.finetune import FinetuneParams, finetune_student, select_expert_rows
 
@@ -291,15 +292,20 @@ def write_metrics(path: Path, count: int, effective: int, before: float, after: 
     return path
 
 
+def table6_paths(folder: Path) -> SeedTablePaths:
+    return SeedTablePaths(folder / "t6.csv", folder / "t6_per_seed.csv", folder / "t6.md")
+
+
 def test_write_table6_writes_one_row_per_stain_labels_count_with_a_plot(tmp_path: Path) -> None:
     inputs = {
-        ("raw", "ssa", 50): write_metrics(tmp_path / "raw/ssa/n50.csv", 50, 50, 0.6, 0.7),
-        ("raw", "ssa", 10): write_metrics(tmp_path / "raw/ssa/n10.csv", 10, 10, 0.6, 0.65),
-        ("raw", "ssa", 500): write_metrics(tmp_path / "raw/ssa/n500.csv", 500, 212, 0.6, 0.8),
-        ("macenko", "wsa", 10): write_metrics(tmp_path / "mac/wsa/n10.csv", 10, 10, 0.5, 0.55),
+        ("raw", "ssa", 50, 0): write_metrics(tmp_path / "raw/ssa/n50.csv", 50, 50, 0.6, 0.7),
+        ("raw", "ssa", 10, 0): write_metrics(tmp_path / "raw/ssa/n10.csv", 10, 10, 0.6, 0.65),
+        ("raw", "ssa", 500, 0): write_metrics(tmp_path / "raw/ssa/n500.csv", 500, 212, 0.6, 0.8),
+        ("macenko", "wsa", 10, 0): write_metrics(tmp_path / "mac/wsa/n10.csv", 10, 10, 0.5, 0.55),
     }
-    csv, md, png = tmp_path / "t6.csv", tmp_path / "t6.md", tmp_path / "plots/t6.png"
-    table = write_table6(inputs, csv, md, png)
+    paths, png = table6_paths(tmp_path), tmp_path / "plots/t6.png"
+    write_table6(inputs, paths, png)
+    table = pd.read_csv(paths.per_seed)
     keys = list(table[["stain", "labels", "count"]].itertuples(index=False, name=None))
     assert keys == [("macenko", "wsa", 10), ("raw", "ssa", 10), ("raw", "ssa", 50), ("raw", "ssa", 500)]
     assert table["f1_macro_after"].tolist() == [0.55, 0.65, 0.7, 0.8]
@@ -309,28 +315,65 @@ def test_write_table6_writes_one_row_per_stain_labels_count_with_a_plot(tmp_path
     assert table["f1_weighted_before"].tolist() == pytest.approx([0.52, 0.62, 0.62, 0.62])
     assert table["accuracy_after"].tolist() == pytest.approx([0.6, 0.7, 0.75, 0.85])
     assert table.loc[3, "effective_count"] == 212 and table.loc[3, "lr"] == 1e-4
-    pd.testing.assert_frame_equal(pd.read_csv(csv), table)
-    assert md.read_text().startswith(f"# {TABLE6_TITLE}\n") and "| macenko" in md.read_text()
+    assert table.loc[3, "setting"] == "lr=0.0001, dropout=0.3"  # no grid.csv beside it: epochs unknown
+    summary = pd.read_csv(paths.csv)
+    assert summary["f1_macro_gain_mean"].tolist() == pytest.approx([0.05, 0.05, 0.1, 0.2])
+    assert summary["f1_macro_gain_ci95"].isna().all() and (summary["seeds"] == 1).all()
+    markdown = paths.md.read_text()
+    assert markdown.startswith(f"# {TABLE6_TITLE} (") and "n=1" in markdown.splitlines()[0]
+    assert "| macenko" in markdown
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob("**/.*.partial"))
 
 
+def write_grid(metrics_csv: Path, lr: float, dropout: float, best_epoch: int) -> None:
+    """The grid.csv finetune_student writes beside metrics.csv: the student (epoch 0) and one chosen grid point."""
+    rows = [
+        {"lr": np.nan, "dropout": np.nan, "val_f1": 0.5, "best_epoch": 0, "train_loss": np.nan, "selected": False},
+        {"lr": lr, "dropout": dropout, "val_f1": 0.6, "best_epoch": best_epoch, "train_loss": 0.3, "selected": True},
+    ]
+    pd.DataFrame(rows).to_csv(metrics_csv.with_name("grid.csv"), index=False)
+
+
+def test_table6_gain_ci_comes_from_each_seeds_own_student(tmp_path: Path) -> None:
+    # seed s: the student of seed s scores `before`, its fine-tuned model `after`; the gain is paired per seed
+    before_after = {0: (0.60, 0.70), 1: (0.50, 0.62), 2: (0.70, 0.78)}
+    inputs = {}
+    for seed, (before, after) in before_after.items():
+        path = write_metrics(tmp_path / f"n50/seed{seed}/metrics.csv", 50, 50, before, after)
+        write_grid(path, 1e-4, 0.3, best_epoch=4 if seed < 2 else 6)
+        inputs[("raw", "wsa", 50, seed)] = path
+    table = write_table6(inputs, table6_paths(tmp_path), tmp_path / "curve.png")
+
+    per_seed = pd.read_csv(tmp_path / "t6_per_seed.csv")
+    assert per_seed["f1_macro_gain"].tolist() == pytest.approx([0.10, 0.12, 0.08])
+    assert per_seed["epochs"].tolist() == [4, 4, 6]
+    row = table.iloc[0]
+    gains = per_seed["f1_macro_gain"]
+    assert row["f1_macro_gain_mean"] == pytest.approx(0.10)
+    # t(0.975, 2) = 4.3027 from a printed table; sample sd of (0.10, 0.12, 0.08) is 0.02
+    assert row["f1_macro_gain_ci95"] == pytest.approx(4.302652729911275 * gains.std(ddof=1) / np.sqrt(3))
+    assert row["f1_macro_gain_ci95"] == pytest.approx(4.302652729911275 * 0.02 / np.sqrt(3))
+    assert (row["setting"], row["setting_seeds"], row["seeds"]) == ("lr=0.0001, dropout=0.3, epochs=4", 2, 3)
+    assert "0.100 ± 0.050" in (tmp_path / "t6.md").read_text()
+
+
 def test_write_table6_rejects_a_file_under_the_wrong_count(tmp_path: Path) -> None:
     path = write_metrics(tmp_path / "n10.csv", 10, 10, 0.5, 0.6)
-    with pytest.raises(StoreError, match="n10.csv: holds count 10 but was given for \\('raw', 'ssa', 20\\)"):
-        write_table6({("raw", "ssa", 20): path}, tmp_path / "t.csv", tmp_path / "t.md", tmp_path / "t.png")
-    assert not (tmp_path / "t.csv").exists()
+    with pytest.raises(StoreError, match="n10.csv: holds count 10 but was given for \\('raw', 'ssa', 20, 0\\)"):
+        write_table6({("raw", "ssa", 20, 0): path}, table6_paths(tmp_path), tmp_path / "t.png")
+    assert not (tmp_path / "t6.csv").exists()
 
 
 def test_write_table6_names_a_metrics_file_of_an_older_cellkd(tmp_path: Path) -> None:
     path = write_metrics(tmp_path / "n10.csv", 10, 10, 0.5, 0.6)
     pd.read_csv(path).rename(columns={"f1_macro": "f1"}).drop(columns="f1_weighted").to_csv(path, index=False)
     with pytest.raises(StoreError, match=r"n10\.csv.*no column\(s\) \['f1_macro', 'f1_weighted'\].*rerun"):
-        write_table6({("raw", "ssa", 10): path}, tmp_path / "t.csv", tmp_path / "t.md", tmp_path / "t.png")
+        write_table6({("raw", "ssa", 10, 0): path}, table6_paths(tmp_path), tmp_path / "t.png")
 
 
 def test_write_table6_needs_both_phases(tmp_path: Path) -> None:
     path = write_metrics(tmp_path / "n10.csv", 10, 10, 0.5, 0.6)
     pd.read_csv(path).iloc[:1].to_csv(path, index=False)  # only the "before" row
     with pytest.raises(StoreError, match="n10.csv: no \\['after'\\] row\\(s\\); rerun the fine-tuning rule"):
-        write_table6({("raw", "ssa", 10): path}, tmp_path / "t.csv", tmp_path / "t.md", tmp_path / "t.png")
+        write_table6({("raw", "ssa", 10, 0): path}, table6_paths(tmp_path), tmp_path / "t.png")

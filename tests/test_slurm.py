@@ -73,7 +73,7 @@ def test_slice_of_the_workflow_runs_as_real_slurm_jobs(tmp_path: Path) -> None:
         "segmentation": {**TINY["segmentation"], "epochs": 1, "max_patches_per_epoch": 4},
     }
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
-    target = "results/segmentation/raw/unet/model.pt"
+    target = "results/segmentation/raw/unet/seed0/model.pt"
     command = [
         *SNAKEMAKE,
         target,
@@ -120,7 +120,7 @@ def test_slice_of_the_workflow_runs_as_real_slurm_jobs(tmp_path: Path) -> None:
         with PatchStore(workdir / f"results/patches/raw/{slide}.h5") as store:
             assert len(store) > 0 and store.images[0].shape == (store.patch_size, store.patch_size, 3)
     assert (workdir / target).stat().st_size > 0
-    assert (workdir / "results/segmentation/raw/unet/history.csv").read_text().count("\n") >= 2
+    assert (workdir / "results/segmentation/raw/unet/seed0/history.csv").read_text().count("\n") >= 2
 
 
 def test_slurm_profile_lists_every_rule_that_asks_for_a_gpu() -> None:

@@ -49,6 +49,7 @@ TINY = {
     "finetune": {"counts": [5, 10], "lrs": [1e-3], "epochs": 2, "batch_size": 16},
     # the tiny models may call everything background: export those too, so every nucleus is checked
     "predict": {"include_background": True},
+    "seeds": [0],
 }
 
 
@@ -111,14 +112,18 @@ def test_workflow_writes_table2_with_every_stain_arch_and_reference(demo_run: Pa
         for arch in ("unet", "unetplusplus")
         for reference in ("ssa", "truth")
     }
-    metrics = table[["accuracy", "precision", "recall", "dice", "iou"]].to_numpy()
+    metrics = table[[f"{m}_mean" for m in ("accuracy", "precision", "recall", "dice", "iou")]].to_numpy()
     assert ((metrics >= 0) & (metrics <= 1)).all()
+    assert (table["seeds"] == 1).all() and table["dice_ci95"].isna().all()  # TINY trains one seed
+    per_seed = pd.read_csv(demo_run / "results/tables/table2_per_seed.csv")
+    assert per_seed["dice"].tolist() == table["dice_mean"].tolist() and set(per_seed["seed"]) == {0}
     assert "| stain" in (demo_run / "results/tables/table2.md").read_text()
     for stain in ("raw", "macenko"):
         selected = json.loads((demo_run / f"results/segmentation/{stain}/selected.json").read_text())
         rows = table[(table["stain"] == stain) & (table["reference"] == "ssa")].set_index("arch")
-        assert selected["arch"] == rows["dice"].idxmax()
-        history = pd.read_csv(demo_run / f"results/segmentation/{stain}/unet/history.csv")
+        assert selected["arch"] == rows["dice_mean"].idxmax()
+        assert selected["seed"] == 0
+        history = pd.read_csv(demo_run / f"results/segmentation/{stain}/unet/seed0/history.csv")
         assert list(history["epoch"]) == [1, 2]
 
 
@@ -175,7 +180,7 @@ def test_workflow_writes_table3_and_table4(demo_run: Path) -> None:
         for labels in ("ssa", "wsa")
         for evaluation in ("test", "doctor", "truth")
     }
-    assert (demo_run / "results/teacher/raw/wsa/vgg4/confusion.png").read_bytes()[:4] == b"\x89PNG"
+    assert (demo_run / "results/teacher/raw/wsa/vgg4/seed0/confusion.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.slow
@@ -187,9 +192,9 @@ def test_workflow_writes_table5_with_student_and_teacher_speeds(demo_run: Path) 
         for labels in ("ssa", "wsa")
         for evaluation in ("test", "doctor", "truth")
     }
-    assert (table5["student_crops_per_s"] > 0).all()
-    assert (table5["teacher_crops_per_s"] > 0).all()
-    with h5py.File(demo_run / "results/student/raw/wsa/teacher_logits.h5") as h5:
+    assert (table5["student_crops_per_s_mean"] > 0).all()
+    assert (table5["teacher_crops_per_s_mean"] > 0).all()
+    with h5py.File(demo_run / "results/student/raw/wsa/seed0/teacher_logits.h5") as h5:
         assert h5["logits"].shape[1] == 4
 
 
@@ -200,7 +205,9 @@ def test_workflow_writes_table6_and_the_finetune_curve(demo_run: Path) -> None:
     assert set(table6["count"]) == {5, 10}
     assert (table6["effective_count"] <= table6["count"]).all()
     for column in ("f1_macro_before", "f1_macro_after", "f1_weighted_before", "f1_weighted_after", "accuracy_after"):
-        assert table6[column].between(0, 1).all()
+        assert table6[f"{column}_mean"].between(0, 1).all()
+    per_seed = pd.read_csv(demo_run / "results/tables/table6_per_seed.csv")
+    assert per_seed["f1_macro_gain"].tolist() == pytest.approx(table6["f1_macro_gain_mean"].tolist())
     assert (demo_run / "results/report/finetune_curve.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -272,7 +279,7 @@ def test_changing_a_student_parameter_reruns_only_the_rules_that_depend_on_it(de
     planned = planned_jobs(result.stdout)
     assert planned.pop("total") == sum(planned.values())
     assert planned == {
-        "train_student": 4,  # 2 stains x 2 label sets
+        "train_student": 4,  # 2 stains x 2 label sets x 1 seed
         "evaluate_student": 4,
         "tabulate_students": 1,
         "finetune_student": 8,  # starts from the student
@@ -316,8 +323,11 @@ def test_report_holds_every_table_and_plot_with_a_caption(demo_run: Path) -> Non
         "results/report/training_curves.png": "Training curves",
         "results/report/finetune_curve.png": "Phase IV: human in the loop",
         "results/report/overlays/demo0.png": "Phase IV: human in the loop",
-        **{f"results/teacher/{s}/{lab}/vgg4/confusion.png": "Phase II: labels and teachers" for s, lab in STAIN_LABELS},
-        **{f"results/student/{s}/{lab}/confusion.png": "Phase III: student" for s, lab in STAIN_LABELS},
+        **{
+            f"results/teacher/{s}/{lab}/vgg4/seed0/confusion.png": "Phase II: labels and teachers"
+            for s, lab in STAIN_LABELS
+        },
+        **{f"results/student/{s}/{lab}/seed0/confusion.png": "Phase III: student" for s, lab in STAIN_LABELS},
     }
     assert set(entries) == set(expected)
     for path, category in expected.items():
@@ -335,8 +345,8 @@ def test_training_job_killed_mid_epoch_resumes_from_its_last_epoch(tmp_path: Pat
         "stains": ["raw"],
         "segmentation": {**TINY["segmentation"], "archs": ["unet"], "epochs": epochs, "max_patches_per_epoch": 16},
     }
-    target = "results/segmentation/raw/unet/model.pt"
-    checkpoint = tmp_path / "results/segmentation/raw/unet/last.pt"
+    target = "results/segmentation/raw/unet/seed0/model.pt"
+    checkpoint = tmp_path / "results/segmentation/raw/unet/seed0/last.pt"
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     command = [*SNAKEMAKE, target, "--cores", "2", "--directory", str(tmp_path), "--configfile", "config.yaml"]
 
@@ -362,14 +372,14 @@ def test_training_job_killed_mid_epoch_resumes_from_its_last_epoch(tmp_path: Pat
 
     rerun = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-4000:]
-    log = (tmp_path / "logs/train_segmentation/raw/unet.log").read_text()
+    log = (tmp_path / "logs/train_segmentation/raw/unet/seed0.log").read_text()
     resumed = re.search(r"resuming from .*last\.pt after epoch (\d+)", log)
     assert resumed, log[-2000:]
     done_before = int(resumed.group(1))
     assert 1 <= done_before < epochs
     # the rerun trained only the epochs that were left
     assert len(re.findall(rf"epoch \d+/{epochs}: train loss", log)) == epochs - done_before
-    history = pd.read_csv(tmp_path / "results/segmentation/raw/unet/history.csv")
+    history = pd.read_csv(tmp_path / "results/segmentation/raw/unet/seed0/history.csv")
     assert history["epoch"].tolist() == list(range(1, epochs + 1))
 
 
@@ -493,10 +503,11 @@ def test_dry_run_of_a_real_sheet_plans_the_paper_models(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "cellkd preset: paper" in result.stdout + result.stderr
     planned = planned_jobs(result.stdout)
-    assert "results/teacher/raw/wsa/resnet18/model.pt" in result.stdout  # the paper's teacher, not the demo's vgg4
+    # the paper's teacher, not the demo's vgg4
+    assert "results/teacher/raw/wsa/resnet18/seed0/model.pt" in result.stdout
     assert "vgg4" not in result.stdout
-    assert "results/finetune/raw/wsa/n1900/model.pt" in result.stdout
-    assert planned["finetune_student"] == 2 * 2 * 11  # stains x label sets x the paper's 11 counts
+    assert "results/finetune/raw/wsa/n1900/seed2/model.pt" in result.stdout
+    assert planned["finetune_student"] == 2 * 2 * 11 * 3  # stains x label sets x the paper's 11 counts x 3 seeds
     assert "generate_demo_slide" not in planned
     assert "tabulate_instances" not in planned  # no truth set: nothing to score instances against
 
@@ -505,14 +516,49 @@ def test_dry_run_of_the_demo_plans_the_demo_models(tmp_path: Path) -> None:
     result = run_snakemake(tmp_path, "--dry-run", "--cores", "1", config={"demo": {"slides": 2}})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "cellkd preset: demo" in result.stdout + result.stderr
-    assert "results/teacher/raw/wsa/vgg4/model.pt" in result.stdout
+    assert "results/teacher/raw/wsa/vgg4/seed0/model.pt" in result.stdout
     planned = planned_jobs(result.stdout)
-    assert planned["finetune_student"] == 2 * 2 * 4  # the demo's 4 counts
+    assert planned["finetune_student"] == 2 * 2 * 4 * 3  # the demo's 4 counts, 3 seeds
     assert planned["tabulate_instances"] == 1  # the demo's slides have a truth set
     # Figure 4 segments every slide with both architectures; the later steps use the selected one's masks
     assert planned["segment_slide_per_arch"] == 2 * 2 * 2  # stains x archs x slides
     assert planned["segment_slide"] == 2 * 2
     assert "results/segmentation/macenko/unetplusplus/masks/demo1.h5" in result.stdout
+
+
+def planned_job_blocks(dry_run_output: str, rule: str) -> list[str]:
+    """The text of each job of ``rule`` in a `snakemake --dry-run` listing (one block per job)."""
+    return [block for block in dry_run_output.split("\n\n") if f"rule {rule}:" in block]
+
+
+def test_two_seeds_plan_one_training_job_per_seed_and_one_segmentation_per_slide(tmp_path: Path) -> None:
+    result = run_snakemake(tmp_path, "--dry-run", "--cores", "1", config={**TINY, "seeds": [0, 1]})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    planned = planned_jobs(result.stdout)
+    stains, archs, label_sets, counts, slides = 2, 2, 2, 2, 2
+    for rule in ("train_segmentation", "evaluate_segmentation"):
+        assert planned[rule] == stains * archs * 2, rule
+    for rule in ("train_teacher", "evaluate_teacher", "cache_teacher_logits", "train_student", "evaluate_student"):
+        assert planned[rule] == stains * label_sets * 2, rule  # one teacher arch (vgg4)
+    assert planned["finetune_student"] == stains * label_sets * counts * 2
+    # the slides are segmented once (the first seed's model), not once per seed
+    assert planned["segment_slide"] == stains * slides
+    assert planned["segment_slide_per_arch"] == stains * archs * slides
+    assert planned["select_segmentation"] == stains and planned["tabulate_segmentation"] == 1
+    # seed 1 distils seed 1's teacher and fine-tunes seed 1's student
+    (logits,) = [
+        b for b in planned_job_blocks(result.stdout, "cache_teacher_logits") if "raw/wsa/seed1/teacher_logits" in b
+    ]
+    assert "results/teacher/raw/wsa/vgg4/seed1/model.pt" in logits and "seed0" not in logits
+    (finetune,) = [
+        b for b in planned_job_blocks(result.stdout, "finetune_student") if "raw/wsa/n10/seed1/model.pt" in b
+    ]
+    assert "results/student/raw/wsa/seed1/model.pt" in finetune and "seed0" not in finetune
+    # predict and the slide segmentation use the first seed's models
+    (classify,) = planned_job_blocks(result.stdout, "classify_slide")
+    assert "results/finetune/raw/wsa/n10/seed0/model.pt" in classify
+    per_arch = planned_job_blocks(result.stdout, "segment_slide_per_arch")
+    assert per_arch and all("/seed0/model.pt" in b and "/seed1/" not in b for b in per_arch)
 
 
 def test_sheet_without_ea_skips_phase_four_and_predicts_with_the_plain_student(tmp_path: Path) -> None:
@@ -526,7 +572,7 @@ def test_sheet_without_ea_skips_phase_four_and_predicts_with_the_plain_student(t
         tmp_path, "predict", "--dry-run", "--cores", "1", config=yaml.safe_load((tmp_path / "config.yaml").read_text())
     )
     assert predict.returncode == 0, predict.stderr[-2000:]
-    assert "results/student/raw/wsa/model.pt" in predict.stdout
+    assert "results/student/raw/wsa/seed0/model.pt" in predict.stdout
     assert "finetune_student" not in planned_jobs(predict.stdout)
 
 
@@ -534,7 +580,7 @@ def test_sheet_without_ssa_trains_everything_on_wsa(tmp_path: Path) -> None:
     result = dry_run_with_sheet(tmp_path, ("wsa", "ea"))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "no slide of the sheet has ssa annotations: segmentation.mask_set=wsa" in result.stdout + result.stderr
-    assert "results/teacher/raw/wsa/resnet18/model.pt" in result.stdout
+    assert "results/teacher/raw/wsa/resnet18/seed0/model.pt" in result.stdout
     assert "results/teacher/raw/ssa" not in result.stdout and "results/student/raw/ssa" not in result.stdout
 
 
@@ -560,7 +606,7 @@ def test_training_jobs_request_the_gpu_the_default_profile_caps(tmp_path: Path, 
     assert "gpu=1" in profile["resources"]  # one GPU job at a time under `--cores N`
     config = {**TINY, "device": device}
     result = run_snakemake(
-        tmp_path, "results/segmentation/raw/unet/model.pt", "--dry-run", "--cores", "1", config=config
+        tmp_path, "results/segmentation/raw/unet/seed0/model.pt", "--dry-run", "--cores", "1", config=config
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     training = result.stdout.split("rule train_segmentation:", 1)[1].split("\n\n", 1)[0]

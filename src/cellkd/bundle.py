@@ -121,6 +121,8 @@ class ExportSettings:
     public_datasets: Sequence[str] = ()
     mpp_fallback: float | None = None
     """µm/px the training assumed for slides that record none (``mpp_fallback``)."""
+    seed: int | None = None
+    """Training seed of the bundled models: their rows are picked from per-seed tables (None: every row)."""
 
 
 def _training_resolution(
@@ -294,14 +296,16 @@ def export_bundle(
                 "labelled_nuclei": _labelled_nuclei(nuclei_stores),
             },
             "metrics": {
-                "table2": headline_rows(tables["table2"], stain=settings.stain, arch=seg_arch)
+                "table2": headline_rows(tables["table2"], stain=settings.stain, arch=seg_arch, seed=settings.seed)
                 if "table2" in tables
                 else [],
-                "table5": headline_rows(tables["table5"], stain=settings.stain, labels=labels)
+                "table5": headline_rows(tables["table5"], stain=settings.stain, labels=labels, seed=settings.seed)
                 if "table5" in tables
                 else [],
                 "table6": (
-                    headline_rows(tables["table6"], stain=settings.stain, labels=labels, count=settings.count)
+                    headline_rows(
+                        tables["table6"], stain=settings.stain, labels=labels, count=settings.count, seed=settings.seed
+                    )
                     if "table6" in tables and settings.count is not None
                     else []
                 ),

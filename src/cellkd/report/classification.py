@@ -15,7 +15,7 @@ import pandas as pd
 
 from cellkd.metrics.classification import classification_metrics, confusion_matrix
 from cellkd.report.figures import png_figure
-from cellkd.report.tables import concat_tables, write_table
+from cellkd.report.tables import SeedTablePaths, concat_tables, write_seed_table, write_table
 from cellkd.store.atomic import atomic_path
 from cellkd.store.nuclei import NucleiStore
 from cellkd.types import PathLike
@@ -151,15 +151,24 @@ def evaluate_predictions(
     return pd.DataFrame(rows), confusions
 
 
-def write_table4(metrics_csvs: Mapping[tuple[str, str, str], PathLike], csv_path: PathLike, md_path: PathLike) -> None:
-    """Table 4: teacher scores per stain, training labels and architecture (keys ``(stain, labels, arch)``)."""
-    table = concat_tables(metrics_csvs, ("stain", "labels", "arch"))
-    write_table(
-        table,
-        csv_path,
-        md_path,
-        f"Table 4: teachers on the test split, the doctor (EA) set and the truth - {AVERAGES_NOTE}",
-    )
+def write_classifier_table(
+    metrics_csvs: Mapping[tuple, PathLike], key_names: Sequence[str], paths: SeedTablePaths, title: str
+) -> pd.DataFrame:
+    """A table of classifiers trained once per seed (Tables 4 and 5), mean ± 95% CI over the seeds.
+
+    ``metrics_csvs`` maps ``(*key_names, seed)`` to the ``metrics.csv`` of :func:`evaluate_classifier_stores`.
+    Every score column (summary, per-class F1, speeds) is averaged; ``nuclei`` is the same for every seed.
+    """
+    per_seed = concat_tables(metrics_csvs, (*key_names, "seed"))
+    keys = (*key_names, "evaluation")
+    metrics = [c for c in per_seed.columns if c not in {*keys, "seed", "nuclei"}]
+    return write_seed_table(per_seed, keys, metrics, paths, title, carry=("nuclei",))
+
+
+def write_table4(metrics_csvs: Mapping[tuple[str, str, str, int], PathLike], paths: SeedTablePaths) -> pd.DataFrame:
+    """Table 4: teacher scores per stain, training labels and architecture (keys ``(stain, labels, arch, seed)``)."""
+    title = f"Table 4: teachers on the test split, the doctor (EA) set and the truth - {AVERAGES_NOTE}"
+    return write_classifier_table(metrics_csvs, ("stain", "labels", "arch"), paths, title)
 
 
 def evaluate_classifier_stores(
@@ -209,9 +218,7 @@ def measure_throughput(model_path: PathLike, nuclei_stores: Sequence[PathLike], 
     return rows / best if best > 0 else float("nan")
 
 
-def write_table5(metrics_csvs: Mapping[tuple[str, str], PathLike], csv_path: PathLike, md_path: PathLike) -> None:
-    """Table 5: the distilled student per stain and teacher labels (keys ``(stain, labels)``), with speeds."""
-    table = concat_tables(metrics_csvs, ("stain", "labels"))
-    write_table(
-        table, csv_path, md_path, f"Table 5: distilled RCCNet student (test split, doctor set, truth) - {AVERAGES_NOTE}"
-    )
+def write_table5(metrics_csvs: Mapping[tuple[str, str, int], PathLike], paths: SeedTablePaths) -> pd.DataFrame:
+    """Table 5: the distilled student per stain and teacher labels (keys ``(stain, labels, seed)``), with speeds."""
+    title = f"Table 5: distilled RCCNet student (test split, doctor set, truth) - {AVERAGES_NOTE}"
+    return write_classifier_table(metrics_csvs, ("stain", "labels"), paths, title)

@@ -19,7 +19,7 @@ import pandas as pd
 from cellkd.errors import StoreError
 from cellkd.metrics import PIXEL_METRICS, PixelCounts, pixel_counts, pixel_metrics
 from cellkd.report.figures import png_figure
-from cellkd.report.tables import concat_tables, write_table
+from cellkd.report.tables import SeedTablePaths, concat_tables, write_seed_table, write_table
 from cellkd.store.atomic import atomic_path, atomic_write_text, require_complete
 from cellkd.store.attrs import open_store
 from cellkd.store.masks import MaskStore
@@ -61,29 +61,48 @@ def _has_mask_set(patch_store: PathLike, mask_set: str) -> bool:
         return mask_set in store.annotation_sets
 
 
-def select_architecture(metrics_csvs: Mapping[str, PathLike], reference: str, out_json: PathLike) -> str:
-    """Pick the architecture with the best test Dice against ``reference``; write ``{"arch": ...}``.
+def select_architecture(metrics_csvs: Mapping[str, Mapping[int, PathLike]], reference: str, out_json: PathLike) -> str:
+    """Pick the architecture with the best MEAN test Dice over seeds against ``reference``; write selected.json.
 
-    Ties go to the first architecture in ``metrics_csvs`` order (the config's order).
+    ``metrics_csvs`` maps arch -> seed -> metrics.csv. Ties go to the first architecture in ``metrics_csvs``
+    order (the config's order). The json names the arch, the mean and per-seed scores, and ``seed``: the first
+    seed of the mapping, whose model segments the slides (one segmentation per slide, not one per seed).
     """
-    scores = {}
-    for arch, path in metrics_csvs.items():
-        table = pd.read_csv(path).set_index("reference")
-        scores[arch] = float(table.loc[reference, SELECTION_METRIC])
+    per_seed = {
+        arch: {
+            int(seed): float(pd.read_csv(path).set_index("reference").loc[reference, SELECTION_METRIC])
+            for seed, path in by_seed.items()
+        }
+        for arch, by_seed in metrics_csvs.items()
+    }
+    scores = {arch: float(np.mean(list(by_seed.values()))) for arch, by_seed in per_seed.items()}
     best = max(scores, key=lambda arch: scores[arch])
-    payload = {"arch": best, "metric": SELECTION_METRIC, "reference": reference, "scores": scores}
+    payload = {
+        "arch": best,
+        "seed": next(iter(per_seed[best])),
+        "metric": SELECTION_METRIC,
+        "reference": reference,
+        "scores": scores,
+        "per_seed": {arch: {str(seed): score for seed, score in s.items()} for arch, s in per_seed.items()},
+    }
     atomic_write_text(out_json, json.dumps(payload, indent=2) + "\n")
-    logger.info("selected %s by test %s against %s: %s", best, SELECTION_METRIC, reference, scores)
+    logger.info("selected %s by mean test %s over seeds against %s: %s", best, SELECTION_METRIC, reference, scores)
     return best
 
 
-def write_table2(
-    metrics_csvs: Mapping[tuple[str, str], PathLike], csv_path: PathLike, md_path: PathLike
-) -> pd.DataFrame:
-    """Table 2: test metrics per stain and architecture (keys ``(stain, arch)``), one row per reference set."""
-    table = concat_tables(metrics_csvs, ("stain", "arch"))[["stain", "arch", "reference", *PIXEL_METRICS, "patches"]]
-    write_table(table, csv_path, md_path, "Table 2: nucleus segmentation on the test split")
-    return table
+TABLE2_TITLE = "Table 2: nucleus segmentation on the test split"
+
+
+def write_table2(metrics_csvs: Mapping[tuple[str, str, int], PathLike], paths: SeedTablePaths) -> pd.DataFrame:
+    """Table 2: test metrics per stain, architecture and reference set, mean ± 95% CI over seeds.
+
+    ``metrics_csvs`` is keyed ``(stain, arch, seed)``; the per-seed rows go to ``paths.per_seed``.
+    """
+    per_seed = concat_tables(metrics_csvs, ("stain", "arch", "seed"))
+    per_seed = per_seed[["stain", "arch", "seed", "reference", *PIXEL_METRICS, "patches"]]
+    return write_seed_table(
+        per_seed, ("stain", "arch", "reference"), PIXEL_METRICS, paths, TABLE2_TITLE, carry=("patches",)
+    )
 
 
 def _nucleus_mask(dataset: h5py.Dataset, rows: slice) -> np.ndarray:
@@ -187,7 +206,12 @@ def _plot_comparison(table: pd.DataFrame, png_path: PathLike) -> None:
 
 
 def selected_model_path(selected_json: PathLike) -> str:
-    """``model.pt`` of the architecture named in ``selected.json`` (it sits beside the json, in ``{arch}/``)."""
+    """``model.pt`` of the architecture and seed named in ``selected.json`` (beside it: ``{arch}/seed{seed}/``)."""
     selected = Path(selected_json)
-    arch = json.loads(selected.read_text(encoding="utf-8"))["arch"]
-    return str(selected.parent / arch / "model.pt")
+    payload = json.loads(selected.read_text(encoding="utf-8"))
+    if "seed" not in payload:
+        raise StoreError(
+            f"{selected}: names no seed (written by a cellkd without training seeds); "
+            "rerun it with snakemake --forcerun select_segmentation"
+        )
+    return str(selected.parent / payload["arch"] / f"seed{payload['seed']}" / "model.pt")
