@@ -42,6 +42,7 @@ from cellkd.params import check_parameters, params_from_dict
 from cellkd.report.classification import SUMMARY_METRICS, summary_row
 from cellkd.store.atomic import atomic_path
 from cellkd.training.classifier import ClassifierTrainParams, predict_logits, read_nucleus_rows, train_classifier
+from cellkd.training.common import publish_model
 from cellkd.types import PathLike
 
 logger = logging.getLogger(__name__)
@@ -286,8 +287,12 @@ def finetune_student(
         chosen = min(range(1, len(grid)), key=lambda i: (_finite_or(grid[i]["train_loss"], math.inf), i))
     grid[chosen]["selected"] = True
     best_model = grid[chosen].pop("model")
-    with atomic_path(out / "model.pt") as tmp:
-        shutil.copyfile(best_model, tmp)
+    if chosen == 0:
+        # A copy: a hard link would share (and publish_model re-stamp) the mtime of the student rule's output.
+        with atomic_path(out / "model.pt") as tmp:
+            shutil.copyfile(best_model, tmp)
+    else:  # a grid point of this job: one file on disk for both names
+        publish_model(best_model, out / "model.pt")
     grid_table = pd.DataFrame([{k: point[k] for k in GRID_COLUMNS} for point in grid])
     with atomic_path(out / "grid.csv") as tmp:
         grid_table.to_csv(tmp, index=False)
