@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,29 @@ def write_one_slide_sheet(folder: Path, annotation_sets: tuple[str, ...]) -> Pat
     sheet = folder / "slides.tsv"
     sheet.write_text("\t".join(columns) + "\n" + "\t".join(columns.values()) + "\n")
     return sheet
+
+
+class KilledJob(Exception):
+    """Raised by :func:`killed_after` where a real job would have been killed."""
+
+
+@contextmanager
+def killed_after(trainer_module: object, epochs: int) -> Iterator[None]:
+    """A training run inside this block dies (``KilledJob``, expected) when its epoch ``epochs + 1`` starts.
+
+    Like a job killed between epochs: last.pt, best.pt and history.csv of ``epochs`` epochs stay behind and the run
+    never reaches its end. Patches ``trainer_module._train_epoch`` for the block only.
+    """
+    train_epoch = trainer_module._train_epoch  # type: ignore[attr-defined]
+    calls = 0
+
+    def dying(*args: object, **kwargs: object) -> object:
+        nonlocal calls
+        calls += 1
+        if calls > epochs:
+            raise KilledJob(f"killed at the start of epoch {calls}")
+        return train_epoch(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(KilledJob):
+        patch.setattr(trainer_module, "_train_epoch", dying)
+        yield

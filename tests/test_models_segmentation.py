@@ -22,6 +22,7 @@ from cellkd.models import (
     preprocess,
     register_model,
 )
+from cellkd.models.checkpoint import segmentation_from_checkpoint
 
 ENCODER = "resnet18"
 SMALL = {"encoder": ENCODER, "decoder_channels": (32, 16, 16, 8, 8)}
@@ -218,3 +219,22 @@ def test_preprocess_normalizes_uint8_hwc_to_float_bchw() -> None:
 def test_preprocess_rejects_non_uint8_or_channels_first(images: np.ndarray, error: type, message: str) -> None:
     with pytest.raises(error, match=message):
         preprocess(images)
+
+
+def test_encoder_layers_a_shallow_model_never_runs_are_pruned_and_old_checkpoints_still_load() -> None:
+    torch.manual_seed(0)
+    model = create_segmentation_model("unet", encoder="mobilenet_v2", encoder_depth=3, decoder_channels=(16, 8, 8))
+    assert model.pruned_modules == [f"encoder.features.{i}" for i in range(14, 19)]
+    assert not any(key.startswith("encoder.features.14.") for key in model.state_dict())
+    # smp's own model keeps them: the state dict of a checkpoint written before pruning
+    torch.manual_seed(0)
+    stock = smp.Unet("mobilenet_v2", encoder_weights=None, encoder_depth=3, decoder_channels=(16, 8, 8), classes=1)
+    assert sum(p.numel() for p in stock.encoder.parameters()) > 3 * sum(p.numel() for p in model.encoder.parameters())
+    old_state = {f"encoder.features.18.{k}": v for k, v in stock.encoder.features[18].state_dict().items()}
+    old_state.update(model.state_dict())
+    checkpoint = {"arch": "unet", "encoder": "mobilenet_v2", "encoder_depth": 3, "decoder_channels": (16, 8, 8)}
+    rebuilt = segmentation_from_checkpoint({**checkpoint, "dropout": 0.3, "state_dict": old_state}, "cpu")
+    x = torch.rand(1, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), model(x))

@@ -12,6 +12,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import killed_after
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -22,6 +23,7 @@ from cellkd.models.segmentation import create_segmentation_model
 from cellkd.store.atomic import atomic_h5
 from cellkd.store.fragments import Fragment, FragmentStoreWriter
 from cellkd.store.patches import PatchParams, PatchStore, cut_patches
+from cellkd.training import segmentation as segmentation_trainer
 from cellkd.training.segmentation import (
     PatchDataset,
     SegmentationTrainParams,
@@ -181,19 +183,39 @@ def test_evaluate_model_spans_several_stores(patch_store: Path, tmp_path: Path) 
 def test_train_segmentation_resumes_after_kill_and_matches_an_uninterrupted_run(
     patch_store: Path, trained: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    two = replace(TINY, epochs=2)
-    train_segmentation([patch_store], tmp_path, two, device="cpu")
+    with killed_after(segmentation_trainer, epochs=2):  # last.pt and best.pt of 2 epochs survive, no model.pt
+        train_segmentation([patch_store], tmp_path, TINY, device="cpu")
+    assert not (tmp_path / "model.pt").exists()
     first = read_history(tmp_path / "history.csv")
-    (tmp_path / "model.pt").unlink()  # a job killed after epoch 2: last.pt and best.pt survive
     with caplog.at_level(logging.INFO, logger="cellkd.training.segmentation"):
-        train_segmentation([patch_store], tmp_path, replace(TINY, epochs=3), device="cpu")
+        train_segmentation([patch_store], tmp_path, TINY, device="cpu")
     assert "resuming" in caplog.text and "after epoch 2" in caplog.text
+    assert "optimizer started afresh" not in caplog.text  # an interrupted run keeps its Adam state
     resumed = read_history(tmp_path / "history.csv")
     assert [row["epoch"] for row in resumed] == [1, 2, 3]
     assert resumed[:2] == first  # same seconds too: epochs 1-2 were not rerun
     straight = read_history(trained / "history.csv")  # 3 epochs in one go, same seed
     for key in ("train_loss", "val_loss", "val_dice"):
         assert [row[key] for row in resumed] == pytest.approx([row[key] for row in straight], rel=1e-5)
+
+
+def test_finished_run_keeps_a_compact_last_pt_and_continues_from_its_final_weights(
+    patch_store: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    params = replace(TINY, epochs=1, max_patches_per_epoch=8)
+    train_segmentation([patch_store], tmp_path, params, device="cpu")
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert last["finished"] and last["dropped"] == ["optimizer", "scaler"]
+    assert "optimizer" not in last and "scaler" not in last
+    final = last["model"]
+    with caplog.at_level(logging.INFO, logger="cellkd.training.segmentation"):
+        train_segmentation([patch_store], tmp_path, replace(params, epochs=2), device="cpu")
+    assert "after epoch 1" in caplog.text and "optimizer started afresh" in caplog.text
+    history = read_history(tmp_path / "history.csv")
+    assert [row["epoch"] for row in history] == [1, 2]
+    longer = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert longer["epoch"] == 2 and longer["finished"]
+    assert any(not torch.equal(final[k], longer["model"][k]) for k in final if final[k].is_floating_point())
 
 
 def test_train_segmentation_after_kill_at_the_end_only_rewrites_outputs(patch_store: Path, tmp_path: Path) -> None:
@@ -347,6 +369,20 @@ def test_patch_dataset_mask_is_union_of_class_channels(patch_store: Path) -> Non
     assert np.array_equal(dataset[0][1][0].numpy(), classes.max(axis=-1))
 
 
+def test_patch_dataset_keep_evenly_spreads_the_kept_patches_over_both_stores(patch_store: Path, tmp_path: Path) -> None:
+    images, ssa, _ = blob_patches(11, 6)
+    other = write_patch_store(tmp_path / "other.h5", images, {"ssa": ssa}, np.zeros(6))
+    dataset = PatchDataset([patch_store, other], 0, "ssa")  # 16 + 6 training patches
+    everything = dataset.index.copy()
+    dataset.keep_evenly(None)
+    np.testing.assert_array_equal(dataset.index, everything)
+    dataset.keep_evenly(4)
+    np.testing.assert_array_equal(dataset.index, everything[[0, 7, 14, 21]])
+    assert set(dataset.index[:, 0]) == {0, 1}  # both stores keep a share
+    dataset.keep_evenly(10)  # more than it holds: unchanged
+    assert len(dataset) == 4
+
+
 def test_patch_dataset_unknown_mask_set_names_available_sets(patch_store: Path) -> None:
     with pytest.raises(StoreError, match=r"no annotation set 'ea'.*\['ssa', 'wsa'\]"):
         PatchDataset([patch_store], 0, "ea")
@@ -389,6 +425,7 @@ def test_load_segmentation_model_missing_file_raises(tmp_path: Path) -> None:
         ({"encoder_depth": 2, "decoder_channels": None}, "encoder_depth=2"),
         ({"decoder_channels": (8, 8)}, "one entry per encoder stage"),
         ({"max_patches_per_epoch": 0}, "max_patches_per_epoch=0"),
+        ({"max_val_patches": 0}, "max_val_patches=0"),
     ],
 )
 def test_segmentation_train_params_reject_bad_values(change: dict, match: str) -> None:

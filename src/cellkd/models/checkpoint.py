@@ -184,7 +184,9 @@ def segmentation_from_checkpoint(checkpoint: Mapping[str, Any], device: str | to
         encoder_depth=checkpoint["encoder_depth"],
         decoder_channels=None if decoder is None else tuple(decoder),
     )
-    model.load_state_dict(checkpoint["state_dict"])
+    # Checkpoints written before unused encoder layers were pruned still hold their (never used) weights.
+    pruned = tuple(f"{name}." for name in getattr(model, "pruned_modules", ()))
+    model.load_state_dict({k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(pruned) or not pruned})
     return model.to(resolve_device(device)).eval()
 
 

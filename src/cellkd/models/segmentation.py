@@ -201,6 +201,42 @@ def _replace_upsampling(model: smp.base.SegmentationModel, encoder_depth: int) -
     return swapped
 
 
+def _prune_unused_encoder_modules(model: smp.base.SegmentationModel, encoder_depth: int) -> list[str]:
+    """Replace the encoder modules that a forward pass never calls by ``nn.Identity``; returns their names.
+
+    Some smp encoders keep the layers past ``encoder_depth`` and skip them in ``forward`` (smp 0.6's mobilenet_v2
+    keeps all 19 feature stages: at depth 3, three quarters of its weights, and resnets keep layer4). They would only
+    bloat every checkpoint. Found by one probe forward pass, so it holds for any encoder; the modules that run keep
+    their weights and names.
+    """
+    called: set[str] = set()
+    handles = [
+        module.register_forward_pre_hook(lambda *_args, _name=name: called.add(_name))
+        for name, module in model.encoder.named_modules()
+        if name
+    ]
+    side = 2 ** (encoder_depth + 1)
+    try:
+        model.eval()  # the probe must not touch BatchNorm running statistics
+        with torch.no_grad():
+            model(torch.zeros(1, 3, side, side))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train()
+    # A container the encoder iterates over (a Sequential of stages) is not called itself, but its stages are.
+    used = {".".join(name.split(".")[:i]) for name in called for i in range(1, name.count(".") + 2)}
+    pruned: list[str] = []
+    for name, module in list(model.encoder.named_modules()):
+        inside_pruned = any(name.startswith(f"{p}.") for p in pruned)
+        if not name or name in used or inside_pruned or not any(True for _ in module.parameters()):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.encoder.get_submodule(parent_name) if parent_name else model.encoder, child, nn.Identity())
+        pruned.append(name)
+    return [f"encoder.{name}" for name in pruned]
+
+
 def create_segmentation_model(
     name: str,
     encoder: str = "resnet34",
@@ -246,6 +282,7 @@ def create_segmentation_model(
         activation=None,
     )
     swapped = _replace_upsampling(model, encoder_depth)
+    model.pruned_modules = _prune_unused_encoder_modules(model, encoder_depth)
     # smp's U-Net accepts any size because it interpolates to the skip's size; the deconvolution
     # only doubles, so make smp's own shape check (a clear RuntimeError) apply to both archs.
     model.requires_divisible_input_shape = True

@@ -7,6 +7,12 @@ data fingerprint) atomically with ``cellkd.models.checkpoint.torch_save_atomic``
 ``history.csv``; ``model.pt``, the rule's output, is copied from ``best.pt`` only once training has
 finished (:func:`publish_model`). :func:`load_resume_state` decides whether a ``last.pt`` may
 continue a run. ``last.pt`` is read only here; the best score is recomputed from its history.
+
+Once a run has finished, ``last.pt`` is rewritten without the optimizer and the other training-only
+state (Adam's two moments per weight: two thirds of the file), keeping the final weights, RNG states
+and history (``"finished": True``; the key ``"dropped"`` lists what went). A run killed between two
+epochs resumes exactly as before; a *finished* run whose ``epochs`` is later raised continues from its
+final weights with the optimizer's state started afresh (Adam's moments rebuild within a few steps).
 """
 
 from __future__ import annotations
@@ -116,7 +122,9 @@ def load_resume_state(
     except StoreError as err:
         logger.warning("ignoring unreadable %s (%s); training from scratch", last, err)
         return None
-    missing = sorted({"epoch", "history", "torch_rng", *required} - set(state))
+    # A finished run's compact last.pt dropped its optimizer state on purpose (see the module doc).
+    dropped = set(state.get("dropped", ())) if state.get("finished") else set()
+    missing = sorted({"epoch", "history", "torch_rng", *required} - dropped - set(state))
     if missing:
         logger.warning("%s lacks %s (an older resume format); training from scratch", last, missing)
         return None
@@ -263,9 +271,17 @@ class ResumableRun:
             self.best_path.unlink(missing_ok=True)
             return False
         for key, stateful in self.state.items():
-            stateful.load_state_dict(saved[key])
+            if key in saved:
+                stateful.load_state_dict(saved[key])
         restore_rng_state(saved, self.device)
         self.history = list(saved["history"])
+        if saved.get("finished") and self.epochs_to_run():
+            self.log.warning(
+                "%s is a finished run's compact state without %s: training continues from its final weights "
+                "with the optimizer started afresh",
+                self.last_path,
+                ", ".join(saved.get("dropped", ())),
+            )
         self.log.info(
             "resuming from %s after epoch %d (best %s %.4f)",
             self.last_path,
@@ -289,23 +305,33 @@ class ResumableRun:
         self.history.append(row)
         if self.selection.best_index(self.history) == len(self.history) - 1:
             save_best(len(self.history), self.selection.value(row))
-        resume_state = {
+        torch_save_atomic(self._resume_state(self.state), self.last_path)
+        self.write_history()
+
+    def _resume_state(self, state: Mapping[str, Stateful], **extra: Any) -> dict[str, Any]:
+        """The ``last.pt`` dict after the epochs so far, holding the ``state_dict`` of each of ``state``."""
+        return {
             "params": self.params,
             "data": self.data,
             "epoch": len(self.history),
             "history": self.history,
-            **{key: stateful.state_dict() for key, stateful in self.state.items()},
+            **{key: stateful.state_dict() for key, stateful in state.items()},
             **rng_state(self.device),
+            **extra,
         }
-        torch_save_atomic(resume_state, self.last_path)
-        self.write_history()
+
+    def compact_last(self) -> None:
+        """Rewrite ``last.pt`` with the model only (no optimizer state): the run is finished (see the module doc)."""
+        dropped = sorted(key for key in self.state if key != "model")
+        state = {"model": self.state["model"]}
+        torch_save_atomic(self._resume_state(state, finished=True, dropped=dropped), self.last_path)
 
     def write_history(self) -> None:
         """history.csv from the epochs so far."""
         atomic_write_text(self.out / "history.csv", history_csv(self.history, self.columns))
 
     def finish(self, diverged: str) -> Path:
-        """Publish best.pt as model.pt (the rule's output, so last) and return its path.
+        """Compact ``last.pt``, then publish best.pt as model.pt (the rule's output, so last) and return its path.
 
         history.csv is rewritten first, also after a resume with nothing left to do (Snakemake deletes
         a failed job's outputs). Without a best epoch, raise ``ConfigError`` "training diverged ``diverged``".
@@ -313,6 +339,7 @@ class ResumableRun:
         self.write_history()
         if not self.best_path.exists():
             raise ConfigError(f"{self.out}: training diverged {diverged}")
+        self.compact_last()  # before model.pt, which stays the last write ("done")
         publish_model(self.best_path, self.model_path)
         self.log.info("wrote %s (best %s %.4f)", self.model_path, self.selection.column, self.best_value)
         return self.model_path

@@ -16,8 +16,11 @@ expert's labels are the scarce resource (the teacher and student never trained o
 Output folder ``results/finetune/{stain}/{weak_set}/n{count}/``: ``model.pt`` (the chosen candidate's
 model, classifier checkpoint format of ``cellkd.models.checkpoint``), ``metrics.csv`` (before/after
 rows, see :func:`finetune_student`), ``grid.csv`` (one row per candidate: the student, then each grid
-point) and one sub-folder per grid point ``lr{lr}_do{dropout}/`` holding that run's history.csv and
-resume state.
+point) and one sub-folder per grid point ``lr{lr}_do{dropout}/`` holding that run's history.csv. Each grid
+point's checkpoints (model.pt, best.pt, last.pt) stay there while the grid search runs, so that a killed job
+resumes it, and are deleted once the chosen model is published: a grid of many points would otherwise keep
+three student-sized files per point that nothing reads. A rerun of a finished job retrains the grid
+(deterministically: the same figures).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from cellkd.params import check_parameters, params_from_dict
 from cellkd.report.classification import SUMMARY_METRICS, summary_row
 from cellkd.store.atomic import atomic_path
 from cellkd.training.classifier import ClassifierTrainParams, predict_logits, read_nucleus_rows, train_classifier
+from cellkd.training.common import publish_model
 from cellkd.types import PathLike
 
 logger = logging.getLogger(__name__)
@@ -286,11 +290,18 @@ def finetune_student(
         chosen = min(range(1, len(grid)), key=lambda i: (_finite_or(grid[i]["train_loss"], math.inf), i))
     grid[chosen]["selected"] = True
     best_model = grid[chosen].pop("model")
-    with atomic_path(out / "model.pt") as tmp:
-        shutil.copyfile(best_model, tmp)
+    if chosen == 0:
+        # A copy: a hard link would share (and publish_model re-stamp) the mtime of the student rule's output.
+        with atomic_path(out / "model.pt") as tmp:
+            shutil.copyfile(best_model, tmp)
+    else:  # a grid point of this job: one file on disk for both names
+        publish_model(best_model, out / "model.pt")
     grid_table = pd.DataFrame([{k: point[k] for k in GRID_COLUMNS} for point in grid])
     with atomic_path(out / "grid.csv") as tmp:
         grid_table.to_csv(tmp, index=False)
+    for lr, dropout in params.grid:  # the chosen weights live on as out/model.pt (see the module doc)
+        for checkpoint_name in ("model.pt", "best.pt", "last.pt"):
+            (_grid_dir(out, lr, dropout) / checkpoint_name).unlink(missing_ok=True)
     if chosen == 0:
         logger.info(
             "kept the student: no grid point beat its validation F1 %.4f -> %s", student_val_f1, out / "model.pt"

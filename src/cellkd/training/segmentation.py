@@ -61,6 +61,8 @@ class SegmentationTrainParams:
 
     ``decoder_channels`` = None uses the model factory's default for ``encoder_depth``.
     ``max_patches_per_epoch`` caps the patches drawn (without replacement) per epoch; None = all.
+    ``max_val_patches`` caps the validation patches scored after every epoch to a fixed subset spread evenly
+    over the stores (the same patches every epoch, so epochs stay comparable); None = all.
     ``amp`` (mixed precision, see ``amp_dtype``), ``channels_last`` and ``pin_memory``: None = on for
     CUDA, off on CPU; True turns them on on CPU too (amp in bfloat16). ``num_workers``: DataLoader
     processes; None = the job's torch threads on CUDA (at most 8), 0 on CPU, where worker processes
@@ -82,6 +84,7 @@ class SegmentationTrainParams:
     pin_memory: bool | None = None
     seed: int = 0
     max_patches_per_epoch: int | None = None
+    max_val_patches: int | None = None
 
     def __post_init__(self) -> None:
         if self.arch not in SEGMENTATION_ARCHS:
@@ -104,6 +107,7 @@ class SegmentationTrainParams:
             (bool(self.mask_set), "mask_set", "an annotation set name such as 'ssa'"),
             (self.num_workers is None or self.num_workers >= 0, "num_workers", ">= 0 or None"),
             (self.max_patches_per_epoch is None or self.max_patches_per_epoch >= 1, "max_patches_per_epoch", ">= 1"),
+            (self.max_val_patches is None or self.max_val_patches >= 1, "max_val_patches", ">= 1"),
         ]
         check_parameters(self, checks, "segmentation training")
 
@@ -159,6 +163,11 @@ class PatchDataset(Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def keep_evenly(self, count: int | None) -> None:
+        """Keep at most ``count`` patches, evenly spaced over the index (so every store keeps its share); None = all."""
+        if count is not None and count < len(self.index):
+            self.index = self.index[np.linspace(0, len(self.index) - 1, count).round().astype(np.int64)]
 
     def __len__(self) -> int:
         return len(self.index)
@@ -313,6 +322,8 @@ def train_segmentation(
 
     train_set = PatchDataset(patch_stores, SPLITS["train"], params.mask_set, augment=True, seed=params.seed)
     val_set = PatchDataset(patch_stores, SPLITS["val"], params.mask_set)
+    # Validation runs after every epoch: on a small CPU budget a fixed subset keeps it a minor share of the epoch.
+    val_set.keep_evenly(params.max_val_patches)
     if len(train_set) == 0:
         raise StoreError(f"{list(map(str, patch_stores))}: no training patches (split == 0); check the split ratios")
     # The lowest validation Dice loss (training loss without validation patches); NaN never wins.

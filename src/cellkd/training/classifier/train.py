@@ -23,7 +23,7 @@ from torch import nn
 from cellkd.device import resolve_device
 from cellkd.errors import ConfigError, StoreError
 from cellkd.metrics.classification import metrics_from_confusion
-from cellkd.models import MODEL_REGISTRY, SEGMENTATION_ARCHS, classifier_input, create_model
+from cellkd.models import MODEL_REGISTRY, SEGMENTATION_ARCHS, create_model
 from cellkd.models.checkpoint import (
     classifier_checkpoint,
     read_classifier_checkpoint,
@@ -38,7 +38,7 @@ from cellkd.training.classifier.data import (
     read_nucleus_rows,
 )
 from cellkd.training.classifier.distillation import class_weights, distillation_loss, load_teacher_logits
-from cellkd.training.classifier.evaluate import score_crops
+from cellkd.training.classifier.evaluate import cpu_layout_input, score_crops, use_cpu_layout
 from cellkd.training.common import (
     ResumableRun,
     Selection,
@@ -163,7 +163,7 @@ def _train_epoch(
     total = 0.0
     for batch in progress(batches, desc=f"epoch {epoch}/{params.epochs}", total=len(batches)):
         index = torch.from_numpy(batch).to(crops.device)
-        x = classifier_input(augment_dihedral(crops[index], rot[batch], flip[batch]))
+        x = cpu_layout_input(augment_dihedral(crops[index], rot[batch], flip[batch]))
         logits = model(x)
         teacher = None if soft is None else soft[index]
         loss = distillation_loss(
@@ -275,7 +275,7 @@ def train_classifier(
     eval_batch = max(params.batch_size, 1024)
     with torch.random.fork_rng(devices=rng_devices(dev)):
         torch.manual_seed(params.seed)
-        model = create_model(params.arch, num_classes=num_classes, dropout=params.dropout).to(dev)
+        model = use_cpu_layout(create_model(params.arch, num_classes=num_classes, dropout=params.dropout).to(dev))
         optimizer = torch.optim.Adam(model.parameters(), lr=params.lr)
         run = ResumableRun(
             out,
