@@ -41,10 +41,12 @@ class Row:
 
 @dataclass(frozen=True)
 class Context:
-    """What a topic's ``run`` gets: ``work`` caches its synthetic inputs, ``quick`` asks for small sizes."""
+    """What a topic's ``run`` gets: ``work`` caches its synthetic inputs, ``quick`` asks for small sizes, ``scale``
+    (None = the topic's default) shrinks a paper-sized input by that factor per side."""
 
     work: Path
     quick: bool
+    scale: float | None = None
 
 
 def met(ok: bool | None) -> str:
