@@ -41,6 +41,7 @@ def test_a_failing_job_still_logs_its_resources_once(tmp_path: Path) -> None:
     proc, log = _job(tmp_path, "fail")
     assert proc.returncode != 0 and "the job failed" in proc.stderr
     text = log.read_text(encoding="utf-8")
+    assert "job failed" in text and "RuntimeError: the job failed" in text  # the traceback is in the log
     assert text.count("job resources:") == 1
     assert read_job_resources(log).peak_rss_mb > 300  # type: ignore[union-attr]
 

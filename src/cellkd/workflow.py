@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import TypeVar
 
 import psutil  # a Snakemake dependency
@@ -75,10 +76,17 @@ def read_job_resources(log: PathLike) -> JobResources | None:
     return None if found is None else JobResources(**{k: float(v) for k, v in found.groupdict().items()})
 
 
+def _log_uncaught(kind: type[BaseException], error: BaseException, trace: TracebackType | None) -> None:
+    """Put a job's fatal traceback in its log too, where ``show-failed-logs`` and a cluster user look first."""
+    logger.critical("job failed", exc_info=(kind, error, trace))
+    sys.__excepthook__(kind, error, trace)
+
+
 def log_to(path: str | None, level: int = logging.INFO) -> None:
     """Send the ``cellkd`` loggers (and warnings) to ``path`` (or stderr when None).
 
-    At exit, even after an exception, the job's wall and CPU seconds and peak RSS are logged as one line
+    An uncaught exception is logged there with its traceback (and still printed to stderr). At exit, even after
+    an exception, the job's wall and CPU seconds and peak RSS are logged as one line
     (``RESOURCE_LINE``): a job killed for memory has none, the others say what to request.
     """
     handler: logging.Handler = logging.FileHandler(path, mode="w") if path else logging.StreamHandler(sys.stderr)
@@ -87,6 +95,7 @@ def log_to(path: str | None, level: int = logging.INFO) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.captureWarnings(True)
+    sys.excepthook = _log_uncaught
     # Registered after logging's own shutdown hook, so it runs first (atexit is last in, first out);
     # unregister + register keeps it to one line when log_to is called twice.
     atexit.unregister(_log_job_resources)
