@@ -7,9 +7,9 @@ slide; ``--quick`` 0.05).
 
 The fixture (``python -m cellkd.synthetic.scale``) is cached in ``WORK/scale/fixture_<s>``; the workflow runs in
 ``WORK/scale/run_<s>`` with a sheet of that slide (ssa, wsa and truth exports, 0.25 µm/px; see ``SHEET_SETS``)
-and the demo preset's model sizes with 1-2 epochs: the point is resource use, not quality. A finished run is reused
-(Snakemake finds nothing to do); delete its folder to measure again. The per-rule table is written to
-``run_<s>/per_rule.csv`` and ``.md``.
+and the demo preset's model sizes, one epoch for the classifiers: the point is resource use, not quality. A
+finished run is reused (Snakemake finds nothing to do); delete its folder to measure again. The per-rule table
+is written to ``run_<s>/per_rule.csv`` and ``.md``.
 
 Per job, the peak RSS is the larger of Snakemake's benchmark TSV (``max_rss``, the job's process tree) and the
 ``job resources`` line that ``cellkd.workflow.log_to`` writes at the end of every job log (VmHWM; the only
@@ -56,8 +56,10 @@ SVS_JPEG_QUALITY = 80
 SVS_PYRAMID_FACTOR = 1 + 1 / 15
 """Levels at 4x downsamples add 1/16 + 1/256 + ... = 1/15 of level 0's bytes, as an Aperio SVS has them."""
 TRAINING = {
-    # Few epochs over the demo preset's model sizes: every training rule runs over the slide's real data.
-    "segmentation": {"archs": ["unet"], "epochs": 2},
+    # The demo preset's segmentation as it is (12 epochs of 48 patches: a cost that does not grow with the
+    # slide); with 2 epochs the U-Net marked every pixel a nucleus at scale 0.2, leaving no nuclei downstream.
+    # One epoch of the classifiers, which do go over every nucleus of the slide.
+    "segmentation": {"archs": ["unet"]},
     "teacher": {"labels": ["wsa"], "epochs": 1},
     "student": {"epochs": 1},
 }
