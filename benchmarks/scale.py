@@ -102,7 +102,14 @@ def workflow_config(sheet: Path) -> dict:
     A real sheet gets the paper preset, so the demo's sizes (config/demo.yaml) are set explicitly.
     """
     demo = yaml.safe_load((REPO / "config" / "demo.yaml").read_text(encoding="utf-8"))
-    config: dict = {"sheet": str(sheet), "stains": ["raw"], "patches": demo["patches"]}
+    # Background nuclei exported too: every nucleus of the slide in the GeoJSON, the export's worst case (a
+    # briefly trained student may call most of them background, which would leave the file nearly empty).
+    config: dict = {
+        "sheet": str(sheet),
+        "stains": ["raw"],
+        "patches": demo["patches"],
+        "predict": {"include_background": True},
+    }
     for section in ("segmentation", "teacher", "student"):
         config[section] = {**demo[section], **TRAINING[section]}
     return config

@@ -120,6 +120,7 @@ def test_scale_config_has_the_demo_model_sizes_and_few_epochs(scale, tmp_path: P
     assert config["segmentation"]["encoder"] == demo["segmentation"]["encoder"] == "mobilenet_v2"
     assert config["segmentation"]["max_patches_per_epoch"] == demo["segmentation"]["max_patches_per_epoch"]
     assert config["patches"] == demo["patches"]
+    assert config["predict"]["include_background"]  # every nucleus in the GeoJSON, however it was classified
     assert config["segmentation"]["epochs"] == demo["segmentation"]["epochs"]  # a bounded cost: 48 patches/epoch
     assert config["teacher"]["epochs"] == config["student"]["epochs"] == 1  # these go over every nucleus
 
