@@ -10,7 +10,6 @@ This file is also the child's entry point: ``python benchmarks/harness.py MODULE
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import json
 import os
@@ -42,10 +41,12 @@ class Row:
 
 @dataclass(frozen=True)
 class Context:
-    """What a topic's ``run`` gets: ``work`` caches its synthetic inputs, ``quick`` asks for small sizes."""
+    """What a topic's ``run`` gets: ``work`` caches its synthetic inputs, ``quick`` asks for small sizes, ``scale``
+    (None = the topic's default) shrinks a paper-sized input by that factor per side."""
 
     work: Path
     quick: bool
+    scale: float | None = None
 
 
 def met(ok: bool | None) -> str:
@@ -69,16 +70,10 @@ class Stopwatch:
 
 
 def peak_rss_mib() -> float:
-    """Peak RSS of this process in MiB.
+    """Peak RSS of this process in MiB (VmHWM, as every job log's resource line reports it in MB)."""
+    from cellkd.workflow import peak_rss_mb
 
-    VmHWM, not ru_maxrss: Linux keeps ru_maxrss across fork + exec, so a child started by this (torch-sized)
-    parent would report the parent's peak instead of its own.
-    """
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0  # kB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux, a fallback elsewhere
+    return peak_rss_mb() * 1e6 / 2**20
 
 
 def cpu_seconds() -> float:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Speed and memory of cellkd against the targets of issue 7 (a 2-core CPU machine); prints a Markdown table.
 
-    python benchmarks/run.py [--quick] [--only NAME ...] [--work-dir DIR] [--results CSV]
+    python benchmarks/run.py [--quick] [--only NAME ...] [--scale S] [--work-dir DIR] [--results CSV]
 
 Every benchmark times the functions the workflow's scripts call (no separate fast path). Each topic is one module
 ``benchmarks/<topic>.py`` whose docstring says what it measures (``--help`` lists them). Synthetic inputs are
@@ -12,7 +12,8 @@ Adding a topic is adding one module to ``benchmarks/`` (this runner finds it) th
 
     NAME: str                        its ``--only`` name; by convention the module's name and its rows' first word
     ORDER: int                       its place in the table (topics run and print sorted by ORDER, then NAME)
-    run(ctx: Context) -> list[Row]   the measurements; ``ctx.quick`` asks for a smoke-sized run
+    run(ctx: Context) -> list[Row]   the measurements; ``ctx.quick`` asks for a smoke-sized run, ``ctx.scale``
+                                     (``--scale``) for a paper-sized input shrunk by that factor per side
 
 ``Row``, ``Context``, ``met``, ``Stopwatch``, ``peak_rss_mib`` and ``run_child`` (a step in a fresh process) come
 from ``harness.py``; synthetic slides and raw stores that several topics share from ``inputs.py``. A ``run`` that
@@ -93,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run in under 2 minutes")
     parser.add_argument("--only", nargs="+", choices=sorted(topics), metavar="NAME", help="run only these")
+    parser.add_argument(
+        "--scale", type=float, help="factor on both sides of paper-sized inputs (scale: default 1, --quick 0.05)"
+    )
     parser.add_argument("--work-dir", type=Path, default=REPO / "benchmarks" / "work", help="cache of inputs")
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results.csv", help="CSV output")
     args = parser.parse_args(argv)
@@ -101,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args.work_dir.mkdir(parents=True, exist_ok=True)
     log_to(str(args.work_dir / "run.log"))  # library logs and progress bars go there, not to the table
-    ctx = Context(work=args.work_dir.resolve(), quick=args.quick)
+    ctx = Context(work=args.work_dir.resolve(), quick=args.quick, scale=args.scale)
     rows: list[Row] = []
     for name in args.only or list(topics):
         print(f"# {name} ...", file=sys.stderr, flush=True)

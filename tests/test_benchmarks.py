@@ -1,5 +1,5 @@
 """benchmarks/run.py: it finds the topic modules in table order, and a quick run of two cheap ones prints a table
-and writes the CSV."""
+and writes the CSV; the scale topic's pieces (sheet, config, per-rule figures) on tiny inputs."""
 
 from __future__ import annotations
 
@@ -9,7 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
+import yaml
+
+from cellkd.config import load_sheet
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO / "benchmarks"
@@ -22,7 +26,7 @@ def test_runner_lists_every_topic_module_in_table_order() -> None:
     listed = proc.stdout.split("benchmarks:\n", 1)[1].splitlines()
     names = [line.split()[0] for line in listed if line.startswith("  ") and not line.startswith("   ")]
     topics = ["macenko", "preprocess", "geojson", "qupath_parse", "inference", "student_speed", "distill", "dag"]
-    assert names == [*topics, "gpu"]
+    assert names == [*topics, "gpu", "scale"]
 
 
 def test_topic_module_without_run_is_refused_with_its_path(tmp_path: Path) -> None:
@@ -84,3 +88,91 @@ def test_preprocess_tile_reading_row_compares_the_same_tiles_with_openslide(shar
     assert row["benchmark"].startswith("preprocess cmu: read the tissue tiles")
     assert float(row["cellkd"]) > 0 and row["comparator"].endswith("(OpenSlide read_region)")
     assert float(row["ratio"].rstrip("x")) > 0 and "identical pixels" in row["notes"]
+
+
+# --------------------------------------------------------------------------- the scale topic's pieces
+
+
+@pytest.fixture
+def scale(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201 - the benchmarks/scale.py module
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import scale as module
+
+    return module
+
+
+def test_scale_sheet_loads_with_the_fixtures_files_and_mpp(scale, tmp_path: Path) -> None:
+    files = {"slide": tmp_path / "scale.tiff"}
+    files |= {name: tmp_path / f"scale.{name}.geojson" for name in ("truth", "ssa", "wsa", "ea")}
+    for path in files.values():
+        path.touch()
+    manifest = {"files": {k: str(v) for k, v in files.items()}, "truth": {"mpp": 0.25}}
+    sheet = scale.write_sheet(manifest, tmp_path / "run" / "sheet.tsv")
+    (entry,) = load_sheet(sheet, REPO / "schemas" / "sheet.schema.yaml").values()
+    assert entry.path == str(files["slide"]) and entry.mpp == 0.25
+    assert entry.annotations == {name: str(files[name]) for name in scale.SHEET_SETS}
+
+
+def test_scale_config_has_the_demo_model_sizes_and_few_epochs(scale, tmp_path: Path) -> None:
+    demo = yaml.safe_load((REPO / "config" / "demo.yaml").read_text(encoding="utf-8"))
+    config = scale.workflow_config(tmp_path / "sheet.tsv")
+    assert config["sheet"] == str(tmp_path / "sheet.tsv") and config["stains"] == ["raw"]
+    assert config["segmentation"]["encoder"] == demo["segmentation"]["encoder"] == "mobilenet_v2"
+    assert config["segmentation"]["max_patches_per_epoch"] == demo["segmentation"]["max_patches_per_epoch"]
+    assert config["patches"] == demo["patches"]
+    assert config["predict"]["include_background"]  # every nucleus in the GeoJSON, however it was classified
+    assert config["segmentation"]["epochs"] == demo["segmentation"]["epochs"]  # a bounded cost: 48 patches/epoch
+    assert config["teacher"]["epochs"] == config["student"]["epochs"] == 1  # these go over every nucleus
+
+
+DRY_RUN = """
+rule extract_nuclei:
+    input: results/fragments/raw/scale.h5
+    resources: tmpdir=/tmp, mem_mb=3000, mem=3 GB, mem_mib=2862, disk_mb=<TBD>, runtime=60
+localrule predict:
+    input: results/predict/scale.geojson
+    resources: tmpdir=/tmp, mem_mb=2000, mem=2 GB, mem_mib=1908
+rule segment_slide:
+    wildcards: stain=raw, slide=scale
+    resources: tmpdir=/tmp, disk_mb=1000, mem_mb=4000, mem=4 GB, mem_mib=3815, runtime=120, gpu=0
+"""
+
+
+def test_declared_mem_mb_is_read_per_rule_from_a_dry_run(scale) -> None:
+    assert scale.declared_mem_mb(DRY_RUN) == {"extract_nuclei": 3000, "predict": 2000, "segment_slide": 4000}
+
+
+def _job(run_dir: Path, key: str, log_rss: float | None, tsv_rss: float | None) -> None:
+    if log_rss is not None:
+        log = run_dir / "logs" / f"{key}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        line = f"job resources: wall 12.0 s, CPU 20.0 s, peak RSS {log_rss:.0f} MB"
+        log.write_text(f"2026-01-01 INFO cellkd: started\n2026-01-01 INFO cellkd.workflow: {line}\n", encoding="utf-8")
+    if tsv_rss is not None:
+        tsv = run_dir / "benchmarks" / f"{key}.tsv"
+        tsv.parent.mkdir(parents=True, exist_ok=True)
+        columns = {"s": 14.5, "h:m:s": "0:00:14", "max_rss": tsv_rss, "max_vms": 1, "io_in": 0, "io_out": 0}
+        pd.DataFrame([{**columns, "cpu_time": 21.0}]).to_csv(tsv, sep="\t", index=False)
+
+
+def test_per_rule_figures_take_the_larger_peak_of_log_and_tsv_and_flag_jobs_over_mem_mb(scale, tmp_path: Path) -> None:
+    _job(tmp_path, "segment_slide/raw/a", log_rss=1200, tsv_rss=1500)  # the TSV counts the job's children too
+    _job(tmp_path, "segment_slide/raw/b", log_rss=2600, tsv_rss=2500)
+    _job(tmp_path, "select_segmentation/raw", log_rss=100, tsv_rss=None)  # rules without benchmark: the log
+    _job(tmp_path, "extract_nuclei/raw/a", log_rss=3500, tsv_rss=3400)
+    jobs = scale.job_figures(tmp_path)
+    assert len(jobs) == 4
+    (tmp_path / "results" / "nuclei").mkdir(parents=True)
+    (tmp_path / "results" / "nuclei" / "a.h5").write_bytes(b"x" * 2_000_000)
+    summary = "output_file\tdate\trule\nresults/nuclei/a.h5\t-\textract_nuclei\nresults/gone.h5\t-\tx\n"
+    written = scale.bytes_written(summary, tmp_path)
+    assert written == {"extract_nuclei": 2_000_000}
+    declared = {"segment_slide": 4000, "select_segmentation": 2000, "extract_nuclei": 3000}
+    table = scale.per_rule(jobs, declared, written).set_index("rule")
+    assert table.loc["segment_slide", "jobs"] == 2
+    assert table.loc["segment_slide", "peak_rss_mb"] == 2600  # max over jobs of max(log, TSV)
+    assert table.loc["segment_slide", "wall_s"] == pytest.approx(29.0)  # the TSVs' s, summed
+    assert table.loc["select_segmentation", "peak_rss_mb"] == 100
+    assert table.loc["extract_nuclei", "written_mb"] == pytest.approx(2.0)
+    assert table.loc["segment_slide", "within"] and not table.loc["extract_nuclei", "within"]
+    assert "| extract_nuclei | 1 |" in scale.markdown(table.reset_index())

