@@ -31,6 +31,7 @@ from cellkd.training.classifier import (
     train_classifier,
 )
 from cellkd.training.classifier import train as classifier_trainer
+from cellkd.training.classifier.data import load_crops, read_nucleus_rows
 from cellkd.training.classifier.distillation import class_weights
 from cellkd.training.classifier.evaluate import CPU_FORWARD_BATCH, infer_logits, prepare_for_inference
 from cellkd.training.classifier.train import epochs_without_improvement
@@ -597,3 +598,13 @@ def test_classifier_train_params_from_dict_names_unknown_keys() -> None:
     assert ClassifierTrainParams.from_dict({"arch": "vgg4", "w_kd": 0.5}).w_kd == 0.5
     with pytest.raises(ConfigError, match=r"unknown classifier training parameter\(s\) \['temp'\]"):
         ClassifierTrainParams.from_dict({"temp": 2.0})
+
+
+def test_load_crops_returns_the_rows_asked_for_in_their_order_across_stores(stores: list[Path]) -> None:
+    rows = read_nucleus_rows(stores, "ssa")
+    level0 = all_rows(stores, "crops/level0")
+    selected = np.array([599, 0, 360, 359, 5, 5, 420, 1], dtype=np.int64)  # both stores, unsorted, a repeat
+    crops = load_crops(rows, selected, "level0").numpy()
+    np.testing.assert_array_equal(crops, level0[selected])
+    with pytest.raises(IndexError, match="outside"):
+        load_crops(rows, np.array([0, 600]), "level0")
