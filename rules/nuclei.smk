@@ -9,9 +9,10 @@ rule extract_nuclei:
         "benchmarks/extract_nuclei/{stain}/{slide}.tsv"
     conda:
         "../envs/cellkd.yaml"
-    # Tiled: 0.43-0.47 GiB measured at 8k^2 and 16k^2 px fragments (README, Nuclei); the rest is for the annotation sets.
+    # Tiled: 0.43-0.47 GiB measured at 8k^2 and 16k^2 px fragments (README, Nuclei). The annotation sets' polygons
+    # take ~1.5 KB each (benchmarks/scale.py): ~2.1 GB for three sets of a 470k-nuclei slide.
     resources:
-        mem_mb=mem_mb_by_attempt(3000),
+        mem_mb=mem_mb_by_attempt(4000),
         runtime=60,
     params:
         nuclei=config["nuclei"],
