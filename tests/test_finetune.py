@@ -318,11 +318,14 @@ def test_write_table6_writes_one_row_per_stain_labels_count_with_a_plot(tmp_path
     assert table["f1_weighted_after"].tolist() == pytest.approx([0.57, 0.67, 0.72, 0.82])
     assert table["f1_weighted_before"].tolist() == pytest.approx([0.52, 0.62, 0.62, 0.62])
     assert table["accuracy_after"].tolist() == pytest.approx([0.6, 0.7, 0.75, 0.85])
+    assert table["f1_a_after"].tolist() == table["f1_b_after"].tolist() == [0.55, 0.65, 0.7, 0.8]  # per class
+    assert "f1_a_before" not in table and "f1_macro_after" in table  # averages keep both phases
     assert table.loc[3, "effective_count"] == 212 and table.loc[3, "lr"] == 1e-4
     assert table.loc[3, "setting"] == "lr=0.0001, dropout=0.3"  # no grid.csv beside it: epochs unknown
     summary = pd.read_csv(paths.csv)
     assert summary["f1_macro_gain_mean"].tolist() == pytest.approx([0.05, 0.05, 0.1, 0.2])
     assert summary["f1_macro_gain_ci95"].isna().all() and (summary["seeds"] == 1).all()
+    assert summary["f1_b_after_mean"].tolist() == pytest.approx([0.55, 0.65, 0.7, 0.8])
     markdown = paths.md.read_text()
     assert markdown.startswith(f"# {TABLE6_TITLE} (") and "n=1" in markdown.splitlines()[0]
     assert "| macenko" in markdown

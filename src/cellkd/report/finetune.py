@@ -35,6 +35,7 @@ TABLE6_METRICS = (
     "accuracy_before",
     "accuracy_after",
 )
+_AVERAGES = ("f1_macro", "f1_weighted")
 KEPT_STUDENT = "student kept"
 """The ``setting`` of a seed whose un-fine-tuned student won on validation (lr, dropout and epochs NaN)."""
 
@@ -46,7 +47,8 @@ def table6(metrics_csvs: Mapping[tuple[str, str, int, int], PathLike]) -> pd.Dat
     point, from the ``grid.csv`` beside each metrics.csv; NaN when the un-fine-tuned student won on validation
     and was kept), setting (those three as text), f1_macro_before, f1_macro_after, f1_macro_gain (after -
     before: the chosen model minus that seed's own student, on that seed's test nuclei), f1_weighted_before,
-    f1_weighted_after, accuracy_before, accuracy_after, nuclei (test rows); sorted by stain, labels, count, seed.
+    f1_weighted_after, accuracy_before, accuracy_after, f1_<class>_after per class of the metrics (background
+    included), nuclei (test rows); sorted by stain, labels, count, seed.
     """
     if not metrics_csvs:
         raise StoreError(
@@ -69,6 +71,7 @@ def table6(metrics_csvs: Mapping[tuple[str, str, int, int], PathLike]) -> pd.Dat
             "pass each metrics.csv under its own (stain, labels, count, seed)"
         )
         raise StoreError(msg)
+    per_class = [c for c in long.columns if c.startswith("f1_") and c not in _AVERAGES]  # f1_<class>, background too
     rows = []
     for (stain, labels, count, seed), group in long.groupby(["stain", "labels", "count", "seed"], sort=True):
         key = (str(stain), str(labels), int(count), int(seed))
@@ -97,6 +100,7 @@ def table6(metrics_csvs: Mapping[tuple[str, str, int, int], PathLike]) -> pd.Dat
                 "f1_weighted_after": float(after["f1_weighted"]),
                 "accuracy_before": float(before["accuracy"]),
                 "accuracy_after": float(after["accuracy"]),
+                **{f"{column}_after": float(after[column]) for column in per_class},
                 "nuclei": int(after["nuclei"]),
             }
         )
@@ -125,12 +129,20 @@ def _setting(lr: float, dropout: float, epochs: float) -> str:
     return text if math.isnan(epochs) else f"{text}, epochs={epochs:g}"
 
 
+def table6_metrics(per_seed: pd.DataFrame) -> tuple[str, ...]:
+    """:data:`TABLE6_METRICS` plus the per-class ``f1_<class>_after`` columns that ``per_seed`` holds."""
+    per_class = [
+        c for c in per_seed.columns if c.startswith("f1_") and c.endswith("_after") and c not in TABLE6_METRICS
+    ]
+    return (*TABLE6_METRICS, *per_class)
+
+
 def summarize_table6(per_seed: pd.DataFrame) -> pd.DataFrame:
-    """Table 6 over seeds: per (stain, labels, count) the mean ± 95% CI of :data:`TABLE6_METRICS` (so
+    """Table 6 over seeds: per (stain, labels, count) the mean ± 95% CI of :func:`table6_metrics` (so
     ``f1_macro_gain_mean``/``_ci95`` is the gain vs the student), effective_count, nuclei, seeds, and the
     most frequent chosen ``setting`` with ``setting_seeds``: how many seeds chose it (ties: the lowest seed's).
     """
-    aggregated = mean_ci95(per_seed, TABLE6_KEYS, TABLE6_METRICS, carry=("effective_count", "nuclei"))
+    aggregated = mean_ci95(per_seed, TABLE6_KEYS, table6_metrics(per_seed), carry=("effective_count", "nuclei"))
     # Counter.most_common keeps first-seen order among ties; the rows are sorted by seed.
     modes = per_seed.groupby(list(TABLE6_KEYS), sort=False)["setting"].apply(lambda s: Counter(s).most_common(1)[0])
     chosen = pd.DataFrame(modes.tolist(), columns=["setting", "setting_seeds"], index=modes.index).reset_index()
@@ -180,7 +192,7 @@ def write_table6(
     """
     per_seed = table6(metrics_csvs)
     aggregated = summarize_table6(per_seed)
-    write_seed_outputs(per_seed, aggregated, TABLE6_METRICS, paths, TABLE6_TITLE)
+    write_seed_outputs(per_seed, aggregated, table6_metrics(per_seed), paths, TABLE6_TITLE)
     plot_finetune_curve(aggregated, png_path)
     logger.info("Table 6:\n%s", aggregated.to_string(index=False))
     return aggregated
