@@ -25,7 +25,7 @@ import numpy.typing as npt
 import shapely
 
 from cellkd.store.atomic import atomic_h5, require_complete
-from cellkd.store.attrs import open_store
+from cellkd.store.attrs import ClosingStore, open_store
 from cellkd.store.compression import COMPRESSION
 from cellkd.types import DOWNSAMPLES, RGBImage
 
@@ -183,7 +183,7 @@ def iter_windows(height: int, width: int, tile: int = CHUNK) -> Iterator[tuple[i
             yield y, x, min(tile, height - y), min(tile, width - x)
 
 
-class FragmentStore:
+class FragmentStore(ClosingStore):
     """Read-only view of a fragment store. Use as a context manager."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -218,17 +218,6 @@ class FragmentStore:
         if "reference_stain_matrix" not in attrs:
             return None
         return np.asarray(attrs["reference_stain_matrix"]), np.asarray(attrs["reference_max_concentrations"])
-
-    def close(self) -> None:
-        self._h5.close()
-
-    def __enter__(self) -> FragmentStore:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
 
 class FragmentStoreWriter:

@@ -15,19 +15,17 @@ Layout:
 
 from __future__ import annotations
 
-from types import TracebackType
-
 import h5py
 
 from cellkd.errors import StoreError
 from cellkd.store.atomic import require_complete
-from cellkd.store.attrs import decode_strings, open_store
+from cellkd.store.attrs import ClosingStore, decode_strings, open_store
 from cellkd.types import PathLike
 
 _RERUN = "rerun the rasterize_annotations rule"
 
 
-class MaskStore:
+class MaskStore(ClosingStore):
     """Read-only view of a mask store. Use as a context manager."""
 
     def __init__(self, path: PathLike) -> None:
@@ -52,14 +50,3 @@ class MaskStore:
         if key not in self._h5:
             raise StoreError(f"{self.path}: has no {key}; {_RERUN}")
         return self._h5[key]
-
-    def close(self) -> None:
-        self._h5.close()
-
-    def __enter__(self) -> MaskStore:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()

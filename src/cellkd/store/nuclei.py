@@ -33,7 +33,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 
 import h5py
@@ -44,7 +43,7 @@ import shapely
 
 from cellkd.errors import StoreError
 from cellkd.store.atomic import require_complete
-from cellkd.store.attrs import decode_strings, open_store
+from cellkd.store.attrs import ClosingStore, decode_strings, open_store
 from cellkd.store.compression import COMPRESSION
 from cellkd.types import SPLIT_NAMES, PathLike
 
@@ -180,7 +179,7 @@ class NucleiWriter:
         h5.attrs.update(attrs)
 
 
-class NucleiStore:
+class NucleiStore(ClosingStore):
     """Read-only view of a nuclei store (layout: module docstring). Use as a context manager.
 
     Reads are explicit (``labels``, ``split``, ``crop_rows``, ...), so a caller that walks the
@@ -286,17 +285,6 @@ class NucleiStore:
         for set_name in self.label_sets:
             data[f"label_{set_name}"] = h5[f"labels/{set_name}"][:]
         return pd.DataFrame(data)
-
-    def close(self) -> None:
-        self._h5.close()
-
-    def __enter__(self) -> NucleiStore:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
 
 __all__ = ["CROP_CHUNK", "CROP_LEVELS", "UNLABELLED", "FragmentNuclei", "NucleiStore", "NucleiWriter"]

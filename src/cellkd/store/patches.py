@@ -32,7 +32,6 @@ import os
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import h5py
@@ -43,7 +42,7 @@ import pandas as pd
 from cellkd.errors import StoreError
 from cellkd.params import SPLIT_FRACTIONS, check_parameters, is_int, is_split_fractions
 from cellkd.store.atomic import atomic_h5, require_complete
-from cellkd.store.attrs import decode_strings, open_store
+from cellkd.store.attrs import ClosingStore, decode_strings, open_store
 from cellkd.store.fragments import FragmentStore
 from cellkd.store.masks import MaskStore
 from cellkd.types import DOWNSAMPLES, SPLIT_NAMES, PathLike
@@ -364,7 +363,7 @@ class PatchArray:
         return data if dtype is None else data.astype(dtype)
 
 
-class PatchStore:
+class PatchStore(ClosingStore):
     """Read-only view of a patch store. Use as a context manager.
 
     ``image(i)`` / ``mask(set, i)``: patch ``i`` read from its fragment / mask store, zero-padded past the
@@ -498,11 +497,3 @@ class PatchStore:
             if mask_store is not None:
                 mask_store.close()
         self._open.clear()
-
-    def __enter__(self) -> PatchStore:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
