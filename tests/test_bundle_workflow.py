@@ -21,6 +21,7 @@ from cellkd.annotations import read_qupath_geojson
 from cellkd.bundle import SEGMENTATION_WEIGHTS, export_bundle, read_bundle
 from cellkd.classes import DEFAULT_CLASSES
 from cellkd.predict import BACKGROUND_CLASS
+from cellkd.store.fragments import FragmentStore
 from cellkd.training.classifier import train_classifier
 from cellkd.training.segmentation import train_segmentation
 
@@ -201,7 +202,7 @@ def test_export_then_predict_on_a_fresh_folder_trains_nothing_and_reads_back_in_
     slide[32:352, 32:352] = TISSUE
     truth = draw_nuclei(slide[32:352, 32:352], np.random.default_rng(1), 40)
     tifffile.imwrite(fresh / "new.tif", slide, photometric="rgb")
-    # scanned at 1 µm/px, twice the bundle's 0.5: predicted all the same, with a warning
+    # scanned at 1 µm/px, twice the bundle's 0.5: resampled to the bundle's working resolution, so no warning
     config = predict_config(fresh, bundle, "new.tif", mpp="1.0")
     result = run_snakemake(fresh, "predict", "--cores", "2", config=config)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -219,7 +220,10 @@ def test_export_then_predict_on_a_fresh_folder_trains_nothing_and_reads_back_in_
     features = json.loads(geojson.read_text(encoding="utf-8"))["features"]
     first = features[0]["properties"]["measurements"]
     assert first["Nucleus: Area µm^2"] == pytest.approx(first["Area px"] * 1.0)
-    assert "trained at 0.5 µm/px" in (fresh / "logs/classify_slide/newslide.log").read_text(encoding="utf-8")
+    assert "trained at" not in (fresh / "logs/classify_slide/newslide.log").read_text(encoding="utf-8")
+    with FragmentStore(fresh / "results/fragments/raw/newslide.h5") as store:
+        geometry = store.geometry
+    assert (geometry.working_mpp, geometry.slide_mpp, geometry.scale) == (0.5, 1.0, 0.5)  # upsampled 2x
     # the bundle's trained segmentation finds the painted nuclei: nearly every detection sits on one
     inside = [truth[int(p.y) - 32, int(p.x) - 32] for p in annotations.geometry.representative_point()]
     assert np.mean(inside) >= 0.9
