@@ -1,7 +1,5 @@
 """Snakemake adapter: one row per segmented nucleus with multiscale crops and labels from every annotation set."""
 
-import math
-
 from cellkd.annotations import AnnotationOptions
 from cellkd.classes import classes_from_config
 from cellkd.config import ANNOTATION_SETS
@@ -13,10 +11,8 @@ from cellkd.workflow import log_to
 log_to(snakemake.log[0])
 settings = snakemake.params.nuclei
 with FragmentStore(snakemake.input.fragments) as fragments:
-    # The slide's (or the sheet's) level-0 resolution, which the GeoJSON is in; extract_fragments already
-    # warned when it fell back.
-    slide_mpp = fragments.geometry.slide_mpp
-    mpp = slide_mpp if math.isfinite(slide_mpp) else snakemake.params.mpp_fallback
+    # The slide's (or the sheet's) level-0 resolution; extract_fragments already warned when it fell back.
+    mpp = fragments.geometry.slide_mpp_or(snakemake.params.mpp_fallback)
 # split_by: area draws the nuclei by the patch store's blocks, so a nucleus shares its patches' split.
 area_block = PatchParams(**snakemake.params.patches).block_size
 # Namedlist membership tests values, not names: the .keys() is needed.

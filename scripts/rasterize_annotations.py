@@ -1,7 +1,5 @@
 """Snakemake adapter: rasterize the slide's QuPath GeoJSON sets into per-fragment class masks."""
 
-import math
-
 from cellkd.annotations import AnnotationOptions, write_mask_store
 from cellkd.classes import classes_from_config
 from cellkd.config import ANNOTATION_SETS
@@ -11,10 +9,8 @@ from cellkd.workflow import log_to
 log_to(snakemake.log[0])
 with FragmentStore(snakemake.input.fragments) as fragments:
     slide_size = fragments.slide_size
-    # The slide's (or the sheet's) level-0 resolution, which the GeoJSON is in; extract_fragments already
-    # warned when it fell back.
-    slide_mpp = fragments.geometry.slide_mpp
-    mpp = slide_mpp if math.isfinite(slide_mpp) else snakemake.params.mpp_fallback
+    # The slide's (or the sheet's) level-0 resolution; extract_fragments already warned when it fell back.
+    mpp = fragments.geometry.slide_mpp_or(snakemake.params.mpp_fallback)
 # Namedlist membership tests values, not names: the .keys() is needed.
 annotation_names = [name for name in ANNOTATION_SETS if name in snakemake.input.keys()]  # noqa: SIM118
 write_mask_store(

@@ -1,7 +1,5 @@
 """Snakemake adapter: the instance table next to Table 2 (segmented nuclei vs the truth, per stain and class)."""
 
-import math
-
 from cellkd.annotations import AnnotationOptions
 from cellkd.classes import classes_from_config
 from cellkd.report.instances import slide_instance_counts, write_instance_table
@@ -16,8 +14,7 @@ mpps, geometries = {}, {}
 for slide, path in zip(slides, snakemake.input.fragments, strict=True):
     with FragmentStore(path) as fragments:
         # The slide's (or the sheet's) level-0 resolution, as rasterize_annotations reads it.
-        slide_mpp = fragments.geometry.slide_mpp
-        mpps[slide] = slide_mpp if math.isfinite(slide_mpp) else snakemake.params.mpp_fallback
+        mpps[slide] = fragments.geometry.slide_mpp_or(snakemake.params.mpp_fallback)
         geometries[slide] = fragments.geometry
 truth = dict(zip(slides, snakemake.input.truth, strict=True))
 # expand() iterates stain (outer) then slide (inner).

@@ -335,3 +335,8 @@ def test_a_slide_at_the_working_mpp_is_stored_as_it_is(two_scans: dict[str, dict
         for fragment in own.fragments:
             for level in range(3):
                 np.testing.assert_array_equal(own.level(fragment, level)[()], working.level(fragment, level)[()])
+
+
+def test_slide_mpp_or_gives_the_fallback_only_when_the_slide_mpp_is_unknown() -> None:
+    assert SlideGeometry.for_slide(0.25, 0.5).slide_mpp_or(0.5) == 0.25
+    assert SlideGeometry.identity(float("nan")).slide_mpp_or(0.5) == 0.5

@@ -192,11 +192,12 @@ def classify_nuclei(
     from cellkd.store.fragments import FragmentStore
     from cellkd.training.classifier import predict_logits
 
-    mpp = geometry = None
+    geometry = None
     if fragment_store is not None:
         with FragmentStore(fragment_store) as fragments:
-            mpp, geometry = fragments.mpp, fragments.geometry
+            geometry = fragments.geometry
     if is_bundle_weights(model_path):
+        mpp = None if geometry is None else geometry.working_mpp
         check_resolution(read_bundle(Path(model_path).parent, classes), mpp, str(nuclei_store))
     logits = torch.from_numpy(predict_logits(model_path, [nuclei_store]))
     probabilities = torch.softmax(logits, dim=1).numpy()
@@ -206,7 +207,6 @@ def classify_nuclei(
         classes,
         out_path,
         include_background=include_background,
-        mpp=mpp,
         object_type=object_type,
         geometry=geometry,
     )

@@ -100,6 +100,10 @@ class SlideGeometry:
             scale = whole
         return cls(slide_mpp * scale, float(slide_mpp), scale, assumed)
 
+    def slide_mpp_or(self, fallback: float) -> float:
+        """The slide's level-0 µm/px, which its GeoJSON is in; ``fallback`` (``mpp_fallback``) when unknown (NaN)."""
+        return self.slide_mpp if math.isfinite(self.slide_mpp) else fallback
+
     @property
     def resampled(self) -> bool:
         """Whether the working pixels differ from the slide's own."""
