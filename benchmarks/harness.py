@@ -42,11 +42,13 @@ class Row:
 @dataclass(frozen=True)
 class Context:
     """What a topic's ``run`` gets: ``work`` caches its synthetic inputs, ``quick`` asks for small sizes, ``scale``
-    (None = the topic's default) shrinks a paper-sized input by that factor per side."""
+    (None = the topic's default) shrinks a paper-sized input by that factor per side; ``train_scale`` (None = the
+    same slide) is the scale of the slide the scale topic trains its models on, when it only predicts at ``scale``."""
 
     work: Path
     quick: bool
     scale: float | None = None
+    train_scale: float | None = None
 
 
 def met(ok: bool | None) -> str:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Speed and memory of cellkd against the targets of issue 7 (a 2-core CPU machine); prints a Markdown table.
 
-    python benchmarks/run.py [--quick] [--only NAME ...] [--scale S] [--work-dir DIR] [--results CSV]
+    python benchmarks/run.py [--quick] [--only NAME ...] [--scale S] [--train-scale T] [--work-dir DIR] [--results CSV]
 
 Every benchmark times the functions the workflow's scripts call (no separate fast path). Each topic is one module
 ``benchmarks/<topic>.py`` whose docstring says what it measures (``--help`` lists them). Synthetic inputs are
@@ -14,6 +14,8 @@ Adding a topic is adding one module to ``benchmarks/`` (this runner finds it) th
     ORDER: int                       its place in the table (topics run and print sorted by ORDER, then NAME)
     run(ctx: Context) -> list[Row]   the measurements; ``ctx.quick`` asks for a smoke-sized run, ``ctx.scale``
                                      (``--scale``) for a paper-sized input shrunk by that factor per side
+    OPT_IN: bool (optional)          True for a topic that takes an hour or so (the whole workflow at paper scale,
+                                     the full demo): it runs only when ``--only`` names it
 
 ``Row``, ``Context``, ``met``, ``Stopwatch``, ``peak_rss_mib`` and ``run_child`` (a step in a fresh process) come
 from ``harness.py``; synthetic slides and raw stores that several topics share from ``inputs.py``. A ``run`` that
@@ -60,6 +62,11 @@ def find_topics(folder: Path = HERE.parent) -> dict[str, ModuleType]:
     return by_name
 
 
+def selected(topics: dict[str, ModuleType], only: list[str] | None) -> list[str]:
+    """The topics to run: those ``--only`` names, else every topic that is not ``OPT_IN``."""
+    return list(only) if only else [name for name, module in topics.items() if not getattr(module, "OPT_IN", False)]
+
+
 def markdown_table(rows: list[Row]) -> str:
     """The table of the issue: benchmark, cellkd, comparator, ratio, target, met (notes go below as footnotes)."""
     head = COLUMNS[:-1]
@@ -97,6 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--scale", type=float, help="factor on both sides of paper-sized inputs (scale: default 1, --quick 0.05)"
     )
+    parser.add_argument(
+        "--train-scale",
+        type=float,
+        help="scale: train on the fixture of this scale, export the bundle and predict the --scale slide with it",
+    )
     parser.add_argument("--work-dir", type=Path, default=REPO / "benchmarks" / "work", help="cache of inputs")
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results.csv", help="CSV output")
     args = parser.parse_args(argv)
@@ -105,9 +117,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args.work_dir.mkdir(parents=True, exist_ok=True)
     log_to(str(args.work_dir / "run.log"))  # library logs and progress bars go there, not to the table
-    ctx = Context(work=args.work_dir.resolve(), quick=args.quick, scale=args.scale)
+    ctx = Context(work=args.work_dir.resolve(), quick=args.quick, scale=args.scale, train_scale=args.train_scale)
     rows: list[Row] = []
-    for name in args.only or list(topics):
+    for name in selected(topics, args.only):
         print(f"# {name} ...", file=sys.stderr, flush=True)
         with Stopwatch() as watch:
             try:

@@ -15,6 +15,13 @@ Per job, the peak RSS is the larger of Snakemake's benchmark TSV (``max_rss``, t
 ``job resources`` line that ``cellkd.workflow.log_to`` writes at the end of every job log (VmHWM; the only
 figure for rules without a ``benchmark:``). The declared ``mem_mb`` is what ``snakemake -n`` prints for each
 job (first attempt), bytes written are the sizes of the outputs ``snakemake --summary`` lists per rule.
+
+``--train-scale t`` splits the run the way a lab uses a trained model: the models are trained on the fixture of
+scale ``t`` and exported as a bundle (``export_model``, in ``WORK/scale/run_<t>``), and the slide of scale ``s`` is
+only predicted with it (``WORK/scale/predict_<s>_from_<t>``): preprocessing with its annotation sets (fragments,
+masks and patches), segmentation, nuclei matched to its ssa/wsa/truth exports, classification and the overlay. The
+classifiers' training, whose cost grows with the nuclei, is then measured separately (``benchmarks/
+classifier_memory.py``) instead of for hours on 2 cores.
 """
 
 from __future__ import annotations
@@ -31,9 +38,12 @@ import pandas as pd
 import yaml
 from harness import REPO, Context, Row, Stopwatch, met, run_child
 from qupath_parse import TARGET_FEATURES_PER_S, TARGET_PEAK_GIB, read_export
+from workflow_runs import folder_bytes, job_figures
 
 NAME = "scale"
 ORDER = 80
+OPT_IN = True
+"""Runs only with ``--only scale``: at the paper's size, an hour or more of both cores."""
 
 QUICK_SCALE = 0.05
 CORES = 2
@@ -63,6 +73,10 @@ TRAINING = {
     "teacher": {"labels": ["wsa"], "epochs": 1},
     "student": {"epochs": 1},
 }
+PREDICT_SLIDE_ID = "paper_slide"
+"""The predicted slide's id with ``--train-scale``: not the training sheet's (the sheets share no slide id)."""
+BUNDLE = "scale"
+"""The exported bundle's name (``export.name``), in ``results/models/`` of the training run."""
 SHEET_SETS = ("ssa", "wsa", "truth")
 """The exports in the sheet. Not ``ea``: fine-tuning (Phase IV) is not part of the issue's path, and a shrunk
 fixture has too few expert labels per class for it (20 at scale 0.05); without ``ea`` predict uses the student."""
@@ -87,10 +101,12 @@ def fixture(work: Path, scale: float) -> dict:
     return manifest
 
 
-def write_sheet(manifest: dict, path: Path, annotation_sets: tuple[str, ...] = SHEET_SETS) -> Path:
+def write_sheet(
+    manifest: dict, path: Path, annotation_sets: tuple[str, ...] = SHEET_SETS, slide_id: str = SLIDE_ID
+) -> Path:
     """A one-slide sheet of the fixture: its slide, its QuPath exports of ``annotation_sets`` and its mpp."""
     files = manifest["files"]
-    row = {"slide": SLIDE_ID, "path": files["slide"], **{s: files[s] for s in annotation_sets}}
+    row = {"slide": slide_id, "path": files["slide"], **{s: files[s] for s in annotation_sets}}
     path.parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame([{**row, "mpp": manifest["truth"]["mpp"]}]).to_csv(path, sep="\t", index=False)
     return path
@@ -109,23 +125,44 @@ def workflow_config(sheet: Path) -> dict:
         "stains": ["raw"],
         "patches": demo["patches"],
         "predict": {"include_background": True},
+        "export": {"name": BUNDLE},
+        # one training seed: the point is resources, and each seed repeats the same jobs (the default is 3)
+        "seeds": [0],
     }
     for section in ("segmentation", "teacher", "student"):
         config[section] = {**demo[section], **TRAINING[section]}
     return config
 
 
-def snakemake_command(run_dir: Path, *args: str) -> list[str]:
-    """``snakemake`` on the repository's workflow in ``run_dir`` with its config.yaml, then ``args``."""
+TRAIN_AND_PREDICT = ("predict", f"results/report/overlays/{SLIDE_ID}.png")
+"""The targets of a run that trains on the slide it predicts."""
+PREDICT_ONLY = (
+    "predict",
+    f"results/report/overlays/{PREDICT_SLIDE_ID}.png",
+    f"results/patches/raw/{PREDICT_SLIDE_ID}.h5",  # the training preprocessing too: masks and patches
+)
+"""The targets of a run that predicts with a bundle (``--train-scale``)."""
+
+
+def predict_config(train_sheet: Path, predict_sheet: Path, bundle: Path) -> dict:
+    """The config of a run that predicts ``predict_sheet``'s slide with ``bundle``: the training run's config (its
+    sheet keeps the paper preset, as a lab's would) plus ``predict_sheet`` and ``predict_model``."""
+    return {**workflow_config(train_sheet), "predict_sheet": str(predict_sheet), "predict_model": str(bundle)}
+
+
+def snakemake_command(run_dir: Path, *args: str, targets: tuple[str, ...] = TRAIN_AND_PREDICT) -> list[str]:
+    """``snakemake`` on the repository's workflow in ``run_dir`` with its config.yaml, then ``args``, ``targets``."""
     return [
         sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(run_dir),
         "--configfile", str(REPO / "workflow_config.yaml"), str(run_dir / "config.yaml"), "--cores", str(CORES),
-        *args, "--", "predict", f"results/report/overlays/{SLIDE_ID}.png",
+        *args, "--", *targets,
     ]  # fmt: skip
 
 
-def _snakemake(run_dir: Path, *args: str) -> str:
-    proc = subprocess.run(snakemake_command(run_dir, *args), capture_output=True, text=True, check=False)
+def _snakemake(run_dir: Path, *args: str, targets: tuple[str, ...] = TRAIN_AND_PREDICT) -> str:
+    proc = subprocess.run(
+        snakemake_command(run_dir, *args, targets=targets), capture_output=True, text=True, check=False
+    )
     if proc.returncode != 0:
         raise RuntimeError(
             f"snakemake {' '.join(args)} in {run_dir} failed (rc {proc.returncode}); see {run_dir}/logs:\n"
@@ -147,31 +184,6 @@ def declared_mem_mb(dry_run: str) -> dict[str, int]:
         elif rule and (match := re.search(r"\bmem_mb=(\d+)", line)):
             declared[rule] = max(declared.get(rule, 0), int(match.group(1)))
     return declared
-
-
-def job_figures(run_dir: Path) -> pd.DataFrame:
-    """One row per job: rule, job (its log path under logs/<rule>/), wall_s, cpu_s, peak_rss_mb.
-
-    Jobs are found by their logs (every rule has one) and benchmark TSVs (most rules), which share the path
-    after ``logs/`` and ``benchmarks/``; a job's peak is the larger of the two figures.
-    """
-    from cellkd.workflow import read_job_resources
-
-    jobs: dict[str, dict] = {}
-    for log in sorted((run_dir / "logs").rglob("*.log")):
-        key = log.relative_to(run_dir / "logs").with_suffix("").as_posix()
-        used = read_job_resources(log)
-        if used is not None:
-            jobs[key] = {"wall_s": used.wall_s, "cpu_s": used.cpu_s, "peak_rss_mb": used.peak_rss_mb}
-    for tsv in sorted((run_dir / "benchmarks").rglob("*.tsv")):
-        key = tsv.relative_to(run_dir / "benchmarks").with_suffix("").as_posix()
-        last = pd.read_csv(tsv, sep="\t").iloc[-1]  # one line per --benchmark-repeats; the last run
-        job = jobs.setdefault(key, {})
-        job["wall_s"] = float(last["s"])  # Snakemake's clock includes the interpreter start and imports
-        job["cpu_s"] = max(job.get("cpu_s", 0.0), float(last["cpu_time"]))
-        job["peak_rss_mb"] = max(job.get("peak_rss_mb", 0.0), float(last["max_rss"]))
-    rows = [{"rule": key.split("/")[0], "job": key, **figures} for key, figures in jobs.items()]
-    return pd.DataFrame(rows, columns=["rule", "job", "wall_s", "cpu_s", "peak_rss_mb"])
 
 
 def bytes_written(summary: str, run_dir: Path) -> dict[str, int]:
@@ -230,11 +242,6 @@ def svs_equivalent_bytes(slide: Path, quality: int = SVS_JPEG_QUALITY, tile: int
     return float(np.mean(sizes)) * cols * rows * SVS_PYRAMID_FACTOR
 
 
-def folder_bytes(folder: Path, pattern: str = "*") -> int:
-    """Bytes of the files under ``folder`` whose names match ``pattern``."""
-    return sum(p.stat().st_size for p in folder.rglob(pattern) if p.is_file())
-
-
 def markdown(table: pd.DataFrame) -> str:
     """The per-rule table as Markdown (what the README's sizing section quotes)."""
     head = "| rule | jobs | wall s | CPU s | peak RSS MB | mem_mb | MB written | within 4 GiB and mem_mb |"
@@ -250,24 +257,45 @@ def markdown(table: pd.DataFrame) -> str:
 # ------------------------------------------------------------------------------------------ the topic
 
 
+def trained_bundle(work: Path, train_scale: float) -> tuple[Path, Path]:
+    """The training run of the fixture of ``train_scale`` (reused when done): its sheet and exported bundle."""
+    run_dir = work / "scale" / f"run_{train_scale:g}"
+    sheet = write_sheet(fixture(work, train_scale), run_dir / "sheet.tsv")
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(workflow_config(sheet)), encoding="utf-8")
+    with Stopwatch() as watch:
+        _snakemake(run_dir, targets=("export_model",))
+    print(f"# trained at scale {train_scale:g} in {watch.seconds:.0f} s (not timed)", file=sys.stderr, flush=True)
+    return sheet, run_dir / "results" / "models" / BUNDLE
+
+
 def run(ctx: Context) -> list[Row]:
     scale = ctx.scale if ctx.scale is not None else (QUICK_SCALE if ctx.quick else 1.0)
     manifest = fixture(ctx.work, scale)
     truth = manifest["truth"]
-    run_dir = ctx.work / "scale" / f"run_{scale:g}"
-    sheet = write_sheet(manifest, run_dir / "sheet.tsv")
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(workflow_config(sheet)), encoding="utf-8")
+    if ctx.train_scale is None or ctx.train_scale == scale:
+        run_dir, targets, trained = ctx.work / "scale" / f"run_{scale:g}", TRAIN_AND_PREDICT, ""
+        sheet = write_sheet(manifest, run_dir / "sheet.tsv")
+        config = workflow_config(sheet)
+    else:
+        train_sheet, bundle = trained_bundle(ctx.work, ctx.train_scale)
+        run_dir = ctx.work / "scale" / f"predict_{scale:g}_from_{ctx.train_scale:g}"
+        targets, trained = PREDICT_ONLY, f", predicted with the bundle trained at scale {ctx.train_scale:g}"
+        predict_sheet = write_sheet(manifest, run_dir / "predict_sheet.tsv", slide_id=PREDICT_SLIDE_ID)
+        config = predict_config(train_sheet, predict_sheet, bundle)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
 
-    declared = declared_mem_mb(_snakemake(run_dir, "-n", "--forceall"))
+    declared = declared_mem_mb(_snakemake(run_dir, "-n", "--forceall", targets=targets))
     with Stopwatch() as watch:
-        _snakemake(run_dir)
-    table = per_rule(job_figures(run_dir), declared, bytes_written(_snakemake(run_dir, "--summary"), run_dir))
+        _snakemake(run_dir, targets=targets)
+    summary = _snakemake(run_dir, "--summary", targets=targets)
+    table = per_rule(job_figures(run_dir), declared, bytes_written(summary, run_dir))
     table.to_csv(run_dir / "per_rule.csv", index=False)
     (run_dir / "per_rule.md").write_text(markdown(table) + "\n", encoding="utf-8")
     print(f"# per rule ({run_dir / 'per_rule.md'}):\n{markdown(table)}", file=sys.stderr, flush=True)
 
     size = f"{truth['width']:,}x{truth['height']:,} px, {sum(truth['nuclei_per_class']):,} nuclei"
-    what = f"scale {scale:g} ({size})"
+    what = f"scale {scale:g} ({size}{trained})"
     worst = table.loc[table["peak_rss_mb"].idxmax()]
     over = table[~table["within"]]
     slide_s = table[table["rule"].isin(SLIDE_RULES)]["wall_s"].sum()

@@ -26,7 +26,33 @@ def test_runner_lists_every_topic_module_in_table_order() -> None:
     listed = proc.stdout.split("benchmarks:\n", 1)[1].splitlines()
     names = [line.split()[0] for line in listed if line.startswith("  ") and not line.startswith("   ")]
     topics = ["macenko", "preprocess", "geojson", "qupath_parse", "inference", "student_speed", "distill", "dag"]
-    assert names == [*topics, "gpu", "scale"]
+    assert names == [*topics, "gpu", "scale", "demo"]
+
+
+def test_hour_long_topics_run_only_when_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import run
+
+    topics = run.find_topics()
+    assert "scale" in topics and "demo" in topics
+    assert run.selected(topics, None) == [name for name in topics if name not in ("scale", "demo")]
+    assert run.selected(topics, ["demo"]) == ["demo"]
+
+
+def test_demo_counts_the_planned_jobs_and_sums_per_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import demo
+
+    assert demo.planned_jobs("Job stats:\njob        count\n-----  -----\nall          1\ntotal      187\n") == 187
+    with pytest.raises(RuntimeError, match="no job count"):
+        demo.planned_jobs("Nothing to be done.")
+    jobs = pd.DataFrame(
+        [("a", "a/1", 2.0, 1.0, 100.0), ("b", "b/1", 5.0, 4.0, 50.0), ("a", "a/2", 4.0, 3.0, 300.0)],
+        columns=["rule", "job", "wall_s", "cpu_s", "peak_rss_mb"],
+    )
+    table = demo.per_rule(jobs)
+    assert table["rule"].tolist() == ["a", "b"]  # 6 s of wall before 5
+    assert table.iloc[0][["jobs", "wall_s", "cpu_s", "peak_rss_mb"]].tolist() == [2, 6.0, 4.0, 300.0]
 
 
 def test_topic_module_without_run_is_refused_with_its_path(tmp_path: Path) -> None:
@@ -111,6 +137,18 @@ def test_scale_sheet_loads_with_the_fixtures_files_and_mpp(scale, tmp_path: Path
     (entry,) = load_sheet(sheet, REPO / "schemas" / "sheet.schema.yaml").values()
     assert entry.path == str(files["slide"]) and entry.mpp == 0.25
     assert entry.annotations == {name: str(files[name]) for name in scale.SHEET_SETS}
+
+
+def test_scale_predict_run_keeps_the_training_sheet_and_adds_the_bundle_and_the_new_slide(
+    scale, tmp_path: Path
+) -> None:
+    config = scale.predict_config(tmp_path / "train.tsv", tmp_path / "predict.tsv", tmp_path / "models" / "scale")
+    assert config["sheet"] == str(tmp_path / "train.tsv")  # a real sheet: the paper preset, as at training
+    assert config["predict_sheet"] == str(tmp_path / "predict.tsv")
+    assert config["predict_model"] == str(tmp_path / "models" / "scale")
+    assert config["export"]["name"] == scale.BUNDLE and config["seeds"] == [0]
+    assert scale.PREDICT_SLIDE_ID != scale.SLIDE_ID  # the sheets may not share a slide id with other files
+    assert f"results/patches/raw/{scale.PREDICT_SLIDE_ID}.h5" in scale.PREDICT_ONLY
 
 
 def test_scale_config_has_the_demo_model_sizes_and_few_epochs(scale, tmp_path: Path) -> None:

@@ -1,0 +1,38 @@
+"""What the benchmarks that run the whole workflow (``scale``, ``demo``) read back from a finished run folder: each
+job's wall, CPU and peak memory, and the bytes under a folder. A helper module, not a topic (no ``NAME``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+
+def job_figures(run_dir: Path) -> pd.DataFrame:
+    """One row per job: rule, job (its log path under logs/<rule>/), wall_s, cpu_s, peak_rss_mb.
+
+    Jobs are found by their logs (every rule has one) and benchmark TSVs (most rules), which share the path
+    after ``logs/`` and ``benchmarks/``; a job's peak is the larger of the two figures.
+    """
+    from cellkd.workflow import read_job_resources
+
+    jobs: dict[str, dict] = {}
+    for log in sorted((run_dir / "logs").rglob("*.log")):
+        key = log.relative_to(run_dir / "logs").with_suffix("").as_posix()
+        used = read_job_resources(log)
+        if used is not None:
+            jobs[key] = {"wall_s": used.wall_s, "cpu_s": used.cpu_s, "peak_rss_mb": used.peak_rss_mb}
+    for tsv in sorted((run_dir / "benchmarks").rglob("*.tsv")):
+        key = tsv.relative_to(run_dir / "benchmarks").with_suffix("").as_posix()
+        last = pd.read_csv(tsv, sep="\t").iloc[-1]  # one line per --benchmark-repeats; the last run
+        job = jobs.setdefault(key, {})
+        job["wall_s"] = float(last["s"])  # Snakemake's clock includes the interpreter start and imports
+        job["cpu_s"] = max(job.get("cpu_s", 0.0), float(last["cpu_time"]))
+        job["peak_rss_mb"] = max(job.get("peak_rss_mb", 0.0), float(last["max_rss"]))
+    rows = [{"rule": key.split("/")[0], "job": key, **figures} for key, figures in jobs.items()]
+    return pd.DataFrame(rows, columns=["rule", "job", "wall_s", "cpu_s", "peak_rss_mb"])
+
+
+def folder_bytes(folder: Path, pattern: str = "*") -> int:
+    """Bytes of the files under ``folder`` whose names match ``pattern``."""
+    return sum(p.stat().st_size for p in folder.rglob(pattern) if p.is_file())
