@@ -34,6 +34,14 @@ if config["sheet"]:
 else:
     SLIDES = demo_sheet(config["demo"]["slides"])
 
+# Threads of the jobs that can use several (torch's intra-op threads; extract_fragments' tile decoders): the scripts
+# pass them on (cellkd.workflow.limit_threads). The demo's small models, batches and slides keep about one core busy
+# (measured on the 3-seed demo at 2 threads: training 0.9-1.0 CPU s per wall s), so there each asks for 1 and
+# `--cores 2` runs two side by side; a real sheet's ask for 2. Raise a rule's with `--set-threads RULE=N` (the SLURM
+# profile does). Torch's float sums depend on the thread count: the same seed gives the same models at the same
+# threads, and differs in rounding (~1e-3 on weights after training) at other threads.
+JOB_THREADS = 2 if config["sheet"] else 1
+
 # Fail fast: which phases the sheet can feed, and the annotation-set keys that follow from it.
 PHASES = plan_phases(config, GIVEN_CONFIG, SLIDES)
 for note in (PRESET, *PHASES.notes):

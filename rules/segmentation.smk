@@ -11,7 +11,7 @@ rule train_segmentation:
         "benchmarks/train_segmentation/{stain}/{arch}/seed{seed}.tsv"
     conda:
         "../envs/cellkd.yaml"
-    threads: 2
+    threads: JOB_THREADS
     resources:
         mem_mb=mem_mb_by_attempt(8000),
         runtime=240,
@@ -147,7 +147,7 @@ rule segment_slide:
         "benchmarks/segment_slide/{stain}/{slide}.tsv"
     conda:
         "../envs/cellkd.yaml"
-    threads: 2
+    threads: JOB_THREADS
     resources:
         mem_mb=mem_mb_by_attempt(4000),
         runtime=120,
@@ -174,7 +174,7 @@ rule segment_slide_per_arch:
         "benchmarks/segment_slide_per_arch/{stain}/{arch}/{slide}.tsv"
     conda:
         "../envs/cellkd.yaml"
-    threads: 2
+    threads: JOB_THREADS
     resources:
         mem_mb=mem_mb_by_attempt(4000),
         runtime=120,

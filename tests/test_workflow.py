@@ -531,6 +531,38 @@ def planned_job_blocks(dry_run_output: str, rule: str) -> list[str]:
     return [block for block in dry_run_output.split("\n\n") if f"rule {rule}:" in block]
 
 
+MULTI_THREADED_RULES = (
+    "extract_fragments",
+    "train_segmentation",
+    "segment_slide_per_arch",
+    "train_teacher",
+    "train_student",
+    "classify_slide",
+)
+"""The rules that ask for JOB_THREADS (rules/common.smk): 1 on the demo, 2 on a real sheet."""
+
+
+def test_demo_jobs_ask_for_one_thread_and_a_real_sheets_for_two(tmp_path: Path) -> None:
+    # --cores 4, so that no request is capped; snakemake prints "threads: N" for the jobs that ask for more than 1
+    demo = run_snakemake(tmp_path, "--dry-run", "--cores", "4", config={"demo": {"slides": 2}})
+    assert demo.returncode == 0, demo.stdout[-2000:] + demo.stderr[-2000:]
+    for rule in MULTI_THREADED_RULES:
+        assert planned_job_blocks(demo.stdout, rule), rule
+    assert "threads:" not in demo.stdout  # so `--cores 2` runs two of them side by side
+    sheet = write_one_slide_sheet(tmp_path, ("ssa", "wsa", "ea"))
+    real = run_snakemake(tmp_path, "--dry-run", "--cores", "4", config={"sheet": str(sheet)})
+    assert real.returncode == 0, real.stdout[-2000:] + real.stderr[-2000:]
+    for rule in MULTI_THREADED_RULES:
+        blocks = planned_job_blocks(real.stdout, rule)
+        assert blocks and all("threads: 2" in b for b in blocks), rule
+    # --set-threads raises a rule's request
+    raised = run_snakemake(
+        tmp_path, "--dry-run", "--cores", "4", "--set-threads", "train_teacher=3", config={"sheet": str(sheet)}
+    )
+    assert raised.returncode == 0, raised.stderr[-2000:]
+    assert all("threads: 3" in b for b in planned_job_blocks(raised.stdout, "train_teacher"))
+
+
 def test_two_seeds_plan_one_training_job_per_seed_and_one_segmentation_per_slide(tmp_path: Path) -> None:
     result = run_snakemake(tmp_path, "--dry-run", "--cores", "1", config={**TINY, "seeds": [0, 1]})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
