@@ -105,7 +105,6 @@ wildcard_constraints:
     dataset="|".join(re.escape(d) for d in DATASETS) or "(?!x)x",
     arch="[a-z0-9]+",
     weak_set="ssa|wsa",
-    per_class=r"\d+",
     seed=r"\d+",
 
 

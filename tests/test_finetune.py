@@ -18,7 +18,7 @@ from cellkd.report.classification import SUMMARY_METRICS
 from cellkd.report.finetune import TABLE6_TITLE, write_table6
 from cellkd.report.tables import SeedTablePaths
 from cellkd.training.classifier import ClassifierTrainParams, train_classifier
-from cellkd.training.finetune import FinetuneParams, finetune_student, select_expert_rows
+from cellkd.training.finetune import FinetuneParams, finetune_student, finetune_student_counts, select_expert_rows
 
 CLASSES = ["other", "immune", "muscle", "background"]
 COLOURS = [(150, 30, 40), (30, 30, 150), (40, 150, 40), (205, 170, 195)]  # background = plain eosin pink
@@ -257,6 +257,20 @@ def test_finetune_student_scores_every_count_on_the_same_test_rows(
     reference = pd.read_csv(finetuned / "metrics.csv")
     assert small.loc[0, "nuclei"] == reference.loc[0, "nuclei"]
     assert small.loc[0, "f1_macro"] == pytest.approx(reference.loc[0, "f1_macro"])  # same student, same rows
+
+
+def test_finetune_student_counts_writes_for_each_count_what_a_run_of_that_count_alone_writes(
+    stores: list[Path], student: Path, finetuned: Path, tmp_path: Path
+) -> None:
+    # count 3 first: a count trained before must leave no trace (RNG state, files) in the next one's results
+    out_dirs = {3: tmp_path / "n3", 20: tmp_path / "n20"}
+    table = finetune_student_counts(student, stores, out_dirs, GRID, device="cpu")
+    assert table["count"].tolist() == [3, 3, 20, 20]
+    for name in ("metrics.csv", "grid.csv"):
+        assert (out_dirs[20] / name).read_text() == (finetuned / name).read_text(), name
+    merged, alone = (torch.load(d / "model.pt", weights_only=True)["state_dict"] for d in (out_dirs[20], finetuned))
+    assert merged.keys() == alone.keys() and all(torch.equal(merged[k], alone[k]) for k in merged)
+    assert pd.read_csv(out_dirs[3] / "metrics.csv")["count"].tolist() == [3, 3]
 
 
 def test_finetune_student_needs_expert_labels(student: Path, tmp_path: Path) -> None:

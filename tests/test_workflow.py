@@ -282,7 +282,7 @@ def test_changing_a_student_parameter_reruns_only_the_rules_that_depend_on_it(de
         "train_student": 4,  # 2 stains x 2 label sets x 1 seed
         "evaluate_student": 4,
         "tabulate_students": 1,
-        "finetune_student": 8,  # starts from the student
+        "finetune_student": 4,  # starts from the student (one job runs both counts)
         "tabulate_finetune": 1,
         "classify_slide": 1,
         "plot_prediction_overlay": 1,
@@ -507,7 +507,7 @@ def test_dry_run_of_a_real_sheet_plans_the_paper_models(tmp_path: Path) -> None:
     assert "results/teacher/raw/wsa/resnet18/seed0/model.pt" in result.stdout
     assert "vgg4" not in result.stdout
     assert "results/finetune/raw/wsa/n1900/seed2/model.pt" in result.stdout
-    assert planned["finetune_student"] == 2 * 2 * 11 * 3  # stains x label sets x the paper's 11 counts x 3 seeds
+    assert planned["finetune_student"] == 2 * 2 * 3  # stains x label sets x 3 seeds, each job the paper's 11 counts
     assert "generate_demo_slide" not in planned
     assert "tabulate_instances" not in planned  # no truth set: nothing to score instances against
 
@@ -518,7 +518,7 @@ def test_dry_run_of_the_demo_plans_the_demo_models(tmp_path: Path) -> None:
     assert "cellkd preset: demo" in result.stdout + result.stderr
     assert "results/teacher/raw/wsa/vgg4/seed0/model.pt" in result.stdout
     planned = planned_jobs(result.stdout)
-    assert planned["finetune_student"] == 2 * 2 * 4 * 3  # the demo's 4 counts, 3 seeds
+    assert planned["finetune_student"] == 2 * 2 * 3  # stains x label sets x 3 seeds, each job the demo's 4 counts
     assert planned["tabulate_instances"] == 1  # the demo's slides have a truth set
     # Figure 4 segments every slide with both architectures; the later steps use the selected one's masks
     assert planned["segment_slide_per_arch"] == 2 * 2 * 2  # stains x archs x slides
@@ -567,12 +567,12 @@ def test_two_seeds_plan_one_training_job_per_seed_and_one_segmentation_per_slide
     result = run_snakemake(tmp_path, "--dry-run", "--cores", "1", config={**TINY, "seeds": [0, 1]})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     planned = planned_jobs(result.stdout)
-    stains, archs, label_sets, counts, slides = 2, 2, 2, 2, 2
+    stains, archs, label_sets, slides = 2, 2, 2, 2
     for rule in ("train_segmentation", "evaluate_segmentation"):
         assert planned[rule] == stains * archs * 2, rule
     for rule in ("train_teacher", "evaluate_teacher", "cache_teacher_logits", "train_student", "evaluate_student"):
         assert planned[rule] == stains * label_sets * 2, rule  # one teacher arch (vgg4)
-    assert planned["finetune_student"] == stains * label_sets * counts * 2
+    assert planned["finetune_student"] == stains * label_sets * 2  # one job per student runs every count
     # the slides are segmented once (the first seed's model), not once per seed
     assert planned["segment_slide"] == stains * slides
     assert planned["segment_slide_per_arch"] == stains * archs * slides
@@ -586,6 +586,7 @@ def test_two_seeds_plan_one_training_job_per_seed_and_one_segmentation_per_slide
         b for b in planned_job_blocks(result.stdout, "finetune_student") if "raw/wsa/n10/seed1/model.pt" in b
     ]
     assert "results/student/raw/wsa/seed1/model.pt" in finetune and "seed0" not in finetune
+    assert all(f"results/finetune/raw/wsa/n{count}/seed1/metrics.csv" in finetune for count in (5, 10))
     # predict and the slide segmentation use the first seed's models
     (classify,) = planned_job_blocks(result.stdout, "classify_slide")
     assert "results/finetune/raw/wsa/n10/seed0/model.pt" in classify
