@@ -99,10 +99,22 @@ if clashes:
     )
 
 
+def name_pattern(names):
+    """Regex (a wildcard constraint) matching exactly ``names``; one that matches nothing when there are none."""
+    return "|".join(re.escape(n) for n in names) or "(?!x)x"
+
+
+# Slides whose masks (results/segmentation/{stain}/masks/) are the selected architecture's Figure 4 masks, copied
+# (by copy_selected_masks): the training slides, which segment_slide_per_arch segments with every architecture
+# anyway. segment_slide segments the others: the predict-only slides, or every slide with predict_model.
+COPIED_MASK_SLIDES = [] if PREDICT_MODEL else list(SLIDES)
+SEGMENTED_SLIDES = [s for s in ALL_SLIDES if s not in COPIED_MASK_SLIDES]
+
+
 wildcard_constraints:
-    slide="|".join(re.escape(s) for s in ALL_SLIDES),
+    slide=name_pattern(ALL_SLIDES),
     stain="raw|macenko",
-    dataset="|".join(re.escape(d) for d in DATASETS) or "(?!x)x",
+    dataset=name_pattern(DATASETS),
     arch="[a-z0-9]+",
     weak_set="ssa|wsa",
     seed=r"\d+",

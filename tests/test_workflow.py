@@ -485,6 +485,11 @@ def test_predict_target_plans_segmentation_and_export_for_new_unannotated_slides
     assert "results/predict/newslide.geojson" in planned
     assert "results/segmentation/raw/masks/newslide.h5" in planned
     assert "masks/newslide.h5" not in planned.replace("results/segmentation/raw/masks/newslide.h5", "")  # no Figure 4
+    # a predict-only slide has no Figure 4 masks to copy: segment_slide segments it with the selected model
+    (segment,) = planned_job_blocks(planned, "segment_slide")
+    assert (
+        "results/segmentation/raw/masks/newslide.h5" in segment and "results/segmentation/raw/selected.json" in segment
+    )
     assert "results/nuclei/raw/newslide.h5" in planned
     # a slide without annotations is never rasterized or used for training
     assert "results/masks/newslide.h5" not in planned
@@ -520,9 +525,15 @@ def test_dry_run_of_the_demo_plans_the_demo_models(tmp_path: Path) -> None:
     planned = planned_jobs(result.stdout)
     assert planned["finetune_student"] == 2 * 2 * 3  # stains x label sets x 3 seeds, each job the demo's 4 counts
     assert planned["tabulate_instances"] == 1  # the demo's slides have a truth set
-    # Figure 4 segments every slide with both architectures; the later steps use the selected one's masks
+    # Figure 4 segments every slide with both architectures; the later steps use the selected one's masks, copied:
+    # no slide is segmented a second time with the selected model
     assert planned["segment_slide_per_arch"] == 2 * 2 * 2  # stains x archs x slides
-    assert planned["segment_slide"] == 2 * 2
+    assert planned["copy_selected_masks"] == 2 * 2
+    assert "segment_slide" not in planned
+    (copy,) = [b for b in planned_job_blocks(result.stdout, "copy_selected_masks") if "macenko/masks/demo1.h5" in b]
+    assert "results/segmentation/macenko/selected.json" in copy
+    for arch in ("unet", "unetplusplus"):
+        assert f"results/segmentation/macenko/{arch}/masks/demo1.h5" in copy
     assert "results/segmentation/macenko/unetplusplus/masks/demo1.h5" in result.stdout
 
 
@@ -573,9 +584,10 @@ def test_two_seeds_plan_one_training_job_per_seed_and_one_segmentation_per_slide
     for rule in ("train_teacher", "evaluate_teacher", "cache_teacher_logits", "train_student", "evaluate_student"):
         assert planned[rule] == stains * label_sets * 2, rule  # one teacher arch (vgg4)
     assert planned["finetune_student"] == stains * label_sets * 2  # one job per student runs every count
-    # the slides are segmented once (the first seed's model), not once per seed
-    assert planned["segment_slide"] == stains * slides
+    # the slides are segmented once per arch (the first seed's model), not once per seed; the selected arch's
+    # masks are copied from those
     assert planned["segment_slide_per_arch"] == stains * archs * slides
+    assert planned["copy_selected_masks"] == stains * slides and "segment_slide" not in planned
     assert planned["select_segmentation"] == stains and planned["tabulate_segmentation"] == 1
     # seed 1 distils seed 1's teacher and fine-tunes seed 1's student
     (logits,) = [
