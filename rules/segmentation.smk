@@ -205,6 +205,8 @@ rule copy_selected_masks:
         "results/segmentation/{stain}/masks/{slide}.h5",
     log:
         "logs/copy_selected_masks/{stain}/{slide}.log",
+    benchmark:
+        "benchmarks/copy_selected_masks/{stain}/{slide}.tsv"
     wildcard_constraints:
         slide=name_pattern(COPIED_MASK_SLIDES),
     conda:
