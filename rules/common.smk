@@ -39,7 +39,7 @@ else:
 # (measured on the 3-seed demo at 2 threads: training 0.9-1.0 CPU s per wall s), so there each asks for 1 and
 # `--cores 2` runs two side by side; a real sheet's ask for 2. Raise a rule's with `--set-threads RULE=N` (the SLURM
 # profile does). Torch's float sums depend on the thread count: the same seed gives the same models at the same
-# threads, and differs in rounding (~1e-3 on weights after training) at other threads.
+# threads, and differs in rounding at other threads (measured: up to 9e-4 on a VGG-4's weights after 2 epochs).
 JOB_THREADS = 2 if config["sheet"] else 1
 
 # Fail fast: which phases the sheet can feed, and the annotation-set keys that follow from it.

@@ -134,7 +134,7 @@ rule tabulate_instances:
         "../scripts/tabulate_instances.py"
 
 
-# The slides that no training run segments: predict-only slides, and every slide with predict_model.
+# Segments what segment_slide_per_arch does not: the predict-only slides; with predict_model, every slide.
 rule segment_slide:
     input:
         # the selected architecture's first-seed model.pt, or the predict_model bundle's weights
