@@ -57,7 +57,9 @@ SLIDE_RULES = (
     "normalize_stain",
     "rasterize_annotations",
     "cut_patches",
-    "segment_slide",
+    "segment_slide",  # none here: a training slide's masks come from the next two
+    "segment_slide_per_arch",  # one arch (TRAINING), so the slide's one segmentation
+    "copy_selected_masks",
     "extract_nuclei",
     "classify_slide",
 )

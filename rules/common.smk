@@ -34,6 +34,14 @@ if config["sheet"]:
 else:
     SLIDES = demo_sheet(config["demo"]["slides"])
 
+# Threads of the jobs that can use several (torch's intra-op threads; extract_fragments' tile decoders): the scripts
+# pass them on (cellkd.workflow.limit_threads). The demo's small models, batches and slides keep about one core busy
+# (measured on the 3-seed demo at 2 threads: training 0.9-1.0 CPU s per wall s), so there each asks for 1 and
+# `--cores 2` runs two side by side; a real sheet's ask for 2. Raise a rule's with `--set-threads RULE=N` (the SLURM
+# profile does). Torch's float sums depend on the thread count: the same seed gives the same models at the same
+# threads, and differs in rounding at other threads (measured: up to 9e-4 on a VGG-4's weights after 2 epochs).
+JOB_THREADS = 2 if config["sheet"] else 1
+
 # Fail fast: which phases the sheet can feed, and the annotation-set keys that follow from it.
 PHASES = plan_phases(config, GIVEN_CONFIG, SLIDES)
 for note in (PRESET, *PHASES.notes):
@@ -91,13 +99,24 @@ if clashes:
     )
 
 
+def name_pattern(names):
+    """Regex (a wildcard constraint) matching exactly ``names``; one that matches nothing when there are none."""
+    return "|".join(re.escape(n) for n in names) or "(?!x)x"
+
+
+# Slides whose masks (results/segmentation/{stain}/masks/) are the selected architecture's Figure 4 masks, copied
+# (by copy_selected_masks): the training slides, which segment_slide_per_arch segments with every architecture
+# anyway. segment_slide segments the others: the predict-only slides, or every slide with predict_model.
+COPIED_MASK_SLIDES = [] if PREDICT_MODEL else list(SLIDES)
+SEGMENTED_SLIDES = [s for s in ALL_SLIDES if s not in COPIED_MASK_SLIDES]
+
+
 wildcard_constraints:
-    slide="|".join(re.escape(s) for s in ALL_SLIDES),
+    slide=name_pattern(ALL_SLIDES),
     stain="raw|macenko",
-    dataset="|".join(re.escape(d) for d in DATASETS) or "(?!x)x",
+    dataset=name_pattern(DATASETS),
     arch="[a-z0-9]+",
     weak_set="ssa|wsa",
-    per_class=r"\d+",
     seed=r"\d+",
 
 

@@ -17,7 +17,7 @@ rule classify_slide:
         "benchmarks/classify_slide/{slide}.tsv"
     conda:
         "../envs/cellkd.yaml"
-    threads: 2
+    threads: JOB_THREADS
     resources:
         mem_mb=4000,
         runtime=30,

@@ -10,7 +10,7 @@ rule extract_fragments:
     conda:
         "../envs/cellkd.yaml"
     # tiles are decoded by threads (OpenSlide and the codecs release the GIL)
-    threads: 2
+    threads: JOB_THREADS
     resources:
         mem_mb=mem_mb_by_attempt(2000),
         runtime=120,

@@ -11,7 +11,7 @@ rule train_segmentation:
         "benchmarks/train_segmentation/{stain}/{arch}/seed{seed}.tsv"
     conda:
         "../envs/cellkd.yaml"
-    threads: 2
+    threads: JOB_THREADS
     resources:
         mem_mb=mem_mb_by_attempt(8000),
         runtime=240,
@@ -134,6 +134,7 @@ rule tabulate_instances:
         "../scripts/tabulate_instances.py"
 
 
+# Segments what segment_slide_per_arch does not: the predict-only slides; with predict_model, every slide.
 rule segment_slide:
     input:
         # the selected architecture's first-seed model.pt, or the predict_model bundle's weights
@@ -145,9 +146,11 @@ rule segment_slide:
         "logs/segment_slide/{stain}/{slide}.log",
     benchmark:
         "benchmarks/segment_slide/{stain}/{slide}.tsv"
+    wildcard_constraints:
+        slide=name_pattern(SEGMENTED_SLIDES),
     conda:
         "../envs/cellkd.yaml"
-    threads: 2
+    threads: JOB_THREADS
     resources:
         mem_mb=mem_mb_by_attempt(4000),
         runtime=120,
@@ -159,9 +162,9 @@ rule segment_slide:
 
 
 # Figure 4 compares every architecture with QuPath, not only the selected one (as the paper does for U-Net
-# and U-Net++). Which one is selected is known only once selected.json exists, so the DAG cannot point these
-# masks at segment_slide's: the selected architecture's slides are segmented twice, once here for the figure.
-# Each architecture's first seed (as segment_slide): one segmentation per slide and arch, not one per seed.
+# and U-Net++). Each architecture's first seed (as segment_slide): one segmentation per slide and arch, not one
+# per seed. Which one is selected is known only once selected.json exists: copy_selected_masks then copies its
+# masks for the nuclei and predict steps, so no slide is segmented twice with the same model.
 rule segment_slide_per_arch:
     input:
         model=f"results/segmentation/{{stain}}/{{arch}}/seed{SEEDS[0]}/model.pt",
@@ -174,7 +177,7 @@ rule segment_slide_per_arch:
         "benchmarks/segment_slide_per_arch/{stain}/{arch}/{slide}.tsv"
     conda:
         "../envs/cellkd.yaml"
-    threads: 2
+    threads: JOB_THREADS
     resources:
         mem_mb=mem_mb_by_attempt(4000),
         runtime=120,
@@ -183,6 +186,35 @@ rule segment_slide_per_arch:
         inference=config["segmentation"]["inference"],
     script:
         "../scripts/segment_slide.py"
+
+
+# A file copy: run where Snakemake runs, not submitted to a cluster.
+localrules:
+    copy_selected_masks,
+
+
+# The training slides' masks: the selected architecture's (first seed) Figure 4 masks, checked to be that model's.
+rule copy_selected_masks:
+    input:
+        selected="results/segmentation/{stain}/selected.json",
+        masks=expand(
+            "results/segmentation/{{stain}}/{arch}/masks/{{slide}}.h5",
+            arch=config["segmentation"]["archs"],
+        ),
+    output:
+        "results/segmentation/{stain}/masks/{slide}.h5",
+    log:
+        "logs/copy_selected_masks/{stain}/{slide}.log",
+    benchmark:
+        "benchmarks/copy_selected_masks/{stain}/{slide}.tsv"
+    wildcard_constraints:
+        slide=name_pattern(COPIED_MASK_SLIDES),
+    conda:
+        "../envs/cellkd.yaml"
+    params:
+        archs=config["segmentation"]["archs"],
+    script:
+        "../scripts/copy_selected_masks.py"
 
 
 rule compare_with_qupath:

@@ -34,7 +34,7 @@ rule train_student:
         "benchmarks/train_student/{stain}/{weak_set}/seed{seed}.tsv"
     conda:
         "../envs/cellkd.yaml"
-    threads: 2
+    threads: JOB_THREADS
     resources:
         mem_mb=mem_mb_by_attempt(4000),
         runtime=120,

@@ -10,7 +10,7 @@ rule train_teacher:
         "benchmarks/train_teacher/{stain}/{weak_set}/{arch}/seed{seed}.tsv"
     conda:
         "../envs/cellkd.yaml"
-    threads: 2
+    threads: JOB_THREADS
     resources:
         mem_mb=mem_mb_by_attempt(4000),
         runtime=120,

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import killed_after
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -18,7 +19,8 @@ from cellkd.report.classification import SUMMARY_METRICS
 from cellkd.report.finetune import TABLE6_TITLE, write_table6
 from cellkd.report.tables import SeedTablePaths
 from cellkd.training.classifier import ClassifierTrainParams, train_classifier
-from cellkd.training.finetune import FinetuneParams, finetune_student, select_expert_rows
+from cellkd.training.classifier import train as classifier_trainer
+from cellkd.training.finetune import FinetuneParams, finetune_student, finetune_student_counts, select_expert_rows
 
 CLASSES = ["other", "immune", "muscle", "background"]
 COLOURS = [(150, 30, 40), (30, 30, 150), (40, 150, 40), (205, 170, 195)]  # background = plain eosin pink
@@ -257,6 +259,43 @@ def test_finetune_student_scores_every_count_on_the_same_test_rows(
     reference = pd.read_csv(finetuned / "metrics.csv")
     assert small.loc[0, "nuclei"] == reference.loc[0, "nuclei"]
     assert small.loc[0, "f1_macro"] == pytest.approx(reference.loc[0, "f1_macro"])  # same student, same rows
+
+
+def test_finetune_student_counts_writes_for_each_count_what_a_run_of_that_count_alone_writes(
+    stores: list[Path], student: Path, finetuned: Path, tmp_path: Path
+) -> None:
+    # count 3 first: a count trained before must leave no trace (RNG state, files) in the next one's results
+    out_dirs = {3: tmp_path / "n3", 20: tmp_path / "n20"}
+    table = finetune_student_counts(student, stores, out_dirs, GRID, device="cpu")
+    assert table["count"].tolist() == [3, 3, 20, 20]
+    for name in ("metrics.csv", "grid.csv"):
+        assert (out_dirs[20] / name).read_text() == (finetuned / name).read_text(), name
+    merged, alone = (torch.load(d / "model.pt", weights_only=True)["state_dict"] for d in (out_dirs[20], finetuned))
+    assert merged.keys() == alone.keys() and all(torch.equal(merged[k], alone[k]) for k in merged)
+    assert pd.read_csv(out_dirs[3] / "metrics.csv")["count"].tolist() == [3, 3]
+
+
+def test_finetune_student_counts_killed_in_its_second_count_reruns_to_the_same_figures(
+    stores: list[Path], student: Path, finetuned: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # the epochs count 3 trains (patience may stop a grid point early), so that the kill lands inside count 20
+    alone = tmp_path / "alone" / "n3"
+    finetune_student(student, stores, 3, alone, GRID, device="cpu")
+    epochs_of_count_3 = sum(len(pd.read_csv(history)) for history in alone.glob("lr*/history.csv"))
+    out_dirs = {3: tmp_path / "n3", 20: tmp_path / "n20"}
+    with killed_after(classifier_trainer, epochs=epochs_of_count_3 + 2):
+        finetune_student_counts(student, stores, out_dirs, GRID, device="cpu")
+    assert (out_dirs[3] / "metrics.csv").exists() and not (out_dirs[20] / "metrics.csv").exists()
+    for out in out_dirs.values():  # Snakemake deletes a failed job's outputs: every count's, the finished one's too
+        for name in ("model.pt", "metrics.csv", "grid.csv"):
+            (out / name).unlink(missing_ok=True)
+    with caplog.at_level(logging.INFO, logger="cellkd.training.classifier"):
+        finetune_student_counts(student, stores, out_dirs, GRID, device="cpu")
+    assert caplog.text.count("resuming") == 1  # count 20's first grid point, after its epoch 2
+    for count, straight in ((3, alone), (20, finetuned)):
+        for name in ("metrics.csv", "grid.csv"):
+            rerun, reference = (pd.read_csv(folder / name) for folder in (out_dirs[count], straight))
+            pd.testing.assert_frame_equal(rerun, reference, rtol=1e-5)
 
 
 def test_finetune_student_needs_expert_labels(student: Path, tmp_path: Path) -> None:

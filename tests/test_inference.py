@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -219,6 +220,57 @@ def test_segmentation_on_cuda_agrees_with_the_cpu(model_path: Path, fragment_sto
         with h5py.File(out) as h5:
             masks[device] = np.concatenate([h5[f"fragments/{f.name}/level0"][:].ravel() for f in FRAGMENTS])
     assert (masks["cpu"] == masks["cuda"]).mean() > 0.99
+
+
+def h5_contents(path: Path) -> dict[str, object]:
+    """Every attribute and dataset of an HDF5 file, by name (``name@attr`` for attributes), as comparable values."""
+    contents: dict[str, object] = {}
+
+    def visit(name: str, item: h5py.Group | h5py.Dataset) -> None:
+        contents.update({f"{name}@{k}": v for k, v in item.attrs.items()})
+        if isinstance(item, h5py.Dataset):
+            contents[name] = item[:].tobytes()
+
+    with h5py.File(path) as h5:
+        contents.update({f"@{k}": v for k, v in h5.attrs.items()})
+        h5.visititems(visit)
+    return contents
+
+
+def test_copied_selected_masks_equal_segmenting_the_slide_with_the_selected_model(
+    model_path: Path, fragment_store: Path, tmp_path: Path
+) -> None:
+    """The workflow's copy_selected_masks (training slides) writes what segment_slide would, without segmenting."""
+    from cellkd.report.segmentation import copy_selected_masks, selected_model_path
+
+    segmentation = tmp_path / "segmentation/raw"
+    for arch, seed in (("unet", 0), ("unetplusplus", 0)):  # both first-seed models (here the same weights)
+        (segmentation / arch / f"seed{seed}").mkdir(parents=True)
+        (segmentation / arch / f"seed{seed}/model.pt").write_bytes(model_path.read_bytes())
+    # segment_slide_per_arch's stores
+    per_arch = {arch: segmentation / arch / "masks/s1.h5" for arch in ("unet", "unetplusplus")}
+    settings = {"tile": TILE, "overlap": 16, "device": "cpu"}
+    for arch, out in per_arch.items():
+        segment_fragment_store(segmentation / arch / "seed0/model.pt", fragment_store, out, **settings)
+    selected = segmentation / "selected.json"
+    selected.write_text(json.dumps({"arch": "unetplusplus", "seed": 0}))
+    segmented = tmp_path / "segmented.h5"  # what segment_slide does with selected.json
+    segment_fragment_store(selected_model_path(selected), fragment_store, segmented, **settings)
+
+    copied = segmentation / "masks/s1.h5"
+    assert copy_selected_masks(selected, per_arch, copied) == "unetplusplus"
+    assert h5_contents(copied) == h5_contents(segmented)
+    assert copied.read_bytes() == per_arch["unetplusplus"].read_bytes()
+    assert h5_contents(copied) != h5_contents(per_arch["unet"])  # the model attr tells the two apart
+
+    # a store segmented with another model than the selected one is refused, not copied
+    selected.write_text(json.dumps({"arch": "unet", "seed": 1}))
+    other = tmp_path / "other.h5"
+    with pytest.raises(StoreError, match=r"segmented with .*unet/seed0/model.pt, not with .*unet/seed1/model.pt"):
+        copy_selected_masks(selected, per_arch, other)
+    with pytest.raises(StoreError, match="selects 'unet', but masks were given for \\['unetplusplus'\\] only"):
+        copy_selected_masks(selected, {"unetplusplus": per_arch["unetplusplus"]}, other)
+    assert not other.exists()
 
 
 def test_segment_fragment_store_missing_model_leaves_no_output(fragment_store: Path, tmp_path: Path) -> None:

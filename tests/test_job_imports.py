@@ -17,6 +17,7 @@ SCRIPTS = REPO / "scripts"
 
 TORCH_FREE_SCRIPTS = [
     "compare_with_qupath",
+    "copy_selected_masks",
     "cut_patches",
     "export_model",
     "extract_fragments",

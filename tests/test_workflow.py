@@ -282,7 +282,7 @@ def test_changing_a_student_parameter_reruns_only_the_rules_that_depend_on_it(de
         "train_student": 4,  # 2 stains x 2 label sets x 1 seed
         "evaluate_student": 4,
         "tabulate_students": 1,
-        "finetune_student": 8,  # starts from the student
+        "finetune_student": 4,  # starts from the student (one job runs both counts)
         "tabulate_finetune": 1,
         "classify_slide": 1,
         "plot_prediction_overlay": 1,
@@ -485,6 +485,11 @@ def test_predict_target_plans_segmentation_and_export_for_new_unannotated_slides
     assert "results/predict/newslide.geojson" in planned
     assert "results/segmentation/raw/masks/newslide.h5" in planned
     assert "masks/newslide.h5" not in planned.replace("results/segmentation/raw/masks/newslide.h5", "")  # no Figure 4
+    # a predict-only slide has no Figure 4 masks to copy: segment_slide segments it with the selected model
+    (segment,) = planned_job_blocks(planned, "segment_slide")
+    assert (
+        "results/segmentation/raw/masks/newslide.h5" in segment and "results/segmentation/raw/selected.json" in segment
+    )
     assert "results/nuclei/raw/newslide.h5" in planned
     # a slide without annotations is never rasterized or used for training
     assert "results/masks/newslide.h5" not in planned
@@ -507,7 +512,7 @@ def test_dry_run_of_a_real_sheet_plans_the_paper_models(tmp_path: Path) -> None:
     assert "results/teacher/raw/wsa/resnet18/seed0/model.pt" in result.stdout
     assert "vgg4" not in result.stdout
     assert "results/finetune/raw/wsa/n1900/seed2/model.pt" in result.stdout
-    assert planned["finetune_student"] == 2 * 2 * 11 * 3  # stains x label sets x the paper's 11 counts x 3 seeds
+    assert planned["finetune_student"] == 2 * 2 * 3  # stains x label sets x 3 seeds, each job the paper's 11 counts
     assert "generate_demo_slide" not in planned
     assert "tabulate_instances" not in planned  # no truth set: nothing to score instances against
 
@@ -518,11 +523,17 @@ def test_dry_run_of_the_demo_plans_the_demo_models(tmp_path: Path) -> None:
     assert "cellkd preset: demo" in result.stdout + result.stderr
     assert "results/teacher/raw/wsa/vgg4/seed0/model.pt" in result.stdout
     planned = planned_jobs(result.stdout)
-    assert planned["finetune_student"] == 2 * 2 * 4 * 3  # the demo's 4 counts, 3 seeds
+    assert planned["finetune_student"] == 2 * 2 * 3  # stains x label sets x 3 seeds, each job the demo's 4 counts
     assert planned["tabulate_instances"] == 1  # the demo's slides have a truth set
-    # Figure 4 segments every slide with both architectures; the later steps use the selected one's masks
+    # Figure 4 segments every slide with both architectures; the later steps use the selected one's masks, copied:
+    # no slide is segmented a second time with the selected model
     assert planned["segment_slide_per_arch"] == 2 * 2 * 2  # stains x archs x slides
-    assert planned["segment_slide"] == 2 * 2
+    assert planned["copy_selected_masks"] == 2 * 2
+    assert "segment_slide" not in planned
+    (copy,) = [b for b in planned_job_blocks(result.stdout, "copy_selected_masks") if "macenko/masks/demo1.h5" in b]
+    assert "results/segmentation/macenko/selected.json" in copy
+    for arch in ("unet", "unetplusplus"):
+        assert f"results/segmentation/macenko/{arch}/masks/demo1.h5" in copy
     assert "results/segmentation/macenko/unetplusplus/masks/demo1.h5" in result.stdout
 
 
@@ -531,19 +542,52 @@ def planned_job_blocks(dry_run_output: str, rule: str) -> list[str]:
     return [block for block in dry_run_output.split("\n\n") if f"rule {rule}:" in block]
 
 
+MULTI_THREADED_RULES = (
+    "extract_fragments",
+    "train_segmentation",
+    "segment_slide_per_arch",
+    "train_teacher",
+    "train_student",
+    "classify_slide",
+)
+"""The rules that ask for JOB_THREADS (rules/common.smk): 1 on the demo, 2 on a real sheet."""
+
+
+def test_demo_jobs_ask_for_one_thread_and_a_real_sheets_for_two(tmp_path: Path) -> None:
+    # --cores 4, so that no request is capped; snakemake prints "threads: N" for the jobs that ask for more than 1
+    demo = run_snakemake(tmp_path, "--dry-run", "--cores", "4", config={"demo": {"slides": 2}})
+    assert demo.returncode == 0, demo.stdout[-2000:] + demo.stderr[-2000:]
+    for rule in MULTI_THREADED_RULES:
+        assert planned_job_blocks(demo.stdout, rule), rule
+    assert "threads:" not in demo.stdout  # so `--cores 2` runs two of them side by side
+    sheet = write_one_slide_sheet(tmp_path, ("ssa", "wsa", "ea"))
+    real = run_snakemake(tmp_path, "--dry-run", "--cores", "4", config={"sheet": str(sheet)})
+    assert real.returncode == 0, real.stdout[-2000:] + real.stderr[-2000:]
+    for rule in MULTI_THREADED_RULES:
+        blocks = planned_job_blocks(real.stdout, rule)
+        assert blocks and all("threads: 2" in b for b in blocks), rule
+    # --set-threads raises a rule's request
+    raised = run_snakemake(
+        tmp_path, "--dry-run", "--cores", "4", "--set-threads", "train_teacher=3", config={"sheet": str(sheet)}
+    )
+    assert raised.returncode == 0, raised.stderr[-2000:]
+    assert all("threads: 3" in b for b in planned_job_blocks(raised.stdout, "train_teacher"))
+
+
 def test_two_seeds_plan_one_training_job_per_seed_and_one_segmentation_per_slide(tmp_path: Path) -> None:
     result = run_snakemake(tmp_path, "--dry-run", "--cores", "1", config={**TINY, "seeds": [0, 1]})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     planned = planned_jobs(result.stdout)
-    stains, archs, label_sets, counts, slides = 2, 2, 2, 2, 2
+    stains, archs, label_sets, slides = 2, 2, 2, 2
     for rule in ("train_segmentation", "evaluate_segmentation"):
         assert planned[rule] == stains * archs * 2, rule
     for rule in ("train_teacher", "evaluate_teacher", "cache_teacher_logits", "train_student", "evaluate_student"):
         assert planned[rule] == stains * label_sets * 2, rule  # one teacher arch (vgg4)
-    assert planned["finetune_student"] == stains * label_sets * counts * 2
-    # the slides are segmented once (the first seed's model), not once per seed
-    assert planned["segment_slide"] == stains * slides
+    assert planned["finetune_student"] == stains * label_sets * 2  # one job per student runs every count
+    # the slides are segmented once per arch (the first seed's model), not once per seed; the selected arch's
+    # masks are copied from those
     assert planned["segment_slide_per_arch"] == stains * archs * slides
+    assert planned["copy_selected_masks"] == stains * slides and "segment_slide" not in planned
     assert planned["select_segmentation"] == stains and planned["tabulate_segmentation"] == 1
     # seed 1 distils seed 1's teacher and fine-tunes seed 1's student
     (logits,) = [
@@ -554,6 +598,7 @@ def test_two_seeds_plan_one_training_job_per_seed_and_one_segmentation_per_slide
         b for b in planned_job_blocks(result.stdout, "finetune_student") if "raw/wsa/n10/seed1/model.pt" in b
     ]
     assert "results/student/raw/wsa/seed1/model.pt" in finetune and "seed0" not in finetune
+    assert all(f"results/finetune/raw/wsa/n{count}/seed1/metrics.csv" in finetune for count in (5, 10))
     # predict and the slide segmentation use the first seed's models
     (classify,) = planned_job_blocks(result.stdout, "classify_slide")
     assert "results/finetune/raw/wsa/n10/seed0/model.pt" in classify

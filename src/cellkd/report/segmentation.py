@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -205,8 +206,8 @@ def _plot_comparison(table: pd.DataFrame, png_path: PathLike) -> None:
         fig.suptitle("Nucleus segmentation: each architecture vs QuPath (and truth, where known)")
 
 
-def selected_model_path(selected_json: PathLike) -> str:
-    """``model.pt`` of the architecture and seed named in ``selected.json`` (beside it: ``{arch}/seed{seed}/``)."""
+def _selection(selected_json: PathLike) -> tuple[str, int]:
+    """(arch, seed) that ``selected.json`` names."""
     selected = Path(selected_json)
     payload = json.loads(selected.read_text(encoding="utf-8"))
     if "seed" not in payload:
@@ -214,4 +215,41 @@ def selected_model_path(selected_json: PathLike) -> str:
             f"{selected}: names no seed (written by a cellkd without training seeds); "
             "rerun it with snakemake --forcerun select_segmentation"
         )
-    return str(selected.parent / payload["arch"] / f"seed{payload['seed']}" / "model.pt")
+    return str(payload["arch"]), int(payload["seed"])
+
+
+def selected_model_path(selected_json: PathLike) -> str:
+    """``model.pt`` of the architecture and seed named in ``selected.json`` (beside it: ``{arch}/seed{seed}/``)."""
+    arch, seed = _selection(selected_json)
+    return str(Path(selected_json).parent / arch / f"seed{seed}" / "model.pt")
+
+
+def copy_selected_masks(selected_json: PathLike, masks_by_arch: Mapping[str, PathLike], out_path: PathLike) -> str:
+    """Copy the slide masks of the architecture ``selected.json`` names to ``out_path`` (atomically); return it.
+
+    ``masks_by_arch``: arch -> that architecture's mask store of the slide (``{stain}/{arch}/masks/{slide}.h5``,
+    written by ``cellkd.inference.segment_fragment_store`` for Figure 4). The selected one's is what segmenting
+    the slide with the selected model would write: same model, fragments and inference settings. The model is
+    checked, not assumed: the store's ``model`` attr must be the one ``selected.json`` names. A copy, not a hard
+    link: the two names would share one mtime, so Snakemake would see the Figure 4 store change with this one.
+    """
+    arch, _ = _selection(selected_json)
+    model = selected_model_path(selected_json)
+    if arch not in masks_by_arch:
+        raise StoreError(
+            f"{selected_json}: selects {arch!r}, but masks were given for {sorted(masks_by_arch)} only; "
+            "rerun select_segmentation with the configured segmentation.archs"
+        )
+    source = masks_by_arch[arch]
+    with open_store(source, "segmentation mask store", "rerun segment_slide_per_arch") as h5:
+        require_complete(h5)
+        recorded = str(h5.attrs["model"])
+    if Path(recorded) != Path(model):
+        raise StoreError(
+            f"{source}: segmented with {recorded}, not with {model}, the model {selected_json} selects; "
+            "rerun segment_slide_per_arch"
+        )
+    with atomic_path(out_path) as tmp:
+        shutil.copyfile(source, tmp)
+    logger.info("copied %s's masks %s (model %s) to %s", arch, source, model, out_path)
+    return arch

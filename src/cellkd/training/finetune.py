@@ -13,7 +13,8 @@ validation. The student before and the chosen model after are scored on the rese
 The store's ``split`` dataset is ignored here: the EA rows of every split are eligible, since the
 expert's labels are the scarce resource (the teacher and student never trained on EA labels).
 
-Output folder ``results/finetune/{stain}/{weak_set}/n{count}/``: ``model.pt`` (the chosen candidate's
+Output folder ``results/finetune/{stain}/{weak_set}/n{count}/seed{seed}/`` (one job writes every count's,
+:func:`finetune_student_counts`): ``model.pt`` (the chosen candidate's
 model, classifier checkpoint format of ``cellkd.models.checkpoint``), ``metrics.csv`` (before/after
 rows, see :func:`finetune_student`), ``grid.csv`` (one row per candidate: the student, then each grid
 point) and one sub-folder per grid point ``lr{lr}_do{dropout}/`` holding that run's history.csv. Each grid
@@ -28,7 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -330,6 +331,29 @@ def finetune_student(
     summary = ", ".join(f"{m} {table.loc[0, m]:.4f} -> {table.loc[1, m]:.4f}" for m in SUMMARY_METRICS)
     logger.info("fine-tuning on %d EA test nuclei: %s", len(test_rows), summary)
     return table
+
+
+def finetune_student_counts(
+    student_model: PathLike,
+    nuclei_stores: Sequence[PathLike],
+    out_dirs: Mapping[int, PathLike],
+    params: FinetuneParams,
+    *,
+    device: str | torch.device | None = None,
+) -> pd.DataFrame:
+    """:func:`finetune_student` for each count of ``out_dirs`` (count -> its output folder), one after the other.
+
+    One process for all counts of a student saves the others' interpreter and torch start-up (2-4.5 s a job, as
+    long as a demo count's fine-tuning). Every count's files are the ones a run of that count alone writes: its
+    rows are drawn from ``params.seed`` and the class alone (:func:`select_expert_rows`), and each grid point's
+    training seeds a forked torch RNG (``train_classifier`` leaves the global one untouched), so nothing carries
+    over from one count to the next. Returns the metrics rows of every count, in ``out_dirs`` order.
+    """
+    tables = [
+        finetune_student(student_model, nuclei_stores, count, out_dir, params, device=device)
+        for count, out_dir in out_dirs.items()
+    ]
+    return pd.concat(tables, ignore_index=True)
 
 
 def _finite_or(value: float, default: float) -> float:
