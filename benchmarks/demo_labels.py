@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """PROXY of the demo's label-quality figures (issue 14, section 7), in minutes on a CPU instead of a full run.
 
-    python benchmarks/demo_labels.py [--slides 3] [--epochs 8] [--found 1.0] [--class-weighting]
+    python benchmarks/demo_labels.py [--slides 3] [--epochs 4] [--found 1.0] [--class-weighting] [--seed 0]
                                      [--demo '{"stain_jitter": 0.1}'] [--work-dir DIR]
 
 What is real: the demo slides (workflow_config.yaml's ``demo:`` block, through ``generate_slide``), tissue detection
@@ -91,8 +91,11 @@ def nuclei_stores(work: Path, config: dict[str, Any], slides: int, found: float)
     return stores
 
 
-def measure(work: Path, slides: int, epochs: int, found: float, class_weighting: bool, demo: dict) -> dict:
-    """The proxy figures (module docstring) for the default config with ``demo`` overrides."""
+def measure(
+    work: Path, slides: int, epochs: int, found: float, class_weighting: bool, demo: dict, seed: int | None = None
+) -> dict:
+    """The proxy figures (module docstring) for the default config with ``demo`` overrides (and ``seed``, if given:
+    the data seed that draws the slides and splits, and the teacher's)."""
     import numpy as np
     import torch
     import yaml
@@ -104,6 +107,8 @@ def measure(work: Path, slides: int, epochs: int, found: float, class_weighting:
     torch.set_num_threads(1)
     config = yaml.safe_load((REPO / "workflow_config.yaml").read_text())
     config["demo"].update(demo)
+    if seed is not None:
+        config["seed"] = seed
     validate_config(config, REPO / "schemas/config.schema.yaml", "workflow_config.yaml")
     stores = nuclei_stores(work, config, slides, found)
 
@@ -116,6 +121,7 @@ def measure(work: Path, slides: int, epochs: int, found: float, class_weighting:
 
     truth = labels("truth")
     result: dict[str, Any] = {"proxy": True, "slides": slides, "epochs": epochs, "found": found, "demo": demo}
+    result["seed"] = config["seed"]
     result["nuclei_per_truth_class"] = np.bincount(truth, minlength=4).tolist()
     for name in ("ssa", "wsa"):
         result[f"{name}_vs_truth_accuracy"] = round(float((labels(name) == truth).mean()), 4)
@@ -140,9 +146,15 @@ def measure(work: Path, slides: int, epochs: int, found: float, class_weighting:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import yaml
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--slides", type=int, default=3, help="demo slides (the demo has 3)")
-    parser.add_argument("--epochs", type=int, default=8, help="teacher epochs (the demo preset's 8)")
+    preset = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    parser.add_argument(
+        "--epochs", type=int, default=preset["teacher"]["epochs"], help="teacher epochs (default: the demo preset's)"
+    )
+    parser.add_argument("--seed", type=int, default=None, help="data and teacher seed (default: the config's)")
     parser.add_argument("--found", type=float, default=1.0, help="share of the debris the stand-in segments")
     parser.add_argument("--class-weighting", action="store_true", help="teacher.class_weighting")
     parser.add_argument("--demo", default="{}", help="JSON overrides of the config's demo block")
@@ -150,14 +162,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     demo = json.loads(args.demo)
     # Stores depend on the demo block and the stand-in: one folder per combination, reused across teacher runs.
-    key = json.dumps(demo, sort_keys=True) + f"found={args.found}"
+    key = json.dumps(demo, sort_keys=True) + f"found={args.found}" + ("" if args.seed is None else f"seed={args.seed}")
     work = args.work_dir / f"stores_{hashlib.sha1(key.encode()).hexdigest()[:10]}"
 
     from cellkd.workflow import log_to
 
     work.mkdir(parents=True, exist_ok=True)
     log_to(str(work / "run.log"))
-    print(json.dumps(measure(work, args.slides, args.epochs, args.found, args.class_weighting, demo)))
+    print(json.dumps(measure(work, args.slides, args.epochs, args.found, args.class_weighting, demo, args.seed)))
     return 0
 
 

@@ -290,6 +290,7 @@ def test_stain_jitter_changes_colour_between_slides_but_zero_gives_reference(tmp
         ({"class_fractions": (1.2, -0.2, 0.0)}, "class_fractions"),
         ({"ssa_flip": 1.0}, "ssa_flip"),
         ({"wsa_miss": -0.1}, "wsa_miss"),
+        ({"wsa_random_share": 1.0}, "wsa_random_share"),
         ({"wsa_jitter_px": -1.0}, "wsa_jitter_px"),
         ({"ea_count": -1}, "ea_count"),
         ({"stain_jitter": 0.9}, "stain_jitter"),
@@ -391,8 +392,16 @@ def _feature_row(**values: float) -> dict[str, np.ndarray]:
     return {name: np.array([values.get(name, value)]) for name, value in base.items()}
 
 
+HASTY_RULES = (
+    synthetic.WeakRule("muscle", minimum=(("elongation", 2.7),)),
+    synthetic.WeakRule("immune", minimum=(("hematoxylin", 1.02),), maximum=(("area_um2", 55.0),)),
+    synthetic.WeakRule("other"),
+)
+"""A fixed decision list for the tests that need known thresholds (the demo's own are tuned, so they move)."""
+
+
 def test_rule_labels_follow_the_first_matching_rule_with_inclusive_bounds() -> None:
-    rules = synthetic.DEFAULT_WSA_RULES  # muscle: elongation >= 2.7; immune: hematoxylin >= 1.02, area <= 55
+    rules = HASTY_RULES  # muscle: elongation >= 2.7; immune: hematoxylin >= 1.02, area <= 55
     label = lambda **v: int(annotate.rule_labels(_feature_row(**v), rules, DEFAULT_CLASSES)[0])  # noqa: E731
     other, immune, muscle = range(3)
     assert label(area_um2=50.0) == immune
@@ -406,7 +415,9 @@ def test_rule_labels_follow_the_first_matching_rule_with_inclusive_bounds() -> N
 def test_wsa_label_of_a_nucleus_flips_when_its_measured_area_crosses_the_rule() -> None:
     """The real annotator path: one round dark nucleus is immune for WSA until its contour grows past 55 µm²."""
     t = np.linspace(0, 2 * np.pi, 24, endpoint=False)
-    params = SyntheticSlideParams(annotator="rules", wsa_miss=0.0, wsa_jitter_px=0.0, stain_jitter=0.0)
+    params = SyntheticSlideParams(
+        annotator="rules", wsa_miss=0.0, wsa_jitter_px=0.0, stain_jitter=0.0, wsa_rules=HASTY_RULES
+    )
     reference = annotate.Stain(
         render.REFERENCE_STAIN_MATRIX / np.linalg.norm(render.REFERENCE_STAIN_MATRIX, axis=1, keepdims=True), np.ones(2)
     )
@@ -503,6 +514,7 @@ def test_default_demo_config_uses_rules_overlap_and_debris_and_schema_rules_matc
     assert params.debris_per_nucleus > 0
     assert params.ssa_rules == synthetic.DEFAULT_SSA_RULES
     assert params.wsa_rules == synthetic.DEFAULT_WSA_RULES
+    assert params.wsa_random_share > params.ssa_random_share == 0, "WSA's errors are part noise; SSA's rules only"
 
 
 def test_wsa_mislabels_exactly_the_nuclei_its_mis_set_threshold_covers() -> None:
@@ -523,6 +535,34 @@ def test_wsa_mislabels_exactly_the_nuclei_its_mis_set_threshold_covers() -> None
     assert covered.sum() > 10
     np.testing.assert_array_equal(good.labels != bad.labels, covered)
     assert (good.labels[covered] == 2).all() and (bad.labels[covered] != 2).all()
+
+
+def test_random_share_flips_that_fraction_of_the_rule_labels_seeded_and_share_0_keeps_the_rules() -> None:
+    """``wsa_random_share`` moves exactly round(share * kept) rule labels to another class, chosen by the seed, and
+    leaves everything else the annotator drew (kept nuclei, contours, features) as it was."""
+    drawn = synthetic.draw_slide("demo0", REALISTIC)
+
+    def wsa(share: float, seed: int = 7) -> annotate.Annotation:
+        params = replace(REALISTIC, wsa_random_share=share)
+        return annotate.weak_annotation(
+            np.random.default_rng(seed), drawn.nuclei, params, "wsa", DEFAULT_CLASSES, drawn.stain
+        )
+
+    pure, noisy, again, other_seed = wsa(0.0), wsa(0.2), wsa(0.2), wsa(0.2, seed=8)
+    np.testing.assert_array_equal(
+        pure.labels, annotate.rule_labels(pure.features, REALISTIC.wsa_rules, DEFAULT_CLASSES)
+    )
+    np.testing.assert_array_equal(noisy.kept, pure.kept)
+    np.testing.assert_array_equal(noisy.rings, pure.rings)
+    np.testing.assert_array_equal(noisy.features["hematoxylin"], pure.features["hematoxylin"])
+    flipped = noisy.labels != pure.labels
+    assert flipped.sum() == round(0.2 * len(pure.kept)), "every chosen label moves to another class"
+    np.testing.assert_array_equal(again.labels, noisy.labels)
+    assert (other_seed.labels != noisy.labels).any(), "another seed flips other nuclei"
+    moves = np.zeros((3, 3), int)
+    np.add.at(moves, (pure.labels[flipped], noisy.labels[flipped]), 1)
+    off_diagonal = moves[~np.eye(3, dtype=bool)]
+    assert (off_diagonal > 0).all(), "flips reach every other class, unlike the rules' systematic confusions"
 
 
 def test_params_from_config_names_an_unknown_demo_key() -> None:

@@ -6,7 +6,9 @@ another class uniformly at random (errors no classifier inherits, since averagin
 nucleus on the annotator's own contour (area, elongation, circularity, mean hematoxylin OD after
 colour deconvolution with the reference stain vectors, chromatin texture) and applies a short
 decision list of deliberately mis-set thresholds, so its errors are systematic: by size, shape and
-by the slide's stain strength and hue.
+by the slide's stain strength and hue. A ``random_share`` of its labels then moves to a random other
+class: a trained QuPath classifier's errors are part systematic, part noise, and only the noise is
+what a network trained on the labels averages away.
 """
 
 from __future__ import annotations
@@ -94,11 +96,18 @@ def noisy_selection(
     Returns the kept indices (ascending) and their (possibly flipped) labels.
     """
     kept = kept_selection(rng, len(labels), miss)
-    noisy = labels[kept].copy()
-    flipped = rng.choice(len(kept), size=round(flip * len(kept)), replace=False)
+    return kept, flip_labels(rng, labels[kept], n_classes, flip)
+
+
+def flip_labels(
+    rng: np.random.Generator, labels: npt.NDArray[np.int64], n_classes: int, share: float
+) -> npt.NDArray[np.int64]:
+    """A copy of ``labels`` with round(share * N) of them, chosen at random, each moved to another class uniformly."""
+    flipped_labels = labels.copy()
+    flipped = rng.choice(len(labels), size=round(share * len(labels)), replace=False)
     if flipped.size and n_classes > 1:
-        noisy[flipped] = (noisy[flipped] + rng.integers(1, n_classes, size=flipped.size)) % n_classes
-    return kept, noisy
+        flipped_labels[flipped] = (labels[flipped] + rng.integers(1, n_classes, size=flipped.size)) % n_classes
+    return flipped_labels
 
 
 def polygon_moments(
@@ -201,8 +210,14 @@ def weak_annotation(
     classes: Sequence[ClassSpec],
     stain: Stain,
 ) -> Annotation:
-    """The ``ssa`` or ``wsa`` set: ``params.annotator`` labels, ``{set}_miss`` nuclei left out, contours jittered."""
-    miss, flip, jitter = (getattr(params, f"{set_name}_{k}") for k in ("miss", "flip", "jitter_px"))
+    """The ``ssa`` or ``wsa`` set: ``params.annotator`` labels, ``{set}_miss`` nuclei left out, contours jittered.
+
+    Under ``rules``, ``{set}_random_share`` of the rule labels then move to another class at random (drawn last
+    from ``rng``, so share 0 leaves the pure rule labels and every other draw unchanged).
+    """
+    miss, flip, jitter, random_share = (
+        getattr(params, f"{set_name}_{k}") for k in ("miss", "flip", "jitter_px", "random_share")
+    )
     if params.annotator == "flips":
         kept, labels = noisy_selection(rng, nuclei.labels, len(classes), miss, flip)
         rings, centres = jitter_rings(rng, nuclei.rings[kept], nuclei.centres[kept], jitter)
@@ -210,7 +225,9 @@ def weak_annotation(
     kept = kept_selection(rng, len(nuclei.labels), miss)
     rings, centres = jitter_rings(rng, nuclei.rings[kept], nuclei.centres[kept], jitter)
     features = measure_nuclei(rng, rings, nuclei.concentration[kept], nuclei.chromatin[kept], stain, params.mpp)
-    labels = rule_labels(features, getattr(params, f"{set_name}_rules"), classes)
+    labels = flip_labels(
+        rng, rule_labels(features, getattr(params, f"{set_name}_rules"), classes), len(classes), random_share
+    )
     return Annotation(kept, labels, rings, centres, features)
 
 
