@@ -68,7 +68,7 @@ class SegmentationTrainParams:
     over the stores (the same patches every epoch, so epochs stay comparable); None = all.
     ``lr_schedule``: how Adam's learning rate moves over the run's optimizer steps (see :func:`lr_scheduler`):
     ``constant`` (the paper's), ``cosine`` (from ``lr`` down to 0) or ``onecycle`` (warm-up to ``lr`` over the
-    first 30% of the steps, then cosine down to ``lr`` / 1e5).
+    first 30% of the steps, then cosine down to ``lr`` / 2.5e5).
     ``amp`` (mixed precision, see ``amp_dtype``), ``channels_last`` and ``pin_memory``: None = on for
     CUDA, off on CPU; True turns them on on CPU too (amp in bfloat16). ``num_workers``: DataLoader
     processes; None = the job's torch threads on CUDA (at most 8), 0 on CPU, where worker processes
