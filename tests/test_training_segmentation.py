@@ -12,11 +12,13 @@ import h5py
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import killed_after
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from cellkd.config import validate_config
 from cellkd.errors import ConfigError, StoreError
 from cellkd.models.checkpoint import load_segmentation_model
 from cellkd.models.segmentation import create_segmentation_model
@@ -25,6 +27,7 @@ from cellkd.store.fragments import Fragment, FragmentStoreWriter
 from cellkd.store.patches import PatchParams, PatchStore, cut_patches
 from cellkd.training import segmentation as segmentation_trainer
 from cellkd.training.segmentation import (
+    LR_SCHEDULES,
     PatchDataset,
     SegmentationTrainParams,
     evaluate_model,
@@ -32,6 +35,7 @@ from cellkd.training.segmentation import (
     train_segmentation,
 )
 
+CONFIG_SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
 PATCH = 64
 BRIGHT, DARK = 230, 30  # preprocess maps channel 0 above 123.675 to > 0: BRIGHT is positive, DARK negative
 SPLIT_COUNTS = {0: 16, 1: 4, 2: 4}
@@ -205,7 +209,7 @@ def test_finished_run_keeps_a_compact_last_pt_and_continues_from_its_final_weigh
     params = replace(TINY, epochs=1, max_patches_per_epoch=8)
     train_segmentation([patch_store], tmp_path, params, device="cpu")
     last = torch.load(tmp_path / "last.pt", weights_only=True)
-    assert last["finished"] and last["dropped"] == ["optimizer", "scaler"]
+    assert last["finished"] and last["dropped"] == ["optimizer", "scaler"]  # constant lr: no scheduler
     assert "optimizer" not in last and "scaler" not in last
     final = last["model"]
     with caplog.at_level(logging.INFO, logger="cellkd.training.segmentation"):
@@ -216,6 +220,90 @@ def test_finished_run_keeps_a_compact_last_pt_and_continues_from_its_final_weigh
     longer = torch.load(tmp_path / "last.pt", weights_only=True)
     assert longer["epoch"] == 2 and longer["finished"]
     assert any(not torch.equal(final[k], longer["model"][k]) for k in final if final[k].is_floating_point())
+
+
+def torch_schedule_lrs(schedule: str, lr: float, steps: int, after: int) -> list[float]:
+    """The learning rates torch's own scheduler for ``schedule`` gives after ``after`` of ``steps`` steps."""
+    weight = nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.Adam([weight], lr=lr)
+    schedulers = {
+        "cosine": lambda: torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps),
+        "onecycle": lambda: torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps),
+    }
+    scheduler = schedulers[schedule]()
+    for _ in range(after):
+        optimizer.step()
+        scheduler.step()
+    return scheduler.get_last_lr()
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "onecycle"])
+def test_lr_schedule_is_applied_per_batch_and_a_killed_run_resumes_it_exactly(
+    schedule: str, patch_store: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    params = replace(TINY, lr_schedule=schedule)  # 16 train patches in batches of 8: 2 steps per epoch, 6 in all
+    train_segmentation([patch_store], tmp_path / "straight", params, device="cpu")
+    with killed_after(segmentation_trainer, epochs=2):
+        train_segmentation([patch_store], tmp_path / "resumed", params, device="cpu")
+    last = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
+    assert last["scheduler"]["last_epoch"] == 4
+    lrs = [group["lr"] for group in last["optimizer"]["param_groups"]]
+    assert lrs == pytest.approx(torch_schedule_lrs(schedule, TINY.lr, steps=6, after=4), rel=1e-12)
+    assert lrs[0] < TINY.lr  # a schedule, not the constant lr
+    with caplog.at_level(logging.INFO, logger="cellkd.training.segmentation"):
+        train_segmentation([patch_store], tmp_path / "resumed", params, device="cpu")
+    assert "after epoch 2" in caplog.text and "schedule restarts" not in caplog.text
+    straight = read_history(tmp_path / "straight" / "history.csv")
+    resumed = read_history(tmp_path / "resumed" / "history.csv")
+    for key in ("train_loss", "val_loss", "val_dice"):
+        assert [row[key] for row in resumed] == pytest.approx([row[key] for row in straight], rel=1e-5)
+
+
+@pytest.mark.parametrize("finished", [True, False], ids=["compact-last-pt", "killed-then-more-epochs"])
+def test_lr_schedule_restarts_over_the_epochs_left_when_the_resumed_state_ends_elsewhere(
+    finished: bool, patch_store: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A finished run's compact last.pt has no scheduler; a killed one planned fewer epochs: plan the rest anew."""
+    params = replace(TINY, epochs=1 if finished else 2, lr_schedule="onecycle")
+    if finished:
+        train_segmentation([patch_store], tmp_path, params, device="cpu")
+        assert "scheduler" in torch.load(tmp_path / "last.pt", weights_only=True)["dropped"]
+    else:
+        with killed_after(segmentation_trainer, epochs=1):
+            train_segmentation([patch_store], tmp_path, params, device="cpu")
+    with caplog.at_level(logging.WARNING), killed_after(segmentation_trainer, epochs=1):
+        train_segmentation([patch_store], tmp_path, replace(params, epochs=4), device="cpu")  # epoch 2 of 4 only
+    assert "onecycle learning-rate schedule restarts over the 3 epochs left" in caplog.text
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert last["epoch"] == 2
+    assert last["scheduler"]["total_steps"] == 6 and last["scheduler"]["last_epoch"] == 2
+    lrs = [group["lr"] for group in last["optimizer"]["param_groups"]]
+    assert lrs == pytest.approx(torch_schedule_lrs("onecycle", TINY.lr, steps=6, after=2), rel=1e-12)
+
+
+def test_constant_lr_schedule_keeps_adams_lr_and_saves_no_scheduler(patch_store: Path, tmp_path: Path) -> None:
+    with killed_after(segmentation_trainer, epochs=1):
+        train_segmentation([patch_store], tmp_path, TINY, device="cpu")
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert "scheduler" not in last
+    assert [group["lr"] for group in last["optimizer"]["param_groups"]] == [TINY.lr]
+
+
+@pytest.mark.parametrize("schedule", [None, "constant", "cosine", "onecycle"])
+def test_config_schema_lr_schedule_accepts_the_trainers_schedules_and_defaults_to_constant(
+    schedule: str | None,
+) -> None:
+    config: dict = {"segmentation": {} if schedule is None else {"lr_schedule": schedule}}
+    validate_config(config, CONFIG_SCHEMA, "cfg.yaml")
+    assert config["segmentation"]["lr_schedule"] == (schedule or "constant")
+    assert SegmentationTrainParams(lr_schedule=config["segmentation"]["lr_schedule"]).lr_schedule in LR_SCHEDULES
+
+
+def test_config_schema_lr_schedule_rejects_other_values_and_lists_the_trainers() -> None:
+    with pytest.raises(ConfigError, match=r"segmentation.lr_schedule: 'step' is not one of"):
+        validate_config({"segmentation": {"lr_schedule": "step"}}, CONFIG_SCHEMA, "cfg.yaml")
+    schema = yaml.safe_load(CONFIG_SCHEMA.read_text())
+    assert tuple(schema["properties"]["segmentation"]["properties"]["lr_schedule"]["enum"]) == LR_SCHEDULES
 
 
 def test_train_segmentation_after_kill_at_the_end_only_rewrites_outputs(patch_store: Path, tmp_path: Path) -> None:
@@ -426,6 +514,7 @@ def test_load_segmentation_model_missing_file_raises(tmp_path: Path) -> None:
         ({"decoder_channels": (8, 8)}, "one entry per encoder stage"),
         ({"max_patches_per_epoch": 0}, "max_patches_per_epoch=0"),
         ({"max_val_patches": 0}, "max_val_patches=0"),
+        ({"lr_schedule": "step"}, r"lr_schedule='step' must be one of \['constant', 'cosine', 'onecycle'\]"),
     ],
 )
 def test_segmentation_train_params_reject_bad_values(change: dict, match: str) -> None:

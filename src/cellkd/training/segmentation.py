@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from cellkd.device import amp_dtype, resolve_device, use_accelerator_default
@@ -54,6 +55,8 @@ HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_dice", "seconds")
 # (augmentation is seeded per patch, see PatchDataset).
 _RESUMABLE_CHANGES = frozenset({"epochs", "num_workers", "pin_memory"})
 
+LR_SCHEDULES = ("constant", "cosine", "onecycle")
+
 
 @dataclass(frozen=True)
 class SegmentationTrainParams:
@@ -63,6 +66,9 @@ class SegmentationTrainParams:
     ``max_patches_per_epoch`` caps the patches drawn (without replacement) per epoch; None = all.
     ``max_val_patches`` caps the validation patches scored after every epoch to a fixed subset spread evenly
     over the stores (the same patches every epoch, so epochs stay comparable); None = all.
+    ``lr_schedule``: how Adam's learning rate moves over the run's optimizer steps (see :func:`lr_scheduler`):
+    ``constant`` (the paper's), ``cosine`` (from ``lr`` down to 0) or ``onecycle`` (warm-up to ``lr`` over the
+    first 30% of the steps, then cosine down to ``lr`` / 2.5e5).
     ``amp`` (mixed precision, see ``amp_dtype``), ``channels_last`` and ``pin_memory``: None = on for
     CUDA, off on CPU; True turns them on on CPU too (amp in bfloat16). ``num_workers``: DataLoader
     processes; None = the job's torch threads on CUDA (at most 8), 0 on CPU, where worker processes
@@ -85,6 +91,7 @@ class SegmentationTrainParams:
     seed: int = 0
     max_patches_per_epoch: int | None = None
     max_val_patches: int | None = None
+    lr_schedule: str = "constant"
 
     def __post_init__(self) -> None:
         if self.arch not in SEGMENTATION_ARCHS:
@@ -108,6 +115,7 @@ class SegmentationTrainParams:
             (self.num_workers is None or self.num_workers >= 0, "num_workers", ">= 0 or None"),
             (self.max_patches_per_epoch is None or self.max_patches_per_epoch >= 1, "max_patches_per_epoch", ">= 1"),
             (self.max_val_patches is None or self.max_val_patches >= 1, "max_val_patches", ">= 1"),
+            (self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"one of {list(LR_SCHEDULES)}"),
         ]
         check_parameters(self, checks, "segmentation training")
 
@@ -281,8 +289,9 @@ def _train_epoch(
     amp: torch.dtype | None,
     channels_last: bool,
     desc: str,
+    scheduler: LRScheduler | None = None,
 ) -> float:
-    """One epoch of training; ``amp`` is the autocast dtype (None = float32)."""
+    """One epoch of training; ``amp`` is the autocast dtype (None = float32); ``scheduler`` steps after every batch."""
     model.train()
     total, count = 0.0, 0
     for images, masks in progress(loader, desc=desc, total=len(loader)):
@@ -295,9 +304,62 @@ def _train_epoch(
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        if scheduler is not None:
+            scheduler.step()
         total += float(loss.detach()) * len(x)
         count += len(x)
     return total / max(count, 1)
+
+
+def lr_scheduler(optimizer: torch.optim.Optimizer, schedule: str, lr: float, steps: int) -> LRScheduler | None:
+    """The torch scheduler of ``schedule`` (see ``SegmentationTrainParams``) over ``steps`` steps; None = constant.
+
+    Stepped after every batch: the demo's 10 epochs of 8 steps are too few for a per-epoch warm-up. Sets each
+    param group's ``lr`` to ``lr`` first, so that a schedule planned anew on a resumed optimizer starts from the
+    run's learning rate, not from where the loaded state left it (CosineAnnealingLR continues from the group's).
+    """
+    if schedule == "constant":
+        return None
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        group.pop("initial_lr", None)
+    if schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    if schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
+    raise ConfigError(f"lr_schedule {schedule!r} is unknown; expected one of {list(LR_SCHEDULES)}")
+
+
+def _steps_planned(scheduler: LRScheduler) -> int:
+    """The optimizer steps ``scheduler`` was planned over (OneCycleLR's total_steps, CosineAnnealingLR's T_max)."""
+    return int(getattr(scheduler, "total_steps", None) or scheduler.T_max)  # type: ignore[attr-defined]
+
+
+def _continue_schedule(
+    scheduler: LRScheduler | None,
+    optimizer: torch.optim.Optimizer,
+    params: SegmentationTrainParams,
+    *,
+    epochs_done: int,
+    steps_per_epoch: int,
+) -> None:
+    """After ``ResumableRun.resume``: keep a restored schedule that ends with the run, else plan it anew over the rest.
+
+    A killed run's ``last.pt`` restores the scheduler exactly (it ends at the run's last step). A finished run's
+    compact ``last.pt`` has no scheduler (nor Adam state), and a killed run resumed with more ``epochs`` has one
+    planned for fewer steps: both continue with a fresh schedule over the epochs left (a warm restart: with
+    ``onecycle`` its warm-up also rebuilds Adam's fresh moments).
+    """
+    steps_left = (params.epochs - epochs_done) * steps_per_epoch
+    if scheduler is None or epochs_done == 0 or _steps_planned(scheduler) - scheduler.last_epoch == steps_left:
+        return
+    logger.warning(
+        "the %s learning-rate schedule restarts over the %d epochs left (the resumed state ends elsewhere)",
+        params.lr_schedule,
+        params.epochs - epochs_done,
+    )
+    fresh = lr_scheduler(optimizer, params.lr_schedule, params.lr, steps_left)
+    scheduler.load_state_dict(fresh.state_dict())  # type: ignore[union-attr]  # same object: last.pt saves it
 
 
 def train_segmentation(
@@ -363,8 +425,13 @@ def train_segmentation(
             decoder_channels=params.decoder_channels,
         ).to(dev, memory_format=torch.channels_last if channels_last else torch.preserve_format)
         optimizer = torch.optim.Adam(model.parameters(), lr=params.lr)
+        steps_per_epoch = len(train_loader)
+        scheduler = lr_scheduler(optimizer, params.lr_schedule, params.lr, params.epochs * steps_per_epoch)
         # Loss scaling only for float16, whose small range underflows gradients; bfloat16 has float32's.
         scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)
+        state: dict[str, Any] = {"model": model, "optimizer": optimizer, "scaler": scaler}
+        if scheduler is not None:
+            state["scheduler"] = scheduler
         run = ResumableRun(
             out,
             params=asdict(params),
@@ -374,11 +441,12 @@ def train_segmentation(
             epochs=params.epochs,
             columns=HISTORY_COLUMNS,
             selection=selection,
-            state={"model": model, "optimizer": optimizer, "scaler": scaler},
+            state=state,
             device=dev,
             log=logger,
         )
         run.resume()
+        _continue_schedule(scheduler, optimizer, params, epochs_done=len(run.history), steps_per_epoch=steps_per_epoch)
 
         def save_best(epoch: int, value: float) -> None:
             save_segmentation_model(
@@ -391,7 +459,16 @@ def train_segmentation(
             generator.manual_seed(epoch_seed(params.seed, epoch))
             desc = f"epoch {epoch}/{params.epochs}"
             train_loss = _train_epoch(
-                model, train_loader, dev, optimizer, scaler, loss_fn, amp=amp, channels_last=channels_last, desc=desc
+                model,
+                train_loader,
+                dev,
+                optimizer,
+                scaler,
+                loss_fn,
+                amp=amp,
+                channels_last=channels_last,
+                desc=desc,
+                scheduler=scheduler,
             )
             val_loss, val_dice = math.nan, math.nan
             if len(val_set):
