@@ -400,7 +400,8 @@ def finetune_student_counts(
     """:func:`finetune_student` for each count of ``out_dirs`` (count -> its output folder), one after the other.
 
     One process for all counts of a student saves the others' interpreter and torch start-up (2-4.5 s a job, as
-    long as a demo count's fine-tuning). Every count's files are the ones a run of that count alone writes: its
+    long as a demo count's fine-tuning), and reads the EA crops and the student's predictions on them once for every
+    count (:func:`_read_expert_data`). Every count's files are the ones a run of that count alone writes: its
     rows are drawn from ``params.seed`` and the class alone (:func:`select_expert_rows`), and each grid point's
     training seeds a forked torch RNG (``train_classifier`` leaves the global one untouched), so nothing carries
     over from one count to the next. Returns the metrics rows of every count, in ``out_dirs`` order.
