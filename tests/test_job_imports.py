@@ -89,3 +89,9 @@ def test_classifier_jobs_load_no_segmentation_stack_nor_torchvision(script: str)
     )
     heavy = ("segmentation_models_pytorch", "timm", "torchvision")
     assert _first_import_loading(_cellkd_imports(script), heavy, then=build) == ""
+
+
+@pytest.mark.parametrize("script", CLASSIFIER_SCRIPTS)
+def test_classifier_jobs_load_no_scipy_stats(script: str) -> None:
+    # scipy.stats serves only the seed intervals of the tables: 0.7 CPU s of start-up per job otherwise
+    assert _first_import_loading(_cellkd_imports(script), ("scipy.stats",)) == ""

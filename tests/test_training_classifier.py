@@ -33,7 +33,7 @@ from cellkd.training.classifier import (
 from cellkd.training.classifier import train as classifier_trainer
 from cellkd.training.classifier.data import load_crops, read_nucleus_rows
 from cellkd.training.classifier.distillation import class_weights
-from cellkd.training.classifier.evaluate import CPU_FORWARD_BATCH, infer_logits, prepare_for_inference
+from cellkd.training.classifier.evaluate import CPU_FORWARD_BATCH, crop_logits, infer_logits, prepare_for_inference
 from cellkd.training.classifier.train import epochs_without_improvement
 
 CLASSES = ["other", "immune", "muscle", "background"]
@@ -297,6 +297,18 @@ def test_predict_logits_covers_every_row_in_store_order(trained: Path, stores: l
     with torch.inference_mode():
         expected = model(classifier_input(crops)).numpy()
     np.testing.assert_allclose(logits[[n_a, n_a + 239]], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_crop_logits_of_held_crops_match_predict_logits_of_those_rows(trained: Path, stores: list[Path]) -> None:
+    # fine-tuning scores the crops it holds instead of streaming every row again: same logits, same argmax
+    selected = np.array([3, 17, 359, 360, 361, 598], dtype=np.int64)
+    crops = load_crops(read_nucleus_rows(stores, None), selected, "level0")
+    model = prepare_for_inference(load_classifier(trained / "model.pt", device="cpu"))
+    logits = crop_logits(model, crops, batch_size=4)  # two reading batches, the second partial
+    streamed = predict_logits(trained / "model.pt", stores, device="cpu")[selected]
+    assert logits.shape == (6, 4) and logits.dtype == np.float32
+    np.testing.assert_allclose(logits, streamed, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(logits.argmax(axis=1), streamed.argmax(axis=1))
 
 
 def test_cpu_inference_in_channels_last_and_small_batches_gives_the_plain_forwards_logits() -> None:

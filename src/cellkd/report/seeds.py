@@ -13,7 +13,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 SEED_COLUMN = "seed"
 SEEDS_COLUMN = "seeds"
@@ -28,6 +27,10 @@ def ci95_half_width(values: Sequence[float] | np.ndarray) -> float:
     n = finite.size
     if n < 2:
         return math.nan
+    # scipy.stats is imported here, not at module level: it costs ~1 CPU s, and the fine-tuning and evaluation jobs
+    # import this module (through cellkd.report.classification) without ever computing an interval.
+    from scipy import stats
+
     t = float(stats.t.ppf(0.5 + CI_LEVEL / 2, n - 1))
     return t * float(finite.std(ddof=1)) / math.sqrt(n)
 

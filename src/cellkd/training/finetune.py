@@ -39,13 +39,16 @@ import numpy.typing as npt
 import pandas as pd
 import torch
 
+from cellkd.device import resolve_device
 from cellkd.errors import ConfigError, StoreError
 from cellkd.metrics.classification import classification_metrics
-from cellkd.models.checkpoint import read_classifier_checkpoint
+from cellkd.models.checkpoint import classifier_from_checkpoint, read_classifier_checkpoint
 from cellkd.params import check_parameters, params_from_dict
 from cellkd.report.classification import SUMMARY_METRICS, summary_row
 from cellkd.store.atomic import atomic_path
-from cellkd.training.classifier import ClassifierTrainParams, predict_logits, read_nucleus_rows, train_classifier
+from cellkd.training.classifier import ClassifierTrainParams, NucleusRows, read_nucleus_rows, train_classifier
+from cellkd.training.classifier.data import load_crops
+from cellkd.training.classifier.evaluate import crop_logits, prepare_for_inference
 from cellkd.training.common import publish_model
 from cellkd.types import PathLike
 
@@ -184,6 +187,53 @@ def _best_epoch(history_path: Path) -> dict[str, float]:
     return {"val_f1": float(best["val_f1"]), "best_epoch": int(best["epoch"]), "train_loss": float(best["train_loss"])}
 
 
+@dataclass(frozen=True)
+class _ExpertData:
+    """What every count of one student's fine-tuning shares, read once per job: the stores' rows with their EA
+    labels, the crops of the EA-labelled rows and the student's predictions on them (-1 on the other rows)."""
+
+    student_model: Path
+    arch: str
+    rows: NucleusRows
+    expert_rows: npt.NDArray[np.int64]
+    crops: torch.Tensor
+    student_predictions: npt.NDArray[np.int64]
+
+    def predictions(
+        self, model_path: PathLike, rows: npt.NDArray[np.int64], device: torch.device
+    ) -> npt.NDArray[np.int64]:
+        """int64 (N,) argmax of ``model_path`` on the EA rows ``rows`` (from the held crops), -1 on every other row."""
+        model = prepare_for_inference(classifier_from_checkpoint(read_classifier_checkpoint(model_path), device))
+        out = np.full(len(self.rows.labels), -1, dtype=np.int64)
+        if len(rows):
+            out[rows] = crop_logits(model, self.crops[np.searchsorted(self.expert_rows, rows)]).argmax(axis=1)
+        return out
+
+
+def _read_expert_data(student_model: PathLike, nuclei_stores: Sequence[PathLike], device: torch.device) -> _ExpertData:
+    """Rows, EA crops and the student's EA predictions of ``nuclei_stores``; the student must have their classes.
+
+    The student is scored only on EA rows (validation and test rows are EA rows), so only their crops are read,
+    once: not every row of the stores again for each count's "before" and "after" (which made these passes 60 %
+    of a demo fine-tuning job's CPU time).
+    """
+    checkpoint = read_classifier_checkpoint(student_model)
+    rows = read_nucleus_rows(nuclei_stores, EXPERT_SET)
+    if int(checkpoint["num_classes"]) != len(rows.classes):
+        msg = (
+            f"{student_model}: the student has {checkpoint['num_classes']} classes but the stores have "
+            f"{len(rows.classes)} {list(rows.classes)}; fine-tune a student trained on these stores"
+        )
+        raise StoreError(msg)
+    model = prepare_for_inference(classifier_from_checkpoint(checkpoint, device))
+    expert_rows = np.flatnonzero(rows.labels >= 0).astype(np.int64)
+    crops = load_crops(rows, expert_rows, str(model.input_kind))
+    student_predictions = np.full(len(rows.labels), -1, dtype=np.int64)
+    if len(expert_rows):
+        student_predictions[expert_rows] = crop_logits(model, crops).argmax(axis=1)
+    return _ExpertData(Path(student_model), str(checkpoint["arch"]), rows, expert_rows, crops, student_predictions)
+
+
 def finetune_student(
     student_model: PathLike,
     nuclei_stores: Sequence[PathLike],
@@ -209,17 +259,25 @@ def finetune_student(
     :func:`cellkd.report.classification.summary_row` (f1_macro, f1_weighted, accuracy, precision_macro, ...),
     f1_<class> per class, nuclei (test rows).
     """
+    dev = resolve_device(device)
+    return _finetune_count(
+        _read_expert_data(student_model, nuclei_stores, dev), nuclei_stores, count, out_dir, params, dev
+    )
+
+
+def _finetune_count(
+    expert: _ExpertData,
+    nuclei_stores: Sequence[PathLike],
+    count: int,
+    out_dir: PathLike,
+    params: FinetuneParams,
+    device: torch.device,
+) -> pd.DataFrame:
+    """:func:`finetune_student` of one count, on the data of its job (read once for every count)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    checkpoint = read_classifier_checkpoint(student_model)
-    rows = read_nucleus_rows(nuclei_stores, EXPERT_SET)
+    student_model, rows = expert.student_model, expert.rows
     classes = list(rows.classes)
-    if int(checkpoint["num_classes"]) != len(classes):
-        msg = (
-            f"{student_model}: the student has {checkpoint['num_classes']} classes but the stores have "
-            f"{len(classes)} {classes}; fine-tune a student trained on these stores"
-        )
-        raise StoreError(msg)
     try:
         train_rows, val_rows, test_rows, effective = select_expert_rows(rows.labels, count, params, classes)
     except StoreError as err:
@@ -233,7 +291,7 @@ def finetune_student(
     logger.info(
         "fine-tuning %s (%s) with %d labels per class (requested %d): %d train, %d val, %d test rows",
         student_model,
-        checkpoint["arch"],
+        expert.arch,
         effective,
         count,
         len(train_rows),
@@ -241,8 +299,8 @@ def finetune_student(
         len(test_rows),
     )
 
-    # The student is candidate 0: its logits serve both its validation score and its "before" test row.
-    student_predictions = predict_logits(student_model, nuclei_stores, device=device).argmax(axis=1)
+    # The student is candidate 0: its predictions serve both its validation score and its "before" test row.
+    student_predictions = expert.student_predictions
     student_val_f1 = math.nan
     if len(val_rows):
         val_scores = classification_metrics(rows.labels[val_rows], student_predictions[val_rows], len(classes))
@@ -262,7 +320,7 @@ def finetune_student(
     for lr, dropout in params.grid:
         run_dir = _grid_dir(out, lr, dropout)
         train_params = ClassifierTrainParams(
-            arch=str(checkpoint["arch"]),
+            arch=expert.arch,
             epochs=params.epochs,
             patience=params.patience,
             batch_size=params.batch_size,
@@ -313,9 +371,7 @@ def finetune_student(
     # Score only the reserved test rows: -1 elsewhere makes summary_row skip them.
     y_test = np.full(len(rows.labels), -1, dtype=np.int64)
     y_test[test_rows] = rows.labels[test_rows]
-    after_predictions = (
-        student_predictions if chosen == 0 else predict_logits(out / "model.pt", nuclei_stores, device=device).argmax(1)
-    )
+    after_predictions = student_predictions if chosen == 0 else expert.predictions(out / "model.pt", test_rows, device)
     table_rows = []
     for phase, predictions, lr, dropout in (
         ("before", student_predictions, math.nan, math.nan),
@@ -344,14 +400,16 @@ def finetune_student_counts(
     """:func:`finetune_student` for each count of ``out_dirs`` (count -> its output folder), one after the other.
 
     One process for all counts of a student saves the others' interpreter and torch start-up (2-4.5 s a job, as
-    long as a demo count's fine-tuning). Every count's files are the ones a run of that count alone writes: its
+    long as a demo count's fine-tuning), and reads the EA crops and the student's predictions on them once for every
+    count (:func:`_read_expert_data`). Every count's files are the ones a run of that count alone writes: its
     rows are drawn from ``params.seed`` and the class alone (:func:`select_expert_rows`), and each grid point's
     training seeds a forked torch RNG (``train_classifier`` leaves the global one untouched), so nothing carries
     over from one count to the next. Returns the metrics rows of every count, in ``out_dirs`` order.
     """
+    dev = resolve_device(device)
+    expert = _read_expert_data(student_model, nuclei_stores, dev)  # read once, shared by every count
     tables = [
-        finetune_student(student_model, nuclei_stores, count, out_dir, params, device=device)
-        for count, out_dir in out_dirs.items()
+        _finetune_count(expert, nuclei_stores, count, out_dir, params, dev) for count, out_dir in out_dirs.items()
     ]
     return pd.concat(tables, ignore_index=True)
 

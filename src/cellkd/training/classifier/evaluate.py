@@ -80,6 +80,18 @@ def infer_logits(model: nn.Module, crops: torch.Tensor) -> torch.Tensor:
     return model(x).float()
 
 
+def crop_logits(model: nn.Module, crops: torch.Tensor, batch_size: int = 1024) -> npt.NDArray[np.float32]:
+    """float32 (N, K) logits of in-memory uint8 crops (N, S, S, C) by a :func:`prepare_for_inference` model.
+
+    For crops already held in memory, instead of :func:`predict_logits` reading every row of the stores again:
+    ``batch_size`` of them at a time go to the model's device (forward passes as in :func:`infer_logits`).
+    """
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        parts = [infer_logits(model, part.to(device)).cpu() for part in crops.split(batch_size)]
+    return torch.cat(parts).numpy()
+
+
 def predict_logits(
     model_path: PathLike,
     nuclei_stores: Sequence[PathLike],
