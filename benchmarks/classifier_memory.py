@@ -111,22 +111,22 @@ def measure(work: Path, n: int, threads: int) -> dict[str, dict]:
     run = work / f"classifier_memory_run_{n}"
     teacher = run / "teacher"
     logits = run / "teacher_logits.h5"
-    return {
-        "train_teacher (vgg4)": run_child(
-            classifier_memory.train_step, store=store, out=str(teacher), arch="vgg4", threads=threads
+    steps = {
+        "train_teacher (vgg4)": (classifier_memory.train_step, {"out": str(teacher), "arch": "vgg4"}),
+        "cache_teacher_logits": (
+            classifier_memory.cache_step,
+            {"model": str(teacher / "model.pt"), "out": str(logits)},
         ),
-        "cache_teacher_logits": run_child(
-            classifier_memory.cache_step, model=str(teacher / "model.pt"), store=store, out=str(logits), threads=threads
-        ),
-        "train_student (rccnet)": run_child(
+        "train_student (rccnet)": (
             classifier_memory.train_step,
-            store=store,
-            out=str(run / "student"),
-            arch="rccnet",
-            threads=threads,
-            logits=str(logits),
+            {"out": str(run / "student"), "arch": "rccnet", "logits": str(logits)},
         ),
     }
+    results = {}
+    for job, (step, kwargs) in steps.items():
+        results[job] = run_child(step, store=store, threads=threads, **kwargs)
+        print(f"# {job} at {n:,} nuclei: {results[job]}", file=sys.stderr, flush=True)  # a partial run's figures
+    return results
 
 
 def main() -> None:
