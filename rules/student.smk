@@ -38,8 +38,8 @@ rule train_student:
         "../envs/cellkd.yaml"
     threads: 2
     resources:
-        # Grows by the uint8 crops: +3.6 KB per nucleus (RCCNet, benchmarks/classifier_memory.py), 1.1 GB at 40k
-        # nuclei, ~2.7 GB projected at the paper slide's 470k.
+        # Grows by the uint8 crops: +5.0 KB per nucleus (RCCNet, 2 threads, benchmarks/classifier_memory.py),
+        # 1.2 GB at 40k nuclei, ~3.3 GB projected at the paper slide's 470k.
         mem_mb=mem_mb_by_attempt(4000),
         runtime=120,
         gpu=GPU_JOBS,
