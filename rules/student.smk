@@ -14,7 +14,7 @@ rule cache_teacher_logits:
     # side (measured on the 3-seed demo: 2 threads gave 1.3-1.6x CPU per wall second). Raise with --set-threads.
     threads: 1
     resources:
-        # Flat in the nuclei (crops streamed from disk): ~0.75 GB at 5k and 40k (benchmarks/classifier_memory.py);
+        # Flat in the nuclei (crops streamed from disk): 0.71-0.79 GiB at 5k and 40k (benchmarks/classifier_memory.py);
         # 4000 kept: a CUDA runtime adds host memory that was not measured.
         mem_mb=4000,
         runtime=60,
