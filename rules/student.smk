@@ -14,6 +14,8 @@ rule cache_teacher_logits:
     # side (measured on the 3-seed demo: 2 threads gave 1.3-1.6x CPU per wall second). Raise with --set-threads.
     threads: 1
     resources:
+        # Flat in the nuclei (crops streamed from disk): 0.71-0.79 GiB at 5k and 40k (benchmarks/classifier_memory.py);
+        # 4000 kept: a CUDA runtime adds host memory that was not measured.
         mem_mb=4000,
         runtime=60,
         gpu=GPU_JOBS,
@@ -36,6 +38,8 @@ rule train_student:
         "../envs/cellkd.yaml"
     threads: JOB_THREADS
     resources:
+        # Grows by the uint8 crops: +5.0 KB per nucleus (RCCNet, 2 threads, benchmarks/classifier_memory.py),
+        # 1.2 GB at 40k nuclei, ~3.3 GB projected at the paper slide's 470k.
         mem_mb=mem_mb_by_attempt(4000),
         runtime=120,
         gpu=GPU_JOBS,

@@ -12,6 +12,8 @@ rule train_teacher:
         "../envs/cellkd.yaml"
     threads: JOB_THREADS
     resources:
+        # Grows by the uint8 crops: +4.5 KB per nucleus (VGG-4, 2 threads, benchmarks/classifier_memory.py),
+        # 1.35 GB at 40k nuclei, ~3.3 GB projected at the paper slide's 470k.
         mem_mb=mem_mb_by_attempt(4000),
         runtime=120,
         gpu=GPU_JOBS,

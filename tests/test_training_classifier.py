@@ -30,6 +30,7 @@ from cellkd.training.classifier import (
     predict_logits,
     train_classifier,
 )
+from cellkd.training.classifier import evaluate as classifier_evaluate
 from cellkd.training.classifier import train as classifier_trainer
 from cellkd.training.classifier.data import load_crops, read_nucleus_rows
 from cellkd.training.classifier.distillation import class_weights
@@ -620,3 +621,30 @@ def test_load_crops_returns_the_rows_asked_for_in_their_order_across_stores(stor
     np.testing.assert_array_equal(crops, level0[selected])
     with pytest.raises(IndexError, match="outside"):
         load_crops(rows, np.array([0, 600]), "level0")
+
+
+def test_crops_stay_uint8_and_become_float_one_batch_at_a_time(
+    stores: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Training, validation and predict_logits convert each crop to float once per use, in batches of at most
+    max(batch_size, CPU_FORWARD_BATCH) rows: float32 crops are 4x the uint8 ones (12 KB a nucleus), so a float copy
+    of every crop would make memory grow with the slide far beyond its crops (issue 13)."""
+    converted: list[tuple[torch.dtype, int]] = []
+
+    def spy(crops: torch.Tensor) -> torch.Tensor:
+        converted.append((crops.dtype, len(crops)))
+        return classifier_input(crops)
+
+    monkeypatch.setattr(classifier_evaluate, "classifier_input", spy)
+    split = all_rows(stores, "split")
+    params = replace(TINY, epochs=1)
+    val_rows = np.flatnonzero(split > 0)  # val and test: 240 rows, more than one CPU forward batch
+    model_path = train_classifier(stores, "ssa", tmp_path, params, val_indices=val_rows, device="cpu")
+    assert {dtype for dtype, _ in converted} == {torch.uint8}
+    assert max(rows for _, rows in converted) <= max(params.batch_size, CPU_FORWARD_BATCH)
+    assert sum(rows for _, rows in converted) == len(split)  # every train and val row once
+
+    converted.clear()
+    predict_logits(model_path, stores, batch_size=1024, device="cpu")  # one reading chunk of all 600 rows
+    assert max(rows for _, rows in converted) <= CPU_FORWARD_BATCH
+    assert sum(rows for _, rows in converted) == len(split)

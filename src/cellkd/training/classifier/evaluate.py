@@ -73,11 +73,14 @@ def cpu_layout_input(crops: torch.Tensor) -> torch.Tensor:
 
 def infer_logits(model: nn.Module, crops: torch.Tensor) -> torch.Tensor:
     """float32 logits (B, K) of uint8 crops (B, S, S, C) on the model's device, in forward batches that keep a CPU's
-    caches warm (``CPU_FORWARD_BATCH``; one batch on other devices). Call inside ``torch.inference_mode()``."""
-    x = cpu_layout_input(crops)
-    if x.device.type == "cpu":
-        return torch.cat([model(part).float() for part in x.split(CPU_FORWARD_BATCH)])
-    return model(x).float()
+    caches warm (``CPU_FORWARD_BATCH``; one batch on other devices). Call inside ``torch.inference_mode()``.
+
+    On CPU each forward batch is converted to float on its own: float32 input is 4x the uint8 crops, twice over
+    with the channels_last copy, so converting a whole reading chunk first would hold 8x its crops at once.
+    """
+    if crops.device.type == "cpu":
+        return torch.cat([model(cpu_layout_input(part)).float() for part in crops.split(CPU_FORWARD_BATCH)])
+    return model(cpu_layout_input(crops)).float()
 
 
 def crop_logits(model: nn.Module, crops: torch.Tensor, batch_size: int = 1024) -> npt.NDArray[np.float32]:
