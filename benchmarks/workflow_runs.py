@@ -34,5 +34,14 @@ def job_figures(run_dir: Path) -> pd.DataFrame:
 
 
 def folder_bytes(folder: Path, pattern: str = "*") -> int:
-    """Bytes of the files under ``folder`` whose names match ``pattern``."""
-    return sum(p.stat().st_size for p in folder.rglob(pattern) if p.is_file())
+    """Bytes of the files under ``folder`` whose names match ``pattern``, each file once, as ``du`` counts them.
+
+    A trained model's ``model.pt`` is a hard link to its ``best.pt`` (``cellkd.training.common.publish_model``):
+    summing every name would count those bytes twice (1.00 GB instead of ``du``'s 0.76 GB on the 3-seed demo).
+    """
+    sizes = {}
+    for path in folder.rglob(pattern):
+        if path.is_file():
+            stat = path.stat()
+            sizes[(stat.st_dev, stat.st_ino)] = stat.st_size
+    return sum(sizes.values())

@@ -214,3 +214,16 @@ def test_per_rule_figures_take_the_larger_peak_of_log_and_tsv_and_flag_jobs_over
     assert table.loc["extract_nuclei", "written_mb"] == pytest.approx(2.0)
     assert table.loc["segment_slide", "within"] and not table.loc["extract_nuclei", "within"]
     assert "| extract_nuclei | 1 |" in scale.markdown(table.reset_index())
+
+
+def test_folder_bytes_counts_a_hard_linked_file_once_as_du_does(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from workflow_runs import folder_bytes
+
+    (tmp_path / "best.pt").write_bytes(b"x" * 1000)
+    (tmp_path / "model.pt").hardlink_to(tmp_path / "best.pt")
+    (tmp_path / "history.csv").write_bytes(b"y" * 10)
+    assert folder_bytes(tmp_path) == 1010
+    assert folder_bytes(tmp_path, "*.pt") == 1000
