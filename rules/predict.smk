@@ -18,8 +18,10 @@ rule classify_slide:
     conda:
         "../envs/cellkd.yaml"
     threads: JOB_THREADS
+    # Holds every exported outline while it writes the GeoJSON: 3,669 MB peak at the paper's slide (449,861 nuclei,
+    # benchmarks/scale.py at scale 1).
     resources:
-        mem_mb=4000,
+        mem_mb=mem_mb_by_attempt(5000),
         runtime=30,
         gpu=GPU_JOBS,
     params:
