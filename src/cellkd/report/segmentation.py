@@ -218,10 +218,14 @@ def _selection(selected_json: PathLike) -> tuple[str, int]:
     return str(payload["arch"]), int(payload["seed"])
 
 
+def _model_path(selected_json: PathLike, arch: str, seed: int) -> str:
+    """``model.pt`` of ``arch`` and ``seed`` beside ``selected.json`` (``{arch}/seed{seed}/``)."""
+    return str(Path(selected_json).parent / arch / f"seed{seed}" / "model.pt")
+
+
 def selected_model_path(selected_json: PathLike) -> str:
     """``model.pt`` of the architecture and seed named in ``selected.json`` (beside it: ``{arch}/seed{seed}/``)."""
-    arch, seed = _selection(selected_json)
-    return str(Path(selected_json).parent / arch / f"seed{seed}" / "model.pt")
+    return _model_path(selected_json, *_selection(selected_json))
 
 
 def copy_selected_masks(selected_json: PathLike, masks_by_arch: Mapping[str, PathLike], out_path: PathLike) -> str:
@@ -233,8 +237,8 @@ def copy_selected_masks(selected_json: PathLike, masks_by_arch: Mapping[str, Pat
     checked, not assumed: the store's ``model`` attr must be the one ``selected.json`` names. A copy, not a hard
     link: the two names would share one mtime, so Snakemake would see the Figure 4 store change with this one.
     """
-    arch, _ = _selection(selected_json)
-    model = selected_model_path(selected_json)
+    arch, seed = _selection(selected_json)
+    model = _model_path(selected_json, arch, seed)
     if arch not in masks_by_arch:
         raise StoreError(
             f"{selected_json}: selects {arch!r}, but masks were given for {sorted(masks_by_arch)} only; "
