@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 from harness import N_CORES, REPO, Context, Row, Stopwatch, met
-from workflow_runs import folder_bytes, job_figures
+from workflow_runs import folder_bytes, job_figures, rule_totals, snakemake_output
 
 NAME = "demo"
 ORDER = 90
@@ -51,10 +50,7 @@ def planned_jobs(output: str) -> int:
 
 def per_rule(jobs: pd.DataFrame) -> pd.DataFrame:
     """Jobs, summed wall and CPU seconds and the largest peak RSS per rule, the most wall time first."""
-    table = jobs.groupby("rule").agg(
-        jobs=("job", "size"), wall_s=("wall_s", "sum"), cpu_s=("cpu_s", "sum"), peak_rss_mb=("peak_rss_mb", "max")
-    )
-    return table.sort_values("wall_s", ascending=False).reset_index()
+    return rule_totals(jobs).sort_values("wall_s", ascending=False).reset_index()
 
 
 def markdown(table: pd.DataFrame) -> str:
@@ -66,13 +62,7 @@ def markdown(table: pd.DataFrame) -> str:
 
 
 def _snakemake(run_dir: Path, *args: str) -> str:
-    proc = subprocess.run(snakemake_command(run_dir, *args), capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"snakemake {' '.join(args)} in {run_dir} failed (rc {proc.returncode}); see {run_dir}/logs:\n"
-            f"{(proc.stdout + proc.stderr)[-4000:]}"
-        )
-    return proc.stdout + proc.stderr
+    return snakemake_output(snakemake_command(run_dir, *args), run_dir, args)
 
 
 def run(ctx: Context) -> list[Row]:

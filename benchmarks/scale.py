@@ -38,7 +38,7 @@ import pandas as pd
 import yaml
 from harness import REPO, Context, Row, Stopwatch, met, run_child
 from qupath_parse import TARGET_FEATURES_PER_S, TARGET_PEAK_GIB, read_export
-from workflow_runs import folder_bytes, job_figures
+from workflow_runs import folder_bytes, job_figures, rule_totals, snakemake_output
 
 NAME = "scale"
 ORDER = 80
@@ -163,15 +163,7 @@ def snakemake_command(run_dir: Path, *args: str, targets: tuple[str, ...] = TRAI
 
 
 def _snakemake(run_dir: Path, *args: str, targets: tuple[str, ...] = TRAIN_AND_PREDICT) -> str:
-    proc = subprocess.run(
-        snakemake_command(run_dir, *args, targets=targets), capture_output=True, text=True, check=False
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"snakemake {' '.join(args)} in {run_dir} failed (rc {proc.returncode}); see {run_dir}/logs:\n"
-            f"{(proc.stdout + proc.stderr)[-4000:]}"
-        )
-    return proc.stdout + proc.stderr
+    return snakemake_output(snakemake_command(run_dir, *args, targets=targets), run_dir, args)
 
 
 # ------------------------------------------------------------------------------------------ per-rule figures
@@ -210,9 +202,7 @@ def bytes_written(summary: str, run_dir: Path) -> dict[str, int]:
 def per_rule(jobs: pd.DataFrame, declared: dict[str, int], written: dict[str, int]) -> pd.DataFrame:
     """The per-rule table: jobs, wall s (sum), CPU s, peak RSS MB (max over jobs), declared mem_mb, MB written,
     and whether every job kept within 4 GiB and its mem_mb."""
-    table = jobs.groupby("rule", sort=False).agg(
-        jobs=("job", "size"), wall_s=("wall_s", "sum"), cpu_s=("cpu_s", "sum"), peak_rss_mb=("peak_rss_mb", "max")
-    )
+    table = rule_totals(jobs)
     table["mem_mb"] = [declared.get(rule, math.nan) for rule in table.index]
     table["written_mb"] = [written.get(rule, 0) / 1e6 for rule in table.index]
     table["within"] = (table["peak_rss_mb"] <= TARGET_PEAK_MB) & (table["peak_rss_mb"] <= table["mem_mb"])

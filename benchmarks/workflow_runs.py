@@ -1,11 +1,26 @@
-"""What the benchmarks that run the whole workflow (``scale``, ``demo``) read back from a finished run folder: each
-job's wall, CPU and peak memory, and the bytes under a folder. A helper module, not a topic (no ``NAME``)."""
+"""What the benchmarks that run the whole workflow (``scale``, ``demo``) share: running ``snakemake`` in a run folder,
+and reading back each job's wall, CPU and peak memory, their totals per rule, and the bytes under a folder. A helper
+module, not a topic (no ``NAME``)."""
 
 from __future__ import annotations
 
+import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
+
+
+def snakemake_output(command: Sequence[str], run_dir: Path, args: Sequence[str] = ()) -> str:
+    """stdout + stderr of the ``snakemake`` ``command`` run in ``run_dir`` (``args``: its options, for the message);
+    a RuntimeError with the output's tail when it fails."""
+    proc = subprocess.run(list(command), capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"snakemake {' '.join(args)} in {run_dir} failed (rc {proc.returncode}); see {run_dir}/logs:\n"
+            f"{(proc.stdout + proc.stderr)[-4000:]}"
+        )
+    return proc.stdout + proc.stderr
 
 
 def job_figures(run_dir: Path) -> pd.DataFrame:
@@ -31,6 +46,13 @@ def job_figures(run_dir: Path) -> pd.DataFrame:
         job["peak_rss_mb"] = max(job.get("peak_rss_mb", 0.0), float(last["max_rss"]))
     rows = [{"rule": key.split("/")[0], "job": key, **figures} for key, figures in jobs.items()]
     return pd.DataFrame(rows, columns=["rule", "job", "wall_s", "cpu_s", "peak_rss_mb"])
+
+
+def rule_totals(jobs: pd.DataFrame) -> pd.DataFrame:
+    """Per rule (in ``jobs``' order, as the index): jobs, summed wall and CPU seconds, the largest peak RSS."""
+    return jobs.groupby("rule", sort=False).agg(
+        jobs=("job", "size"), wall_s=("wall_s", "sum"), cpu_s=("cpu_s", "sum"), peak_rss_mb=("peak_rss_mb", "max")
+    )
 
 
 def folder_bytes(folder: Path, pattern: str = "*") -> int:
