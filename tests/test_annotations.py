@@ -21,6 +21,7 @@ from cellkd.annotations import (
     AnnotationOptions,
     check_annotations_fit,
     class_lookup,
+    open_qupath_geojson,
     rasterize_fragment,
     read_qupath_annotations,
     read_qupath_geojson,
@@ -586,3 +587,58 @@ def test_write_qupath_geojson_rejects_bad_input(
     with pytest.raises(ValueError, match=message):
         write_qupath_geojson(tmp_path / "p.geojson", polygons, np.asarray(class_indices), CLASSES, measurements)
     assert not (tmp_path / "p.geojson").exists()
+
+
+def test_write_qupath_geojson_writes_the_known_text(tmp_path: Path) -> None:
+    """The exact bytes of a tiny file: one feature per line, compact JSON, non-finite measurements left out."""
+    path = tmp_path / "pred.geojson"
+    boxes = [shapely.box(0, 0, 2, 2), shapely.box(4, 4, 6, 5)]
+    write_qupath_geojson(path, boxes, [2, 0], CLASSES, {"p": [0.5, np.nan]}, object_type="cell")
+    square = '{"type":"Polygon","coordinates":[[[2.0,0.0],[2.0,2.0],[0.0,2.0],[0.0,0.0],[2.0,0.0]]]}'
+    box = '{"type":"Polygon","coordinates":[[[6.0,4.0],[6.0,5.0],[4.0,5.0],[4.0,4.0],[6.0,4.0]]]}'
+    assert path.read_bytes().decode("utf-8") == (
+        '{"type":"FeatureCollection","features":[\n'
+        f'{{"type":"Feature","geometry":{square},"nucleusGeometry":{square},"properties":{{"objectType":"cell",'
+        '"classification":{"name": "Muscle", "color": [200, 0, 0]},"measurements":{"p": 0.5}}},\n'
+        f'{{"type":"Feature","geometry":{box},"nucleusGeometry":{box},"properties":{{"objectType":"cell",'
+        '"classification":{"name": "Other", "color": [0, 160, 0]},"measurements":{}}}\n'
+        "]}\n"
+    )
+    write_qupath_geojson(tmp_path / "empty.geojson", [], np.zeros(0, dtype=np.int64), CLASSES)
+    assert (tmp_path / "empty.geojson").read_text(
+        encoding="utf-8"
+    ) == '{"type":"FeatureCollection","features":[\n\n]}\n'
+
+
+@pytest.mark.parametrize("sizes", [(7,), (1,) * 7, (3, 0, 4), (0, 2, 5, 0)])
+def test_streamed_geojson_is_byte_identical_to_one_write(tmp_path: Path, sizes: tuple[int, ...]) -> None:
+    """Chunks (empty ones too) written through open_qupath_geojson give the file of one write_qupath_geojson call."""
+    rng = np.random.default_rng(1)
+    polygons = [shapely.box(x, y, x + w, y + w) for x, y, w in rng.uniform(0, 100, size=(7, 3)).round(2)]
+    labels = rng.integers(0, len(CLASSES), size=7)
+    measurements = {"area": rng.uniform(0, 50, size=7), "p": np.where(np.arange(7) == 3, np.nan, 0.25)}
+    whole = tmp_path / "whole.geojson"
+    write_qupath_geojson(whole, polygons, labels, CLASSES, measurements)
+    streamed = tmp_path / "streamed.geojson"
+    with open_qupath_geojson(streamed, CLASSES) as writer:
+        start = 0
+        for size in sizes:
+            rows = slice(start, start + size)
+            writer.write(polygons[rows], labels[rows], {k: v[rows] for k, v in measurements.items()})
+            start += size
+    assert writer.count == 7
+    assert streamed.read_bytes() == whole.read_bytes()
+    assert len(json.loads(whole.read_text(encoding="utf-8"))["features"]) == 7
+
+
+def test_a_failure_mid_stream_leaves_no_file_and_keeps_the_old_one(tmp_path: Path) -> None:
+    path = tmp_path / "pred.geojson"
+    path.write_text("the previous run's file", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"class_indices must lie in 0\.\.2"), open_qupath_geojson(path, CLASSES) as w:
+        w.write([shapely.box(0, 0, 2, 2)], [1])  # a first chunk reaches the temporary file...
+        w.write([shapely.box(4, 4, 6, 6)], [5])  # ...then a bad one stops the job
+    assert path.read_text(encoding="utf-8") == "the previous run's file"
+    assert list(tmp_path.iterdir()) == [path]  # the partial temporary file is gone
+    with pytest.raises(ValueError, match="object_type must be 'detection' or 'cell'"):
+        open_qupath_geojson(tmp_path / "other.geojson", CLASSES, "annotation").__enter__()
+    assert list(tmp_path.iterdir()) == [path]

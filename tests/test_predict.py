@@ -13,13 +13,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from cellkd.annotations import read_qupath_geojson
+import cellkd.predict as predict_module
+from cellkd.annotations import read_qupath_geojson, write_qupath_geojson
 from cellkd.classes import DEFAULT_CLASSES, ClassSpec
 from cellkd.errors import AnnotationError, ConfigError
 from cellkd.nuclei import extract_nuclei
 from cellkd.predict import BACKGROUND_CLASS, export_predictions
 from cellkd.store.atomic import atomic_h5
-from cellkd.store.fragments import Fragment, FragmentStoreWriter
+from cellkd.store.fragments import Fragment, FragmentStoreWriter, SlideGeometry
 from cellkd.store.nuclei import NucleiStore
 from cellkd.types import DOWNSAMPLES
 
@@ -245,3 +246,68 @@ def test_cell_objects_carry_the_nucleus_outline_and_read_back(store: Path, tmp_p
 def test_unknown_object_type_raises(store: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="object_type must be 'detection' or 'cell'"):
         export_predictions(store, PROBABILITIES, CLASSES, tmp_path / "s1.geojson", object_type="annotation")
+
+
+@pytest.mark.parametrize(("chunk", "scale"), [(1, 1.0), (5, 2.0), (12, 0.5)])
+def test_streamed_export_is_byte_identical_to_one_write_of_every_nucleus(
+    grid_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int, scale: float
+) -> None:
+    """Chunks of ``chunk`` rows (some all background, the last short) give the file of the whole-slide write."""
+    probs = np.tile([0.1, 0.1, 0.1, 0.7], (12, 1))
+    probs[[0, 2, 3, 7, 10]] = [[0.6, 0.2, 0.1, 0.1], [0.1, 0.5, 0.3, 0.1], [0.1, 0.2, 0.6, 0.1]] + [
+        [0.3, 0.3, 0.3, 0.1]
+    ] * 2
+    geometry = SlideGeometry(0.5 * scale, 0.5, scale)
+    monkeypatch.setattr(predict_module, "EXPORT_CHUNK_ROWS", chunk)
+    streamed = tmp_path / "streamed.geojson"
+    assert export_predictions(grid_store, probs, CLASSES, streamed, geometry=geometry) == 5
+
+    # The whole-slide write that export_predictions did before it streamed: every kept outline at once.
+    keep = np.array([0, 2, 3, 7, 10])
+    with NucleiStore(grid_store) as nuclei:
+        outlines = geometry.geometries_to_slide(np.asarray(nuclei.geometries(), dtype=object)[keep])
+        area = nuclei.table()["area"].to_numpy()[keep]
+    predicted = probs[keep].argmax(axis=1)
+    measurements = {
+        "Nucleus: Area µm^2": area * (0.5 * scale) ** 2,
+        "Area px": area * scale**2,
+        "Class probability": probs[keep].max(axis=1),
+        **{f"P({spec.qupath_name})": probs[keep, j] for j, spec in enumerate((*CLASSES, BACKGROUND_CLASS))},
+    }
+    whole = tmp_path / "whole.geojson"
+    write_qupath_geojson(whole, outlines, predicted, CLASSES, measurements)
+    assert streamed.read_bytes() == whole.read_bytes()
+    assert [f["properties"]["classification"]["name"] for f in json.loads(whole.read_text("utf-8"))["features"]] == [
+        "Other", "Immune cells", "Muscle", "Other", "Other"
+    ]  # fmt: skip
+
+
+def test_a_job_killed_mid_export_leaves_no_file(
+    grid_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The outlines of a second chunk fail to read after the first chunk was written: no file, old one kept."""
+    out = tmp_path / "s.geojson"
+    out.write_text("the previous run's file", encoding="utf-8")
+    read = NucleiStore.geometries
+
+    def fail_after_the_first_chunk(self: NucleiStore, start: int = 0, stop: int | None = None) -> list:
+        if start > 0:
+            raise KeyboardInterrupt  # as a killed job
+        return read(self, start, stop)
+
+    monkeypatch.setattr(predict_module, "EXPORT_CHUNK_ROWS", 4)
+    monkeypatch.setattr(NucleiStore, "geometries", fail_after_the_first_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        export_predictions(grid_store, np.tile([0.7, 0.1, 0.1, 0.1], (12, 1)), CLASSES, out)
+    assert out.read_text(encoding="utf-8") == "the previous run's file"
+    assert list(tmp_path.iterdir()) == [out]
+
+
+def test_the_store_reads_outlines_by_row_range(grid_store: Path) -> None:
+    with NucleiStore(grid_store) as nuclei:
+        every = nuclei.geometries()
+        assert len(every) == 12
+        parts = [nuclei.geometries(start, min(start + 5, 12)) for start in range(0, 12, 5)]
+        assert [len(p) for p in parts] == [5, 5, 2]
+        assert all(a.equals(b) for a, b in zip(every, sum(parts, []), strict=True))
+        assert nuclei.areas().tolist() == nuclei.table()["area"].tolist() == [16] * 12

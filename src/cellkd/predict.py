@@ -41,12 +41,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from cellkd.annotations.qupath import class_lookup, write_qupath_geojson
+from cellkd.annotations.qupath import class_lookup, open_qupath_geojson
 from cellkd.bundle import check_resolution, is_bundle_weights, read_bundle
 from cellkd.classes import ClassSpec
 from cellkd.errors import ConfigError
 from cellkd.store.fragments import SlideGeometry
-from cellkd.store.nuclei import NucleiStore
+from cellkd.store.nuclei import CROP_CHUNK, NucleiStore
 from cellkd.types import PathLike
 
 if TYPE_CHECKING:
@@ -63,6 +63,8 @@ AREA_UM2_MEASUREMENT = "Nucleus: Area µm^2"
 """Measurement name of the nucleus area in µm², as QuPath's cell detection names it."""
 PROBABILITY_MEASUREMENT = "Class probability"
 """Measurement name of the probability of the predicted class."""
+EXPORT_CHUNK_ROWS = 16 * CROP_CHUNK
+"""Nuclei rows whose outlines are read, mapped and written at a time (16 HDF5 chunks of the outline dataset)."""
 
 
 def probability_measurement(spec: ClassSpec) -> str:
@@ -135,27 +137,47 @@ def export_predictions(
             raise ValueError(f"probabilities has non-finite values in rows {bad[:10].tolist()}; expected a softmax")
         predicted = probs.argmax(axis=1)
         keep = np.ones(n, dtype=bool) if include_background else predicted < len(specs)
-        rows = np.flatnonzero(keep)
-        geometries = np.asarray(store.geometries(), dtype=object)[rows]
-        area = store.table()["area"].to_numpy()[rows]
+        area = store.areas()
+        if geometry is not None:
+            mpp = geometry.working_mpp if mpp is None else mpp
+        with open_qupath_geojson(out_path, written, object_type) as writer:
+            # Chunks of rows: the outlines (and their text) of one chunk at a time, not of the whole slide.
+            for start in range(0, n, EXPORT_CHUNK_ROWS):
+                stop = min(start + EXPORT_CHUNK_ROWS, n)
+                rows = start + np.flatnonzero(keep[start:stop])
+                if not rows.size:
+                    continue
+                outlines = np.asarray(store.geometries(start, stop), dtype=object)[rows - start]
+                if geometry is not None:
+                    outlines = geometry.geometries_to_slide(outlines)
+                measurements = _measurements(area[rows], probs[rows], predicted[rows], specs, mpp, geometry)
+                writer.write(outlines, predicted[rows], measurements)
+            exported = writer.count
+    counts = np.bincount(predicted, minlength=k)
+    summary = ", ".join(f"{spec.name} {c}" for spec, c in zip((*specs, BACKGROUND_CLASS), counts, strict=True))
+    logger.info("%s: exported %d of %d nuclei (%s) -> %s", store.slide, exported, n, summary, out_path)
+    return exported
 
-    if geometry is not None:
-        mpp = geometry.working_mpp if mpp is None else mpp
-        geometries = geometry.geometries_to_slide(geometries)
+
+def _measurements(
+    area: npt.NDArray[np.integer],
+    probs: npt.NDArray[np.float64],
+    predicted: npt.NDArray[np.intp],
+    specs: tuple[ClassSpec, ...],
+    mpp: float | None,
+    geometry: SlideGeometry | None,
+) -> dict[str, npt.ArrayLike]:
+    """The measurements of some nuclei (module docstring) from their working-px areas and (n, K) probabilities."""
     measurements: dict[str, npt.ArrayLike] = {}
     if mpp is not None and np.isfinite(mpp) and mpp > 0:
         measurements[AREA_UM2_MEASUREMENT] = area * float(mpp) ** 2
     measurements |= {
         AREA_MEASUREMENT: area if geometry is None or not geometry.resampled else geometry.area_to_slide(area),
-        PROBABILITY_MEASUREMENT: probs[rows, predicted[rows]],
+        PROBABILITY_MEASUREMENT: probs[np.arange(len(predicted)), predicted],
     }
     for j, spec in enumerate((*specs, BACKGROUND_CLASS)):
-        measurements[probability_measurement(spec)] = probs[rows, j]
-    write_qupath_geojson(out_path, geometries, predicted[rows], written, measurements, object_type=object_type)
-    counts = np.bincount(predicted, minlength=k)
-    summary = ", ".join(f"{spec.name} {c}" for spec, c in zip((*specs, BACKGROUND_CLASS), counts, strict=True))
-    logger.info("%s: exported %d of %d nuclei (%s) -> %s", store.slide, rows.size, n, summary, out_path)
-    return int(rows.size)
+        measurements[probability_measurement(spec)] = probs[:, j]
+    return measurements
 
 
 __all__ = [

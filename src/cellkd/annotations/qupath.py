@@ -22,6 +22,7 @@ throughout cellkd, so no transform is applied.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -30,7 +31,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, TextIO, get_args
 
 import geopandas as gpd
 import numpy as np
@@ -39,17 +40,21 @@ import shapely
 
 from cellkd.annotations.qupath_decode import EXPORT_HINT, QuPathObjects, decode_qupath_geojson, gc_paused
 from cellkd.errors import AnnotationError, ConfigError
-from cellkd.store.atomic import atomic_write_text
+from cellkd.store.atomic import atomic_path
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from cellkd.classes import ClassSpec
 
 __all__ = [
     "AnnotationOptions",
     "QuPathAnnotations",
+    "QuPathGeoJSONWriter",
     "check_annotations_fit",
     "class_lookup",
     "gc_paused",
+    "open_qupath_geojson",
     "read_qupath_annotations",
     "read_qupath_geojson",
     "write_qupath_geojson",
@@ -405,38 +410,90 @@ def write_qupath_geojson(
     ``classes``; ``measurements``: name -> (N,) numbers, written as QuPath's measurement map
     (non-finite values are left out, which QuPath shows as NaN). Import with File > Import objects
     (or drag the file onto the QuPath viewer). ``object_type`` ``"cell"`` writes cell objects whose
-    boundary and ``nucleusGeometry`` are both the nucleus outline.
+    boundary and ``nucleusGeometry`` are both the nucleus outline. To write more nuclei than fit in
+    memory at once, use ``open_qupath_geojson`` (the same file, written chunk by chunk).
+    """
+    with open_qupath_geojson(path, classes, object_type) as writer:
+        writer.write(geometries, class_indices, measurements)
+
+
+@contextlib.contextmanager
+def open_qupath_geojson(
+    path: str | os.PathLike[str], classes: Sequence[ClassSpec], object_type: str = "detection"
+) -> Iterator[QuPathGeoJSONWriter]:
+    """A ``QuPathGeoJSONWriter`` streaming into ``path``, which appears only when the block ends without error.
+
+    The features go straight to a temporary sibling (``cellkd.store.atomic.atomic_path``), so memory holds
+    one chunk of them, not the file; an error or a kill mid-write leaves no file at ``path``.
+    Raises ``ValueError`` for an ``object_type`` other than ``"detection"`` or ``"cell"``.
     """
     if object_type not in ("detection", "cell"):
         raise ValueError(f"object_type must be 'detection' or 'cell', got {object_type!r}")
-    shapes = np.asarray(list(geometries.values if isinstance(geometries, gpd.GeoSeries) else geometries), dtype=object)
-    labels = np.asarray(class_indices)
-    n = len(shapes)
-    if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"class_indices must be {n} integers (one per geometry), got {labels.dtype} {labels.shape}")
-    if n and (labels.min() < 0 or labels.max() >= len(classes)):
-        raise ValueError(f"class_indices must lie in 0..{len(classes) - 1}, got {labels.min()}..{labels.max()}")
-    if n and (shapely.is_missing(shapes).any() or not np.all(shapely.is_geometry(shapes))):
-        raise ValueError("geometries must all be shapely geometries (found None or another type)")
-    columns: dict[str, np.ndarray] = {}
-    for name, values in (measurements or {}).items():
-        array = np.asarray(values, dtype=np.float64)
-        if array.shape != (n,):
-            raise ValueError(f"measurement {name!r} must have shape ({n},), got {array.shape}")
-        columns[name] = array
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as file:
+        writer = QuPathGeoJSONWriter(file, classes, object_type)
+        yield writer
+        writer.close()
+    log.info("%s: wrote %d detections", path, writer.count)
 
-    classifications = [json.dumps({"name": spec.qupath_name, "color": list(spec.color)}) for spec in classes]
-    geometry_json = shapely.to_geojson(shapes) if n else np.empty(0, dtype=object)
-    names = list(columns)
-    values = np.column_stack([columns[k] for k in names]).tolist() if names else [[]] * n
-    features = []
-    for geometry, label, row in zip(geometry_json, labels.tolist(), values, strict=True):
-        properties = '{"objectType":"' + object_type + '","classification":' + classifications[label]
-        if names:
-            finite = {k: v for k, v in zip(names, row, strict=True) if math.isfinite(v)}
-            properties += ',"measurements":' + json.dumps(finite)
-        nucleus = ',"nucleusGeometry":' + geometry if object_type == "cell" else ""
-        features.append('{"type":"Feature","geometry":' + geometry + nucleus + ',"properties":' + properties + "}}")
-    text = '{"type":"FeatureCollection","features":[\n' + ",\n".join(features) + "\n]}\n"
-    atomic_write_text(path, text)
-    log.info("%s: wrote %d detections", path, n)
+
+class QuPathGeoJSONWriter:
+    """Writes a QuPath GeoJSON FeatureCollection to an open text file, one chunk of nuclei per ``write``.
+
+    Made by ``open_qupath_geojson`` (which makes the file atomic). The file is the same, byte for byte,
+    however the nuclei are split into chunks: one feature per line, in the order written.
+    """
+
+    def __init__(self, file: TextIO, classes: Sequence[ClassSpec], object_type: str) -> None:
+        self._file = file
+        self._classes = len(classes)
+        self._classifications = [json.dumps({"name": s.qupath_name, "color": list(s.color)}) for s in classes]
+        self._object_type = object_type
+        self.count = 0
+        """Features written so far."""
+        file.write('{"type":"FeatureCollection","features":[\n')
+
+    def write(
+        self,
+        geometries: Iterable[shapely.Geometry] | gpd.GeoSeries,
+        class_indices: npt.ArrayLike,
+        measurements: Mapping[str, npt.ArrayLike] | None = None,
+    ) -> None:
+        """Append N nuclei: the arguments of ``write_qupath_geojson`` (raises its ``ValueError`` for bad input)."""
+        shapes = np.asarray(
+            list(geometries.values if isinstance(geometries, gpd.GeoSeries) else geometries), dtype=object
+        )
+        labels = np.asarray(class_indices)
+        n = len(shapes)
+        if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(
+                f"class_indices must be {n} integers (one per geometry), got {labels.dtype} {labels.shape}"
+            )
+        if n and (labels.min() < 0 or labels.max() >= self._classes):
+            raise ValueError(f"class_indices must lie in 0..{self._classes - 1}, got {labels.min()}..{labels.max()}")
+        if n and (shapely.is_missing(shapes).any() or not np.all(shapely.is_geometry(shapes))):
+            raise ValueError("geometries must all be shapely geometries (found None or another type)")
+        columns: dict[str, np.ndarray] = {}
+        for name, values in (measurements or {}).items():
+            array = np.asarray(values, dtype=np.float64)
+            if array.shape != (n,):
+                raise ValueError(f"measurement {name!r} must have shape ({n},), got {array.shape}")
+            columns[name] = array
+        if not n:
+            return
+        names = list(columns)
+        values = np.column_stack([columns[k] for k in names]).tolist() if names else [[]] * n
+        features = []
+        for geometry, label, row in zip(shapely.to_geojson(shapes), labels.tolist(), values, strict=True):
+            properties = '{"objectType":"' + self._object_type + '","classification":' + self._classifications[label]
+            if names:
+                finite = {k: v for k, v in zip(names, row, strict=True) if math.isfinite(v)}
+                properties += ',"measurements":' + json.dumps(finite)
+            nucleus = ',"nucleusGeometry":' + geometry if self._object_type == "cell" else ""
+            features.append('{"type":"Feature","geometry":' + geometry + nucleus + ',"properties":' + properties + "}}")
+        # Features are separated by ",\n": the first of the file has none before it.
+        self._file.write((",\n" if self.count else "") + ",\n".join(features))
+        self.count += n
+
+    def close(self) -> None:
+        """End the FeatureCollection (``open_qupath_geojson`` calls it when its block ends without error)."""
+        self._file.write("\n]}\n")

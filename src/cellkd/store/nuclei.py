@@ -257,15 +257,22 @@ class NucleiStore(ClosingStore):
             split = self.split_names.index(split)
         return np.flatnonzero(self.split == split).astype(np.int64)
 
-    def geometries(self) -> list[shapely.Polygon]:
-        """The (N,) nucleus outlines as shapely Polygons in working px, in row order."""
+    def geometries(self, start: int = 0, stop: int | None = None) -> list[shapely.Polygon]:
+        """The nucleus outlines of rows [start, stop) (default: all N) as shapely Polygons in working px, in row order.
+
+        A row range reads only its HDF5 chunks, so a caller walking the store in ranges never holds every outline.
+        """
         if "geometry" not in self._h5:
             msg = f"{self.path}: the nuclei store has no outlines (written by an older cellkd); rerun extract_nuclei"
             raise StoreError(msg)
-        rows = self._h5["geometry"][:]
+        rows = self._h5["geometry"][start:stop]
         wkb = np.empty(rows.size, dtype=object)
         wkb[:] = [row.tobytes() for row in rows]
         return list(shapely.from_wkb(wkb))
+
+    def areas(self) -> npt.NDArray[np.int32]:
+        """int32 (N,) nucleus areas in working px² (every pixel of the instance), in row order."""
+        return self._h5["area"][:]
 
     def table(self) -> pd.DataFrame:
         """One row per nucleus: fragment, centroid_x, centroid_y, area, x0, y0, x1, y1, split, label_{set}."""
