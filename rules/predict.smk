@@ -18,10 +18,12 @@ rule classify_slide:
     conda:
         "../envs/cellkd.yaml"
     threads: JOB_THREADS
-    # Holds every exported outline while it writes the GeoJSON: 3,669 MB peak at the paper's slide (449,861 nuclei,
-    # benchmarks/scale.py at scale 1).
+    # Flat in the nuclei: crops stream through the classifier (~0.8 GB peak, the same at 4k and 20k rows) and the
+    # GeoJSON is written 16k outlines at a time. Paper slide (449,861 nuclei, 1 thread, CPU): 0.9 GB job peak; the
+    # export alone 0.39 GB (it was 3.2 GB while it held every outline: the 3,669 MB job peak of benchmarks/scale.py).
+    # 2500 leaves room for a CUDA runtime's host memory (not measured) and 2 threads.
     resources:
-        mem_mb=mem_mb_by_attempt(5000),
+        mem_mb=mem_mb_by_attempt(2500),
         runtime=30,
         gpu=GPU_JOBS,
     params:
