@@ -52,7 +52,7 @@ Artifacts, in data-flow order (path under ``results/``: writer -> layout -> read
     ``cellkd.report.classification`` (Tables 4, 5) and ``cellkd.report.finetune`` (Table 6);
     histories by ``cellkd.report.plots``.
 ``predict/{slide}.geojson`` (classified nuclei as QuPath detections)
-    writer ``cellkd.predict`` (through ``cellkd.annotations.qupath.write_qupath_geojson``); readers
+    writer ``cellkd.predict`` (streamed through ``cellkd.annotations.qupath.open_qupath_geojson``); readers
     QuPath and ``cellkd.report.overlay``.
 ``models/{name}/`` (model bundle: ``model.json``, ``MODEL_CARD.md``, safetensors weights)
     writer and only reader ``cellkd.bundle`` (layout in its docstring); the checkpoint readers of

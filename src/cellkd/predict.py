@@ -103,6 +103,8 @@ def export_predictions(
     ``include_background``. ``mpp``: microns per nuclei-store pixel for the µm² area (default: the
     geometry's working mpp; None or NaN = not known: no µm² area); ``object_type``: QuPath ``detection``
     or ``cell``.
+    The outlines are read, mapped and written ``EXPORT_CHUNK_ROWS`` rows at a time, so memory holds the
+    per-nucleus numbers but not every outline or the file's text.
     Returns the number of features written (0 gives an empty
     FeatureCollection, which ``read_qupath_geojson`` rejects with "no features").
 
