@@ -227,3 +227,37 @@ def test_folder_bytes_counts_a_hard_linked_file_once_as_du_does(
     (tmp_path / "history.csv").write_bytes(b"y" * 10)
     assert folder_bytes(tmp_path) == 1010
     assert folder_bytes(tmp_path, "*.pt") == 1000
+
+
+def test_finetune_labels_proxy_draws_nested_expert_sets_of_truth_nuclei(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import h5py
+    import numpy as np
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import finetune_labels
+
+    stores = []
+    for index, n in enumerate((30, 12)):
+        truth = np.arange(n) % 4  # classes other, immune, muscle, background (3): a quarter background rows
+        stores.append(tmp_path / "run" / f"demo{index}.h5")
+        stores[-1].parent.mkdir(exist_ok=True)
+        with h5py.File(stores[-1], "w") as h5:
+            h5.attrs["classes"] = ["other", "immune", "muscle", "background"]
+            h5["labels/truth"] = truth.astype(np.int8)
+            h5["labels/ea"] = np.full(n, -1, np.int8)
+    drawn = {}
+    for count in (5, 20):
+        copies = finetune_labels.proxy_stores(stores, tmp_path / f"ea{count}", count, draw=0)
+        drawn[count] = []
+        for copy, nuclei in zip(copies, (23, 9), strict=True):  # rows whose truth is a nucleus class
+            with h5py.File(copy, "r") as h5:
+                ea, truth = h5["labels/ea"][:], h5["labels/truth"][:]
+            labelled = np.flatnonzero(ea >= 0)
+            assert len(labelled) == min(count, nuclei)
+            assert (ea[labelled] == truth[labelled]).all() and (ea != 3).all()  # the truth, never background
+            drawn[count].append(set(labelled.tolist()))
+    assert all(small <= large for small, large in zip(drawn[5], drawn[20], strict=True))  # nested draws
+    with h5py.File(stores[0], "r") as h5:
+        assert (h5["labels/ea"][:] == -1).all()  # the run's own store is left as it was

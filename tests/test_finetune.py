@@ -15,12 +15,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cellkd.errors import ConfigError, StoreError
+from cellkd.metrics.classification import classification_metrics
 from cellkd.report.classification import SUMMARY_METRICS
 from cellkd.report.finetune import TABLE6_TITLE, write_table6
 from cellkd.report.tables import SeedTablePaths
 from cellkd.training.classifier import ClassifierTrainParams, train_classifier
 from cellkd.training.classifier import train as classifier_trainer
-from cellkd.training.finetune import FinetuneParams, finetune_student, finetune_student_counts, select_expert_rows
+from cellkd.training.classifier.evaluate import predict_logits
+from cellkd.training.finetune import (
+    FinetuneParams,
+    expert_classes,
+    finetune_student,
+    finetune_student_counts,
+    select_expert_rows,
+)
 
 CLASSES = ["other", "immune", "muscle", "background"]
 COLOURS = [(150, 30, 40), (30, 30, 150), (40, 150, 40), (205, 170, 195)]  # background = plain eosin pink
@@ -31,7 +39,8 @@ def blob_store(path: Path, seed: int, ea_fraction: float = 0.8, with_ea: bool = 
     """A complete nuclei store of 4 x PER_CLASS rows, separable by colour: class c = a disk of COLOURS[c].
 
     labels/truth = the class; labels/ssa = a lazy annotator: immune and muscle called "other";
-    labels/ea = the class on a random ``ea_fraction`` of the rows, -1 elsewhere; split 60/20/20 %.
+    labels/ea = the class on a random ``ea_fraction`` of the nucleus rows, -1 elsewhere (the expert labels nuclei,
+    never background, as for a partial set in ``cellkd.nuclei.matching``); split 60/20/20 %.
     """
     rng = np.random.default_rng(seed)
     n = 4 * PER_CLASS
@@ -43,7 +52,7 @@ def blob_store(path: Path, seed: int, ea_fraction: float = 0.8, with_ea: bool = 
     level0[:, disk] = np.asarray(COLOURS)[truth][:, None, :]
     level0 = np.clip(level0 + rng.normal(0, 15, level0.shape), 0, 255).astype(np.uint8)
     ssa = np.where((truth == 1) | (truth == 2), 0, truth)
-    ea = np.where(rng.random(n) < ea_fraction, truth, -1)
+    ea = np.where((rng.random(n) < ea_fraction) & (truth != 3), truth, -1)
     split = rng.permutation(np.repeat([0, 1, 2], [int(0.6 * n), int(0.2 * n), n - int(0.8 * n)]))
     with h5py.File(path, "w") as h5:
         h5.attrs.update({"complete": True, "slide": path.stem, "stain": "raw", "classes": CLASSES})
@@ -296,6 +305,50 @@ def test_finetune_student_counts_killed_in_its_second_count_reruns_to_the_same_f
         for name in ("metrics.csv", "grid.csv"):
             rerun, reference = (pd.read_csv(folder / name) for folder in (out_dirs[count], straight))
             pd.testing.assert_frame_equal(rerun, reference, rtol=1e-5)
+
+
+def test_finetune_averages_validation_and_test_f1_over_the_nucleus_classes(tmp_path: Path) -> None:
+    stores = [blob_store(tmp_path / "a.h5", 0), blob_store(tmp_path / "b.h5", 1)]
+    for path in stores:  # the expert also called 40 faint nuclei "other" that look like background to the student
+        with h5py.File(path, "r+") as h5:
+            ea, truth = h5["labels/ea"][:], h5["labels/truth"][:]
+            ea[np.flatnonzero(truth == 3)[:40]] = 0
+            h5["labels/ea"][...] = ea
+    ea = np.concatenate([h5py.File(p, "r")["labels/ea"][:] for p in stores]).astype(np.int64)
+    nuclei = expert_classes(CLASSES)
+    assert nuclei == [0, 1, 2]
+    good = ClassifierTrainParams(arch="rccnet", epochs=3, batch_size=8, lr=1e-3, max_per_class=40, seed=0)
+    student = train_classifier(stores, "truth", tmp_path / "student", good, device="cpu")
+    params = FinetuneParams(lrs=(1e-7,), dropouts=(0.1,), epochs=1, batch_size=8, seed=5)
+    table = finetune_student(student, stores, 20, tmp_path / "n20", params, device="cpu")
+    train, val, test, _ = select_expert_rows(ea, 20, params)
+    predicted = predict_logits(student, stores, device="cpu").argmax(axis=1)
+    assert (predicted[test] == 3).any() and (predicted[val] == 3).any()  # background predicted on expert nuclei
+
+    before = table.set_index("phase").loc["before"]
+    scores = classification_metrics(ea[test], predicted[test], 4, CLASSES, average_over=nuclei)
+    assert before["f1_macro"] == pytest.approx(scores["f1"])
+    assert before["f1_macro"] == pytest.approx(before[["f1_other", "f1_immune", "f1_muscle"]].mean())
+    assert before["f1_macro"] > classification_metrics(ea[test], predicted[test], 4)["f1"]  # background drags it
+    # Each expert nucleus called background is still an error, in its class's recall.
+    assert before["recall_macro"] == pytest.approx(scores["recall"]) and scores["per_class"]["other"]["recall"] < 1
+    grid = pd.read_csv(tmp_path / "n20" / "grid.csv")
+    assert grid.loc[0, "val_f1"] == pytest.approx(
+        classification_metrics(ea[val], predicted[val], 4, average_over=nuclei)["f1"]
+    )
+
+    # The grid points' trainer selects epochs by the same average (its checkpoints are deleted after the grid search,
+    # so train one here as the grid does).
+    out = tmp_path / "grid_point"
+    trained = ClassifierTrainParams(arch="rccnet", epochs=1, batch_size=8, lr=1e-7, dropout=0.1, seed=5)
+    model = train_classifier(
+        stores, "ea", out, trained, init_from=student, train_indices=train, val_indices=val, val_average_over=nuclei
+    )
+    after = predict_logits(model, stores, device="cpu").argmax(axis=1)
+    assert (after[val] == 3).any()
+    val_f1 = pd.read_csv(out / "history.csv")["val_f1"].iloc[0]
+    assert val_f1 == pytest.approx(classification_metrics(ea[val], after[val], 4, average_over=nuclei)["f1"])
+    assert val_f1 > classification_metrics(ea[val], after[val], 4)["f1"]
 
 
 def test_finetune_student_needs_expert_labels(student: Path, tmp_path: Path) -> None:

@@ -120,3 +120,36 @@ def test_mismatched_lengths_and_names_raise() -> None:
         classification_metrics([0], [0], 2, ["a", "b", "c"])
     with pytest.raises(TypeError, match="integer class indices"):
         confusion_matrix(np.array([0.5]), np.array([0]), 2)
+
+
+def test_average_over_leaves_out_a_class_the_reference_never_holds() -> None:
+    # Expert labels (classes 0, 1) never hold background (2); one nucleus of class 0 is predicted as background.
+    truth, pred = [0, 0, 1, 1], [0, 2, 1, 1]
+    everything = classification_metrics(truth, pred, 3)
+    nuclei = classification_metrics(truth, pred, 3, average_over=[0, 1])
+    # Unrestricted: background enters the mean with F1 0 (predicted once, never true): (2/3 + 1 + 0) / 3.
+    assert everything["f1"] == pytest.approx(5 / 9)
+    assert nuclei["f1"] == pytest.approx((2 / 3 + 1) / 2)
+    # The background prediction is still an error: in class 0's recall, and in accuracy.
+    assert nuclei["recall"] == pytest.approx((0.5 + 1.0) / 2)
+    assert nuclei["accuracy"] == everything["accuracy"] == pytest.approx(0.75)
+    assert nuclei["per_class"] == everything["per_class"]  # per-class values are not averages: unchanged
+    assert nuclei["f1_weighted"] == everything["f1_weighted"]  # background has no support to weigh
+
+
+def test_average_over_restricts_the_weighted_mean_and_skips_classes_absent_from_both() -> None:
+    truth, pred = [0, 1, 2], [0, 1, 1]
+    # Class 2 (support 1, F1 0) is left out of the weights: (1 * 1 + 2/3 * 1) / 2 rather than / 3.
+    assert classification_metrics(truth, pred, 4)["f1_weighted"] == pytest.approx((1 + 2 / 3) / 3)
+    assert classification_metrics(truth, pred, 4, average_over=[0, 1])["f1_weighted"] == pytest.approx((1 + 2 / 3) / 2)
+    # Class 3 occurs nowhere: listing it does not drag the macro mean down (the module's convention).
+    assert classification_metrics(truth, pred, 4, average_over=[0, 1, 3])["f1"] == pytest.approx((1 + 2 / 3) / 2)
+    assert metrics_from_confusion(confusion_matrix(truth, pred, 4), average_over=range(3))["f1"] == pytest.approx(
+        classification_metrics(truth, pred, 4)["f1"]
+    )
+
+
+@pytest.mark.parametrize("average_over", [[], [0, 4], [-1], [0.5]])
+def test_average_over_must_name_classes(average_over: list) -> None:
+    with pytest.raises(ValueError, match=r"average_over=.* must be class indices in \[0, 4\)"):
+        classification_metrics([0, 1], [0, 1], 4, average_over=average_over)

@@ -223,6 +223,17 @@ def test_expert_annotations_are_a_true_labelled_subset_of_ea_count(small_slide: 
         assert np.abs(shift).max() < 3 * SMALL.ea_jitter_px + 0.5
 
 
+def test_ea_count_changes_the_expert_set_only(small_slide: Generated, tmp_path: Path) -> None:
+    """The expert draws from its own random stream: more expert labels leave the slide and the other sets as they were
+    (so a demo with another ``demo.ea_count`` trains the same students)."""
+    more = _generate(tmp_path, params=replace(SMALL, ea_count=2 * SMALL.ea_count))
+    assert more.slide.read_bytes() == small_slide.slide.read_bytes()
+    for name in ANNOTATION_SET_NAMES:
+        if name != "ea":
+            assert more.geojson[name].read_bytes() == small_slide.geojson[name].read_bytes(), name
+    assert len(_features(more.geojson["ea"])) == 2 * SMALL.ea_count
+
+
 def test_ea_count_is_clipped_to_the_number_of_nuclei(tmp_path: Path) -> None:
     params = SyntheticSlideParams(width=512, height=512, nuclei_per_mpx=200.0, ea_count=10_000)
     generated = _generate(tmp_path, params=params)

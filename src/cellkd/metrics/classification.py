@@ -10,6 +10,11 @@ Conventions (never NaN):
 - The macro averages run over the classes that occur in ``y_true`` or ``y_pred``; a class absent
   from both has nothing to score (its per-class values are reported as 0.0 but do not drag the
   mean down). This is what scikit-learn does when it infers the labels from the data.
+- ``average_over`` (like scikit-learn's ``labels``) restricts the macro and weighted averages to the
+  given classes (those of them that occur in ``y_true`` or ``y_pred``): for reference labels that can
+  never hold some class, e.g. the expert's labels, which are matched nuclei and never background. Rows
+  predicted as an excluded class still count as errors, in the recall of their true class; accuracy
+  and the per-class values are unaffected.
 - The weighted averages (``*_weighted``) weight each class by its support in ``y_true``
   (scikit-learn's ``average="weighted"``); weighted recall equals accuracy.
 - With no rows at all, every metric is 0.0.
@@ -61,8 +66,23 @@ def _safe_ratio(numerator: npt.NDArray[np.float64], denominator: npt.NDArray[np.
     return out
 
 
+def _average_mask(average_over: Sequence[int] | None, k: int) -> npt.NDArray[np.bool_]:
+    """bool (K,): the classes the averages may run over (every class when ``average_over`` is None)."""
+    if average_over is None:
+        return np.ones(k, dtype=bool)
+    chosen = np.asarray(list(average_over))
+    if chosen.size == 0 or not np.issubdtype(chosen.dtype, np.integer) or chosen.min() < 0 or chosen.max() >= k:
+        raise ValueError(f"average_over={list(average_over)!r} must be class indices in [0, {k}), at least one")
+    mask = np.zeros(k, dtype=bool)
+    mask[chosen] = True
+    return mask
+
+
 def metrics_from_confusion(
-    confusion: npt.NDArray[np.integer], class_names: Sequence[str] | None = None
+    confusion: npt.NDArray[np.integer],
+    class_names: Sequence[str] | None = None,
+    *,
+    average_over: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Metrics of :func:`classification_metrics` from a (K, K) confusion matrix (e.g. summed over batches)."""
     cm = np.asarray(confusion, dtype=np.int64)
@@ -78,15 +98,18 @@ def metrics_from_confusion(
     precision = _safe_ratio(tp, predicted)
     recall = _safe_ratio(tp, support)
     f1 = _safe_ratio(2 * precision * recall, precision + recall)
-    active = (support > 0) | (predicted > 0)
+    averaged = _average_mask(average_over, k)
+    active = averaged & ((support > 0) | (predicted > 0))
+    weights = np.where(averaged, support, 0.0)
     total = float(cm.sum())
 
     def macro(values: npt.NDArray[np.float64]) -> float:
         return float(values[active].mean()) if active.any() else 0.0
 
     def weighted(values: npt.NDArray[np.float64]) -> float:
-        # Support-weighted mean: weighted recall equals accuracy, as in the paper's Table 3.
-        return float((values * support).sum() / support.sum()) if support.sum() else 0.0
+        # Support-weighted mean: weighted recall equals accuracy, as in the paper's Table 3 (when every class with
+        # support is averaged over).
+        return float((values * weights).sum() / weights.sum()) if weights.sum() else 0.0
 
     per_class = {
         name: {
@@ -110,7 +133,12 @@ def metrics_from_confusion(
 
 
 def classification_metrics(
-    y_true: npt.ArrayLike, y_pred: npt.ArrayLike, num_classes: int, class_names: Sequence[str] | None = None
+    y_true: npt.ArrayLike,
+    y_pred: npt.ArrayLike,
+    num_classes: int,
+    class_names: Sequence[str] | None = None,
+    *,
+    average_over: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Accuracy, macro precision/recall/F1 and per-class precision/recall/F1/support of int (N,) labels.
 
@@ -118,5 +146,7 @@ def classification_metrics(
     their support-weighted counterparts ``{"precision_weighted", "recall_weighted", "f1_weighted"}``,
     and ``"per_class"``: ``{name: {"precision", "recall", "f1" (floats), "support" (int, rows of that
     true class)}}`` in class order. ``class_names`` defaults to "0", "1", ...; every float lies in [0, 1].
+    ``average_over``: class indices the macro and weighted averages run over (None: every class; see the
+    module doc); a ValueError names any index outside ``[0, num_classes)``.
     """
-    return metrics_from_confusion(confusion_matrix(y_true, y_pred, num_classes), class_names)
+    return metrics_from_confusion(confusion_matrix(y_true, y_pred, num_classes), class_names, average_over=average_over)

@@ -62,10 +62,22 @@ def read_labels(nuclei_stores: Sequence[PathLike]) -> tuple[dict[str, np.ndarray
     return labels, np.concatenate(splits) if splits else np.zeros(0, np.int8), class_names
 
 
-def summary_row(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str]) -> dict[str, float]:
-    """:data:`SUMMARY_METRICS`, per-class F1 (``f1_<class>``) and ``nuclei`` of the rows where both labels are known."""
+def summary_row(
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    class_names: Sequence[str],
+    *,
+    average_over: Sequence[int] | None = None,
+) -> dict[str, float]:
+    """:data:`SUMMARY_METRICS`, per-class F1 (``f1_<class>``) and ``nuclei`` of the rows where both labels are known.
+
+    ``average_over``: class indices the ``*_macro`` and ``*_weighted`` columns average over (None: every class that
+    occurs), see ``cellkd.metrics.classification``.
+    """
     known = (y_true >= 0) & (y_pred >= 0)
-    metrics = classification_metrics(y_true[known], y_pred[known], len(class_names), list(class_names))
+    metrics = classification_metrics(
+        y_true[known], y_pred[known], len(class_names), list(class_names), average_over=average_over
+    )
     row = {
         "f1_macro": metrics["f1"],
         "f1_weighted": metrics["f1_weighted"],

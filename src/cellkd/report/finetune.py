@@ -21,7 +21,8 @@ logger = logging.getLogger(__name__)
 
 TABLE6_TITLE = (
     "Table 6: the student before and after fine-tuning on expert (EA) labels, on the reserved EA test nuclei - "
-    "`f1_macro`: unweighted mean over classes; `f1_weighted`: weighted by class support; "
+    "`f1_macro`: unweighted mean over the nucleus classes (the expert labels nuclei, never background: a nucleus "
+    "predicted as background is an error in its class's recall); `f1_weighted`: weighted by class support; "
     "`f1_macro_gain`: after - before, paired within each seed"
 )
 _KEY_COUNT = "_requested_count"  # the key's count; metrics.csv has its own "count" column to check it against
@@ -172,7 +173,7 @@ def plot_finetune_curve(table: pd.DataFrame, png_path: PathLike) -> None:
             ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())  # 10, 100 rather than 10^1, 10^2
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("expert labels per class (effective count)")
-        ax.set_ylabel("macro F1 (unweighted mean over classes)\non the reserved EA test nuclei")
+        ax.set_ylabel("macro F1 (mean over nucleus classes)\non the reserved EA test nuclei")
         seeds = sorted(set(table[SEEDS_COLUMN].astype(int)))
         band = (
             "no band: one seed" if seeds == [1] else f"band: 95% CI, t-interval over {'/'.join(map(str, seeds))} seeds"

@@ -10,6 +10,11 @@ student (epoch 0) is one of the candidates and wins ties, so fine-tuning is only
 the student on the expert's validation labels: with few labels it can never make things worse on
 validation. The student before and the chosen model after are scored on the reserved test rows.
 
+Every macro average here, validation and test alike, runs over the nucleus classes (:func:`expert_classes`):
+the expert's labels are matched nuclei, never background (a partial set, ``cellkd.nuclei.matching``). A
+nucleus predicted as background is still an error, in the recall of its true class, but background itself,
+whose F1 on expert labels is 0 by construction, does not enter the mean.
+
 The store's ``split`` dataset is ignored here: the EA rows of every split are eligible, since the
 expert's labels are the scarce resource (the teacher and student never trained on EA labels).
 
@@ -106,6 +111,13 @@ class FinetuneParams:
     def grid(self) -> list[tuple[float, float]]:
         """(lr, dropout) pairs in run order: lrs outer, dropouts inner."""
         return [(lr, dropout) for lr in self.lrs for dropout in self.dropouts]
+
+
+def expert_classes(classes: Sequence[str]) -> list[int]:
+    """Indices of the classes the expert's labels can hold: every class but background (the last, see
+    ``cellkd.store.nuclei``), since the expert labels matched nuclei only. The macro averages of fine-tuning
+    (validation and Table 6) run over these (``average_over`` of ``cellkd.metrics.classification``)."""
+    return list(range(len(classes) - 1))
 
 
 def select_expert_rows(
@@ -248,7 +260,8 @@ def finetune_student(
     Rows come from :func:`select_expert_rows` on ``labels/ea`` of the concatenated ``nuclei_stores``.
     Each (lr, dropout) of ``params.grid`` trains ``out_dir/lr{lr}_do{dropout}/`` from the student's
     weights (same arch). Candidates are the student itself (lr and dropout NaN, best_epoch 0) and each
-    grid point; the one with the best validation macro F1 (ties: the earlier candidate, so the student
+    grid point; the one with the best validation macro F1 over :func:`expert_classes` (ties: the earlier
+    candidate, so the student
     wins a tie) is copied to ``out_dir/model.pt``. Without validation rows the student cannot be
     compared and the grid point with the lowest training loss is kept. ``grid.csv`` lists every
     candidate (lr, dropout, val_f1, best_epoch, train_loss, selected).
@@ -256,8 +269,8 @@ def finetune_student(
     dropout NaN) and "after" (the chosen model; lr and dropout NaN when the student was kept), each
     scored on the reserved EA test rows, columns
     count (requested), effective_count, phase, lr, dropout, the summary columns of
-    :func:`cellkd.report.classification.summary_row` (f1_macro, f1_weighted, accuracy, precision_macro, ...),
-    f1_<class> per class, nuclei (test rows).
+    :func:`cellkd.report.classification.summary_row` (f1_macro, f1_weighted, accuracy, precision_macro, ...;
+    the averages over :func:`expert_classes`), f1_<class> per class, nuclei (test rows).
     """
     dev = resolve_device(device)
     return _finetune_count(
@@ -278,6 +291,7 @@ def _finetune_count(
     out.mkdir(parents=True, exist_ok=True)
     student_model, rows = expert.student_model, expert.rows
     classes = list(rows.classes)
+    averaged = expert_classes(classes)
     try:
         train_rows, val_rows, test_rows, effective = select_expert_rows(rows.labels, count, params, classes)
     except StoreError as err:
@@ -303,7 +317,9 @@ def _finetune_count(
     student_predictions = expert.student_predictions
     student_val_f1 = math.nan
     if len(val_rows):
-        val_scores = classification_metrics(rows.labels[val_rows], student_predictions[val_rows], len(classes))
+        val_scores = classification_metrics(
+            rows.labels[val_rows], student_predictions[val_rows], len(classes), average_over=averaged
+        )
         student_val_f1 = val_scores["f1"]
     grid = [
         {
@@ -336,6 +352,7 @@ def _finetune_count(
             init_from=student_model,
             train_indices=train_rows,
             val_indices=val_rows,
+            val_average_over=averaged,  # the student's val F1 above is averaged over the same classes
             device=device,
         )
         best = _best_epoch(run_dir / "history.csv")
@@ -377,7 +394,7 @@ def _finetune_count(
         ("before", student_predictions, math.nan, math.nan),
         ("after", after_predictions, grid[chosen]["lr"], grid[chosen]["dropout"]),
     ):
-        scores = summary_row(y_test, predictions, classes)
+        scores = summary_row(y_test, predictions, classes, average_over=averaged)
         table_rows.append(
             {"count": int(count), "effective_count": effective, "phase": phase, "lr": lr, "dropout": dropout, **scores}
         )

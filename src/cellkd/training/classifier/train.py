@@ -198,6 +198,7 @@ def train_classifier(
     init_from: PathLike | None = None,
     train_indices: npt.ArrayLike | None = None,
     val_indices: npt.ArrayLike | None = None,
+    val_average_over: Sequence[int] | None = None,
     device: str | torch.device | None = None,
 ) -> Path:
     """Train a nucleus classifier on ``nuclei_stores``; return ``out_dir/model.pt`` (see the module doc for rows).
@@ -206,7 +207,10 @@ def train_classifier(
     teacher_logits: an HDF5 file from :func:`cache_teacher_logits` for these stores: targets become
         argmax(teacher), soft targets its logits (``params.w_kd``). init_from: a classifier model.pt of
         the same arch to start from (fine-tuning; ignored when resuming). train_indices / val_indices:
-        global rows replacing the train / val split (rows without a target are dropped).
+        global rows replacing the train / val split (rows without a target are dropped). val_average_over: the
+        class indices the validation macro F1 averages over (``average_over`` of
+        ``cellkd.metrics.classification``; None: every class that occurs), e.g. the nucleus classes for the
+        expert's labels, which never hold background.
     Writes ``history.csv`` (epoch, train_loss, val_loss, val_accuracy, val_f1, seconds; val_loss is the
     unweighted CE on ``label_set``), ``last.pt`` / ``best.pt`` (resume state) and finally ``model.pt``,
     the weights with the best validation macro F1 (the lowest training loss without validation rows).
@@ -264,7 +268,7 @@ def train_classifier(
         else None
     )
 
-    data = {
+    data: dict[str, Any] = {
         "stores": data_fingerprint(nuclei_stores),
         "label_set": label_set,
         "teacher_logits": None if teacher_logits is None else file_fingerprint(teacher_logits),
@@ -272,6 +276,8 @@ def train_classifier(
         "train_indices": _digest(explicit_train),
         "val_indices": _digest(explicit_val),
     }
+    if val_average_over is not None:  # another selection metric is another run (it keeps other best weights)
+        data["val_average_over"] = [int(c) for c in val_average_over]
     eval_batch = max(params.batch_size, 1024)
     with torch.random.fork_rng(devices=rng_devices(dev)):
         torch.manual_seed(params.seed)
@@ -315,7 +321,7 @@ def train_classifier(
             val_loss, val_accuracy, val_f1 = math.nan, math.nan, math.nan
             if len(val_rows):
                 val_loss, confusion = score_crops(model, val_crops, val_labels, num_classes, eval_batch)
-                metrics = metrics_from_confusion(confusion)
+                metrics = metrics_from_confusion(confusion, average_over=val_average_over)
                 val_accuracy, val_f1 = metrics["accuracy"], metrics["f1"]
             seconds = time.perf_counter() - began
             row = {
