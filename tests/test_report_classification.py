@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+from test_training_classifier import CLASSES as STORE_CLASSES
+from test_training_classifier import write_nuclei_store
 
-from cellkd.report.classification import SUMMARY_METRICS, summary_row
+from cellkd.report.classification import SUMMARY_METRICS, label_agreement, summary_row
 
 CLASSES = ("a", "b", "background")
 
@@ -26,3 +30,26 @@ def test_summary_row_names_macro_and_weighted_averages_and_skips_unlabelled_rows
     assert row["precision_weighted"] == pytest.approx((4 * 1.0 + 2 * 2 / 3) / 6)
     assert row["recall_macro"] == pytest.approx((0.75 + 1.0) / 2)
     assert row["recall_weighted"] == pytest.approx(row["accuracy"]) == pytest.approx(5 / 6)
+
+
+def test_table3_averages_over_nucleus_classes_against_the_expert_but_over_all_against_the_truth(
+    tmp_path: Path,
+) -> None:
+    # 8 nuclei. The expert labels 6 (never background); the weak set calls one of them background (it missed that
+    # nucleus) and gets the other 5 right. Against the expert the averages run over the nucleus classes, so the miss
+    # is a recall error of its true class; against the truth (which holds background) over every class that occurs.
+    background = len(STORE_CLASSES) - 1
+    ea = np.array([0, 0, 1, 1, 2, 2, -1, -1])
+    weak = np.array([0, 0, 1, 1, 2, background, 0, background])
+    truth = np.array([0, 0, 1, 1, 2, 2, 0, background])
+    crops = np.zeros((8, 32, 32, 3), dtype=np.uint8)
+    store = write_nuclei_store(tmp_path / "s.h5", crops, {"ea": ea, "wsa": weak, "truth": truth}, np.zeros(8))
+    table = label_agreement({"raw": [store]}, candidates=("wsa",), references=("ea", "truth")).set_index("reference")
+
+    f1_muscle = 2 * 1.0 * 0.5 / 1.5  # class 2: precision 1/1, recall 1/2
+    assert table.loc["ea", "nuclei"] == 6
+    assert table.loc["ea", "f1_macro"] == pytest.approx((1.0 + 1.0 + f1_muscle) / 3)  # background left out
+    assert table.loc["ea", "recall_weighted"] == pytest.approx(table.loc["ea", "accuracy"]) == pytest.approx(5 / 6)
+    # Against the truth, background occurs (1 true, 2 predicted, 1 right): it is one of the four classes averaged.
+    f1_background = 2 * 0.5 * 1.0 / 1.5
+    assert table.loc["truth", "f1_macro"] == pytest.approx((1.0 + 1.0 + f1_muscle + f1_background) / 4)

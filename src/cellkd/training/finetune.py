@@ -49,7 +49,7 @@ from cellkd.errors import ConfigError, StoreError
 from cellkd.metrics.classification import classification_metrics
 from cellkd.models.checkpoint import classifier_from_checkpoint, read_classifier_checkpoint
 from cellkd.params import check_parameters, params_from_dict
-from cellkd.report.classification import SUMMARY_METRICS, summary_row
+from cellkd.report.classification import EXPERT_SET, SUMMARY_METRICS, expert_classes, summary_row
 from cellkd.store.atomic import atomic_path
 from cellkd.training.classifier import ClassifierTrainParams, NucleusRows, read_nucleus_rows, train_classifier
 from cellkd.training.classifier.data import load_crops
@@ -59,7 +59,6 @@ from cellkd.types import PathLike
 
 logger = logging.getLogger(__name__)
 
-EXPERT_SET = "ea"
 """The label set of the expert's annotations in the nuclei stores."""
 GRID_COLUMNS = ("lr", "dropout", "val_f1", "best_epoch", "train_loss", "selected")
 _SPLIT_STREAM = 0x4541  # "EA": the per-class permutations get their own random stream
@@ -111,13 +110,6 @@ class FinetuneParams:
     def grid(self) -> list[tuple[float, float]]:
         """(lr, dropout) pairs in run order: lrs outer, dropouts inner."""
         return [(lr, dropout) for lr in self.lrs for dropout in self.dropouts]
-
-
-def expert_classes(classes: Sequence[str]) -> list[int]:
-    """Indices of the classes the expert's labels can hold: every class but background (the last, see
-    ``cellkd.store.nuclei``), since the expert labels matched nuclei only. The macro averages of fine-tuning
-    (validation and Table 6) run over these (``average_over`` of ``cellkd.metrics.classification``)."""
-    return list(range(len(classes) - 1))
 
 
 def select_expert_rows(
