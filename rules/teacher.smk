@@ -49,8 +49,9 @@ rule evaluate_teacher:
     # side (measured on the 3-seed demo: 2 threads gave 1.3-1.6x CPU per wall second). Raise with --set-threads.
     threads: 1
     resources:
-        # Flat in the nuclei (crops streamed from disk): 0.71-0.79 GiB at 5k and 40k (benchmarks/classifier_memory.py);
-        # 4000 kept: a CUDA runtime adds host memory that was not measured.
+        # Flat in the nuclei (crops streamed from disk, 16 B of logits each): 792 and 747 MiB at 5k and 40k with the
+        # metrics and figure (benchmarks/classifier_memory.py, 1 thread); 4000 kept: a CUDA runtime adds host memory
+        # that was not measured.
         mem_mb=4000,
         runtime=60,
         gpu=GPU_JOBS,
