@@ -5,12 +5,12 @@
 
 For each size, a nuclei store of N synthetic nuclei (random crops at the three levels, ``wsa`` labels, the
 default 70/15/15 split) is written with the real ``NucleiWriter``; then train_teacher (VGG-4),
-cache_teacher_logits and train_student (RCCNet) run as their scripts call them (``train_classifier``,
-``cache_teacher_logits``; the demo's batch 128, one epoch, ``--threads`` torch threads), each in a fresh process
-(``harness.run_child``) whose peak RSS (``VmHWM``) is its own. The slope between the two sizes (KB per nucleus)
-is what each job adds per nucleus of a slide, to compare with its crops (32 x 32 x 3 uint8 = 3 KB) and to project
-to the paper's 470k nuclei (``PAPER_NUCLEI``): the figure behind the ``mem_mb`` of those rules. Not a ``run.py``
-topic: a sizing aid, like ``nuclei_memory.py``.
+evaluate_teacher (which caches the teacher's logits) and train_student (RCCNet) run as their scripts call them
+(``train_classifier``, ``evaluate_classifier_stores``; the demo's batch 128, one epoch, ``--threads`` torch
+threads), each in a fresh process (``harness.run_child``) whose peak RSS (``VmHWM``) is its own. The slope between
+the two sizes (KB per nucleus) is what each job adds per nucleus of a slide, to compare with its crops
+(32 x 32 x 3 uint8 = 3 KB) and to project to the paper's 470k nuclei (``PAPER_NUCLEI``): the figure behind the
+``mem_mb`` of those rules. Not a ``run.py`` topic: a sizing aid, like ``nuclei_memory.py``.
 """
 
 from __future__ import annotations
@@ -92,34 +92,38 @@ def train_step(store: str, out: str, arch: str, threads: int, logits: str | None
     return {"wall_s": wall.seconds, "rss_mib": peak_rss_mib(), "imports_rss_mib": imports}
 
 
-def cache_step(model: str, store: str, out: str, threads: int) -> dict:
-    """Child step: ``cache_teacher_logits`` as scripts/cache_teacher_logits.py calls it."""
-    from cellkd.training.classifier import cache_teacher_logits
+def evaluate_step(model: str, store: str, out: str, threads: int) -> dict:
+    """Child step: ``evaluate_classifier_stores`` as scripts/evaluate_classifier.py calls it for a teacher (metrics,
+    confusion figure and the logit cache ``out``/logits.h5 from one pass)."""
+    from cellkd.report.classification import evaluate_classifier_stores
 
     imports = _setup(threads)
 
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
     with Stopwatch() as wall:
-        cache_teacher_logits(model, [store], out)
+        evaluate_classifier_stores(
+            model, [store], "wsa", folder / "metrics.csv", folder / "confusion.png", logits_h5=folder / "logits.h5"
+        )
     return {"wall_s": wall.seconds, "rss_mib": peak_rss_mib(), "imports_rss_mib": imports}
 
 
 def measure(work: Path, n: int, threads: int) -> dict[str, dict]:
-    """The three jobs' results on a store of ``n`` nuclei (teacher, then its logits, then the student)."""
+    """The three jobs' results on a store of ``n`` nuclei (teacher, its evaluation and logits, the student)."""
     import classifier_memory  # the steps by their module name: the child cannot import __main__'s
 
     store = build_store(work, n)
     run = work / f"classifier_memory_run_{n}"
     teacher = run / "teacher"
-    logits = run / "teacher_logits.h5"
     steps = {
         "train_teacher (vgg4)": (classifier_memory.train_step, {"out": str(teacher), "arch": "vgg4"}),
-        "cache_teacher_logits": (
-            classifier_memory.cache_step,
-            {"model": str(teacher / "model.pt"), "out": str(logits)},
+        "evaluate_teacher": (
+            classifier_memory.evaluate_step,
+            {"model": str(teacher / "model.pt"), "out": str(teacher)},
         ),
         "train_student (rccnet)": (
             classifier_memory.train_step,
-            {"out": str(run / "student"), "arch": "rccnet", "logits": str(logits)},
+            {"out": str(run / "student"), "arch": "rccnet", "logits": str(teacher / "logits.h5")},
         ),
     }
     results = {}

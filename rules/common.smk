@@ -219,10 +219,21 @@ def get_teacher_train_params(wildcards):
     return {**settings, "arch": wildcards.arch, "seed": int(wildcards.seed)}
 
 
-def get_distilled_teacher(wildcards):
-    """The teacher the student learns from: the first configured teacher architecture, of the student's seed."""
+def distilled_teacher_file(wildcards, name):
+    """``name`` in the run folder of the teacher the student learns from: the first configured teacher
+    architecture, of the student's seed."""
     arch = config["teacher"]["archs"][0]
-    return f"results/teacher/{wildcards.stain}/{wildcards.weak_set}/{arch}/seed{wildcards.seed}/model.pt"
+    return f"results/teacher/{wildcards.stain}/{wildcards.weak_set}/{arch}/seed{wildcards.seed}/{name}"
+
+
+def get_distilled_teacher(wildcards):
+    """The distilled teacher's model."""
+    return distilled_teacher_file(wildcards, "model.pt")
+
+
+def get_distilled_teacher_logits(wildcards):
+    """The distilled teacher's logits of every nucleus (evaluate_teacher): the student's targets."""
+    return distilled_teacher_file(wildcards, "logits.h5")
 
 
 def get_student_train_params(wildcards):

@@ -1,31 +1,6 @@
-rule cache_teacher_logits:
-    input:
-        model=get_distilled_teacher,
-        nuclei=get_nuclei_stores,
-    output:
-        "results/student/{stain}/{weak_set}/seed{seed}/teacher_logits.h5",
-    log:
-        "logs/cache_teacher_logits/{stain}/{weak_set}/seed{seed}.log",
-    benchmark:
-        "benchmarks/cache_teacher_logits/{stain}/{weak_set}/seed{seed}.tsv"
-    conda:
-        "../envs/cellkd.yaml"
-    # 1 thread: a few seconds of start-up and one small pass; on a 2-core machine two such jobs then run side by
-    # side (measured on the 3-seed demo: 2 threads gave 1.3-1.6x CPU per wall second). Raise with --set-threads.
-    threads: 1
-    resources:
-        # Flat in the nuclei (crops streamed from disk): 0.71-0.79 GiB at 5k and 40k (benchmarks/classifier_memory.py);
-        # 4000 kept: a CUDA runtime adds host memory that was not measured.
-        mem_mb=4000,
-        runtime=60,
-        gpu=GPU_JOBS,
-    script:
-        "../scripts/cache_teacher_logits.py"
-
-
 rule train_student:
     input:
-        logits="results/student/{stain}/{weak_set}/seed{seed}/teacher_logits.h5",
+        logits=get_distilled_teacher_logits,  # written by that teacher's evaluate_teacher job
         nuclei=get_nuclei_stores,
     output:
         model="results/student/{stain}/{weak_set}/seed{seed}/model.pt",

@@ -36,16 +36,25 @@ rule evaluate_teacher:
             category="Phase II: labels and teachers",
             subcategory="{stain} / {weak_set} / {arch} / seed {seed}",
         ),
+        # The teacher's logits of every nucleus, from the pass that scores it: the distilled teacher's are the
+        # student's targets (train_student), so that no second job runs the teacher over the nuclei again.
+        logits="results/teacher/{stain}/{weak_set}/{arch}/seed{seed}/logits.h5",
     log:
         "logs/evaluate_teacher/{stain}/{weak_set}/{arch}/seed{seed}.log",
+    benchmark:
+        "benchmarks/evaluate_teacher/{stain}/{weak_set}/{arch}/seed{seed}.tsv"
     conda:
         "../envs/cellkd.yaml"
     # 1 thread: a few seconds of start-up and one small pass; on a 2-core machine two such jobs then run side by
     # side (measured on the 3-seed demo: 2 threads gave 1.3-1.6x CPU per wall second). Raise with --set-threads.
     threads: 1
     resources:
+        # Flat in the nuclei (crops streamed from disk, 16 B of logits each): 792 and 747 MiB at 5k and 40k with the
+        # metrics and figure (benchmarks/classifier_memory.py, 1 thread); 4000 kept: a CUDA runtime adds host memory
+        # that was not measured.
         mem_mb=4000,
-        runtime=30,
+        runtime=60,
+        gpu=GPU_JOBS,
     script:
         "../scripts/evaluate_classifier.py"
 

@@ -1,6 +1,7 @@
 """Snakemake adapter: score a trained classifier on the test split, the doctor (EA) set and the truth.
 
 For the student, whose rule also names its teacher, the metrics get both speeds (crops/s) for Table 5.
+For a teacher, whose rule has a ``logits`` output, the same pass caches its logits for the student.
 """
 
 from cellkd.device import set_default_device
@@ -24,4 +25,5 @@ evaluate_classifier_stores(
     snakemake.output.metrics,
     snakemake.output.confusion,
     extra_columns=speeds,
+    logits_h5=snakemake.output.get("logits"),  # only evaluate_teacher has them
 )

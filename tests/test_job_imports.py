@@ -38,8 +38,7 @@ TORCH_FREE_SCRIPTS = [
 ]
 """Scripts whose rule runs no network: they read stores, pixels and tables only."""
 
-CLASSIFIER_SCRIPTS = ["cache_teacher_logits", "classify_slide", "evaluate_classifier", "finetune_student",
-                      "train_classifier"]  # fmt: skip
+CLASSIFIER_SCRIPTS = ["classify_slide", "evaluate_classifier", "finetune_student", "train_classifier"]
 """Scripts that run the nucleus classifiers (RCCNet, VGG-4): torch, but no segmentation or torchvision stack."""
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from conftest import killed_after
 from cellkd.errors import ConfigError, StoreError
 from cellkd.models import MODEL_REGISTRY, classifier_input, register_model
 from cellkd.models.classifiers import RCCNet
+from cellkd.report.classification import evaluate_classifier_stores
 from cellkd.training.classifier import (
     ClassifierTrainParams,
     cache_teacher_logits,
@@ -494,6 +496,27 @@ def test_default_student_learns_the_teachers_argmax_not_the_ssa_labels(
     with_teacher = np.mean(predicted[test] == teacher[test])
     with_ssa = np.mean(predicted[test] == ssa[test])
     assert with_teacher > 0.7 and with_ssa < 0.3, (with_teacher, with_ssa)
+
+
+def test_teacher_evaluation_caches_the_logits_it_scores_for_the_student(
+    stores: list[Path], trained: Path, tmp_path: Path
+) -> None:
+    """evaluate_teacher's one pass: metrics from the logits it caches equal a plain evaluation's, and the student
+    trains on that cache."""
+    model = trained / "model.pt"
+    plain = evaluate_classifier_stores(model, stores, "ssa", tmp_path / "plain.csv", tmp_path / "plain.png")
+    cached = evaluate_classifier_stores(
+        model, stores, "ssa", tmp_path / "metrics.csv", tmp_path / "confusion.png", logits_h5=tmp_path / "logits.h5"
+    )
+    pd.testing.assert_frame_equal(cached, plain)
+    assert (tmp_path / "metrics.csv").read_text() == (tmp_path / "plain.csv").read_text()
+    assert (tmp_path / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+    logits = load_teacher_logits(tmp_path / "logits.h5", stores)
+    np.testing.assert_array_equal(logits, predict_logits(model, stores, device="cpu"))
+    student = train_classifier(
+        stores, "ssa", tmp_path / "student", QUICK, teacher_logits=tmp_path / "logits.h5", device="cpu"
+    )
+    assert torch.load(student, weights_only=True)["teacher_logits"] == str(tmp_path / "logits.h5")
 
 
 def test_teacher_logits_for_other_stores_are_rejected(stores: list[Path], trained: Path, tmp_path: Path) -> None:

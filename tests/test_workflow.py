@@ -196,7 +196,7 @@ def test_workflow_writes_table5_with_student_and_teacher_speeds(demo_run: Path) 
     }
     assert (table5["student_crops_per_s_mean"] > 0).all()
     assert (table5["teacher_crops_per_s_mean"] > 0).all()
-    with h5py.File(demo_run / "results/student/raw/wsa/seed0/teacher_logits.h5") as h5:
+    with h5py.File(demo_run / "results/teacher/raw/wsa/vgg4/seed0/logits.h5") as h5:  # evaluate_teacher's
         assert h5["logits"].shape[1] == 4
 
 
@@ -584,7 +584,7 @@ def test_two_seeds_plan_one_training_job_per_seed_and_one_segmentation_per_slide
     stains, archs, label_sets, slides = 2, 2, 2, 2
     for rule in ("train_segmentation", "evaluate_segmentation"):
         assert planned[rule] == stains * archs * 2, rule
-    for rule in ("train_teacher", "evaluate_teacher", "cache_teacher_logits", "train_student", "evaluate_student"):
+    for rule in ("train_teacher", "evaluate_teacher", "train_student", "evaluate_student"):
         assert planned[rule] == stains * label_sets * 2, rule  # one teacher arch (vgg4)
     assert planned["finetune_student"] == stains * label_sets * 2  # one job per student runs every count
     # the slides are segmented once per arch (the first seed's model), not once per seed; the selected arch's
@@ -592,11 +592,14 @@ def test_two_seeds_plan_one_training_job_per_seed_and_one_segmentation_per_slide
     assert planned["segment_slide_per_arch"] == stains * archs * slides
     assert planned["copy_selected_masks"] == stains * slides and "segment_slide" not in planned
     assert planned["select_segmentation"] == stains and planned["tabulate_segmentation"] == 1
-    # seed 1 distils seed 1's teacher and fine-tunes seed 1's student
-    (logits,) = [
-        b for b in planned_job_blocks(result.stdout, "cache_teacher_logits") if "raw/wsa/seed1/teacher_logits" in b
-    ]
-    assert "results/teacher/raw/wsa/vgg4/seed1/model.pt" in logits and "seed0" not in logits
+    # the teacher passes over the nuclei once: its evaluation writes the logits that seed 1's student distils
+    assert "cache_teacher_logits" not in planned
+    (evaluate,) = [b for b in planned_job_blocks(result.stdout, "evaluate_teacher") if "raw/wsa/vgg4/seed1/" in b]
+    assert "results/teacher/raw/wsa/vgg4/seed1/logits.h5" in evaluate.split("output:")[1]
+    (student,) = [b for b in planned_job_blocks(result.stdout, "train_student") if "raw/wsa/seed1/model.pt" in b]
+    student_inputs = student.split("output:")[0]
+    assert "results/teacher/raw/wsa/vgg4/seed1/logits.h5" in student_inputs and "seed0" not in student_inputs
+    # seed 1 fine-tunes seed 1's student
     (finetune,) = [
         b for b in planned_job_blocks(result.stdout, "finetune_student") if "raw/wsa/n10/seed1/model.pt" in b
     ]

@@ -43,10 +43,11 @@ Artifacts, in data-flow order (path under ``results/``: writer -> layout -> read
     by ``cellkd.training`` (classifier trainers), ``cellkd.report.classification`` and
     ``cellkd.predict``.
 ``teacher/``, ``student/``, ``finetune/`` (classifier ``model.pt``, ``history.csv``, ``metrics.csv``;
-``student/{stain}/{weak_set}/teacher_logits.h5``)
+``teacher/{stain}/{weak_set}/{arch}/seed{seed}/logits.h5``, the teacher-logit cache)
     writers ``cellkd.training.classifier`` (teachers, the teacher-logit cache, students; checkpoint
     format and resume state with ``cellkd.training.common``), ``cellkd.training.finetune`` (Phase IV,
-    its own metrics) and ``cellkd.report.classification`` (teacher and student metrics). Models are
+    its own metrics) and ``cellkd.report.classification`` (teacher and student metrics; the teacher's
+    evaluation writes the logit cache through ``cache_teacher_logits``, read by the student's trainer). Models are
     read only through ``cellkd.training.classifier`` (``load_classifier``, ``predict_logits``): by
     the next phase's trainer, ``cellkd.predict`` and ``cellkd.report.classification``; metrics by
     ``cellkd.report.classification`` (Tables 4, 5) and ``cellkd.report.finetune`` (Table 6);

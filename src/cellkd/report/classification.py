@@ -206,16 +206,23 @@ def evaluate_classifier_stores(
     metrics_csv: PathLike,
     confusion_png: PathLike,
     extra_columns: Mapping[str, float] | None = None,
+    logits_h5: PathLike | None = None,
 ) -> pd.DataFrame:
     """Score a trained classifier (teacher, student or fine-tuned) -> metrics CSV and a confusion-matrix plot.
 
     The plot shows the doctor (EA) evaluation when there is one, else the test split. ``extra_columns``
-    (e.g. measured speeds) are appended to every row.
+    (e.g. measured speeds) are appended to every row. ``logits_h5`` (a teacher's): the logits of every nucleus
+    are also cached there (``cellkd.training.classifier.cache_teacher_logits``) for the students it teaches,
+    so that one pass of the model both scores it and labels their training rows.
     """
-    from cellkd.training.classifier import predict_logits
+    from cellkd.training.classifier import cache_teacher_logits, predict_logits
 
     labels, split, class_names = read_labels(nuclei_stores)
-    predictions = predict_logits(model_path, nuclei_stores).argmax(axis=1)
+    if logits_h5 is None:
+        logits = predict_logits(model_path, nuclei_stores)
+    else:
+        logits = cache_teacher_logits(model_path, nuclei_stores, logits_h5)
+    predictions = logits.argmax(axis=1)
     table, confusions = evaluate_predictions(predictions, labels, split, class_names, training_labels)
     for column, value in (extra_columns or {}).items():
         table[column] = value

@@ -2,7 +2,9 @@
 
 A teacher is never run during student training: :func:`cache_teacher_logits` runs it once over
 every row of the nuclei stores and :func:`load_teacher_logits` hands the logits to the trainer,
-checked against the stores they were computed on.
+checked against the stores they were computed on. In the workflow the teacher's evaluation job writes
+the cache (``results/teacher/{stain}/{weak_set}/{arch}/seed{seed}/logits.h5``) and scores those same logits
+(``cellkd.report.classification.evaluate_classifier_stores``), so that the teacher passes over the nuclei once.
 """
 
 from __future__ import annotations
@@ -76,8 +78,9 @@ def cache_teacher_logits(
     *,
     batch_size: int = 1024,
     device: str | torch.device | None = None,
-) -> None:
-    """Run the teacher once over every row of ``nuclei_stores`` and store its logits in ``out_path`` (HDF5, atomic).
+) -> npt.NDArray[np.float32]:
+    """Run the teacher once over every row of ``nuclei_stores``, store its logits in ``out_path`` (HDF5, atomic)
+    and return them (float32 (N_total, K)), for a caller that scores them too.
 
     Layout: ``logits`` float32 (N_total, K), rows in store order; attrs ``format``, ``model``,
     ``classes``, ``stores`` (paths as given), ``store_names`` (file names), ``store_stains`` (their
@@ -100,6 +103,7 @@ def cache_teacher_logits(
         )
         h5.create_dataset("logits", data=logits)
     logger.info("cached %s logits of %s for %d nuclei in %s", logits.shape, model_path, len(logits), out_path)
+    return logits
 
 
 def load_teacher_logits(path: PathLike, nuclei_stores: Sequence[PathLike]) -> npt.NDArray[np.float32]:
@@ -107,10 +111,12 @@ def load_teacher_logits(path: PathLike, nuclei_stores: Sequence[PathLike]) -> np
     try:
         h5 = h5py.File(path, "r")
     except OSError as err:
-        raise StoreError(f"{path}: cannot open teacher logits ({err}); rerun the rule that caches them") from err
+        raise StoreError(
+            f"{path}: cannot open teacher logits ({err}); rerun evaluate_teacher, which writes them"
+        ) from err
     with h5:
         if not bool(h5.attrs.get("complete", False)) or h5.attrs.get("format") != LOGITS_FORMAT:
-            raise StoreError(f"{path}: not a complete {LOGITS_FORMAT} file; delete it and rerun the caching rule")
+            raise StoreError(f"{path}: not a complete {LOGITS_FORMAT} file; delete it and rerun evaluate_teacher")
         cached = list(
             zip(
                 [str(n) for n in h5.attrs["store_names"]],
@@ -125,7 +131,7 @@ def load_teacher_logits(path: PathLike, nuclei_stores: Sequence[PathLike]) -> np
     if cached != expected:
         msg = (
             f"{path}: teacher logits were cached for stores {cached} (name, stain, rows), not {expected}; "
-            "rerun the caching rule on these stores"
+            "rerun evaluate_teacher on these stores"
         )
         raise StoreError(msg)
     rows_total = sum(rows.sizes)
