@@ -34,7 +34,7 @@ from cellkd.training.classifier import (
 )
 from cellkd.training.classifier import evaluate as classifier_evaluate
 from cellkd.training.classifier import train as classifier_trainer
-from cellkd.training.classifier.data import load_crops, read_nucleus_rows
+from cellkd.training.classifier.data import augment_stain, draw_stain_jitter, load_crops, read_nucleus_rows
 from cellkd.training.classifier.distillation import class_weights
 from cellkd.training.classifier.evaluate import CPU_FORWARD_BATCH, crop_logits, infer_logits, prepare_for_inference
 from cellkd.training.classifier.train import epochs_without_improvement
@@ -259,6 +259,83 @@ def test_class_weighting_is_a_config_option_of_teacher_and_student(phase: str) -
     validate_config(config, "schemas/config.schema.yaml", "workflow_config.yaml")
     settings = {k: v for k, v in config[phase].items() if k not in ("archs", "labels", "validate_against")}
     assert ClassifierTrainParams.from_dict({**settings, "arch": "vgg4"}).class_weighting is True
+
+
+@pytest.mark.parametrize("phase", ["teacher", "student"])
+def test_stain_augment_is_a_config_option_of_teacher_and_student(phase: str) -> None:
+    """The schema takes ``stain_augment`` in [0, 1) for both phases, and the rules' whole-block params reach the
+    trainer; the shipped default is off."""
+    import yaml
+
+    from cellkd.config import validate_config
+
+    config = yaml.safe_load(Path("workflow_config.yaml").read_text())
+    validate_config(config, "schemas/config.schema.yaml", "workflow_config.yaml")
+    assert config[phase]["stain_augment"] == 0.0
+    config[phase]["stain_augment"] = 0.1
+    validate_config(config, "schemas/config.schema.yaml", "workflow_config.yaml")
+    settings = {k: v for k, v in config[phase].items() if k not in ("archs", "labels", "validate_against")}
+    assert ClassifierTrainParams.from_dict({**settings, "arch": "vgg4"}).stain_augment == 0.1
+    config[phase]["stain_augment"] = 1.0
+    with pytest.raises(ConfigError, match="stain_augment"):
+        validate_config(config, "schemas/config.schema.yaml", "workflow_config.yaml")
+
+
+def test_stain_jitter_of_strength_zero_gives_the_crops_back_bit_identical() -> None:
+    crops, _ = blob_crops(5, 16)
+    every_value = (np.arange(32 * 32) % 256).astype(np.uint8).reshape(1, 32, 32, 1).repeat(3, axis=3)  # 0..255
+    batch = torch.from_numpy(np.concatenate([crops, every_value]))
+    scale, shift = draw_stain_jitter(np.random.default_rng(0), len(batch), 0.0)
+    assert torch.equal(augment_stain(batch, scale, shift), batch)
+
+
+def test_stain_jitter_changes_colours_keeps_the_crops_shape_and_is_seeded() -> None:
+    level0 = torch.from_numpy(blob_crops(5, 16)[0])
+    multiscale = torch.cat([level0[:, :16, :16], level0[:, :16, :16]], dim=3)  # two identical 'levels'
+
+    def jittered(crops: torch.Tensor, seed: int) -> torch.Tensor:
+        return augment_stain(crops, *draw_stain_jitter(np.random.default_rng(seed), len(crops), 0.1))
+
+    for crops in (level0, multiscale):
+        out = jittered(crops, 1)
+        assert out.shape == crops.shape and out.dtype == torch.uint8
+        assert torch.equal(out, jittered(crops, 1))
+        assert not torch.equal(out, jittered(crops, 2))
+        # every crop changes colour, and not by a uniform shift of the three channels
+        change = out.float() - crops.float()
+        assert (change.abs().mean(dim=(1, 2)) > 0.5).any(dim=1).all()
+        assert (change.mean(dim=(1, 2)).std(dim=1) > 0.1).all()
+    out = jittered(multiscale, 1)
+    assert torch.equal(out[..., :3], out[..., 3:])  # both levels of a nucleus get its one jitter
+    hematoxylin_up = augment_stain(level0, np.array([[1.3, 1, 1]] * 16, np.float32), np.zeros((16, 3), np.float32))
+    assert (hematoxylin_up.float().mean(dim=(0, 1, 2)) < level0.float().mean(dim=(0, 1, 2))).all()  # darker
+    with pytest.raises(ValueError, match="multiple of 3"):
+        augment_stain(level0[..., :2], *draw_stain_jitter(np.random.default_rng(0), 16, 0.1))
+
+
+def test_stain_augment_reaches_every_training_batch_only_when_on(
+    stores: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``stain_augment`` > 0 every training crop is jittered once per epoch (the trainer's seeded draws, so
+    a rerun is identical); at 0 the augmentation is never called and the run is today's."""
+    jittered: list[int] = []
+
+    def spy(crops: torch.Tensor, scale: np.ndarray, shift: np.ndarray) -> torch.Tensor:
+        assert np.abs(scale - 1).max() <= 0.2 and np.abs(shift).max() <= 0.2
+        jittered.append(len(crops))
+        return augment_stain(crops, scale, shift)
+
+    monkeypatch.setattr(classifier_trainer, "augment_stain", spy)
+    train_classifier(stores, "ssa", tmp_path / "off", QUICK, device="cpu")
+    assert jittered == []
+    on = replace(QUICK, stain_augment=0.2)
+    for run in ("on", "again"):
+        train_classifier(stores, "ssa", tmp_path / run, on, device="cpu")
+    assert sum(jittered) == 2 * 4 * QUICK.max_per_class  # every capped training row, in each run
+    weights = [torch.load(tmp_path / run / "model.pt", weights_only=True) for run in ("off", "on", "again")]
+    assert weights[1]["params"]["stain_augment"] == 0.2
+    assert all(torch.equal(weights[1]["state_dict"][k], weights[2]["state_dict"][k]) for k in weights[1]["state_dict"])
+    assert not torch.equal(weights[0]["state_dict"]["0.weight"], weights[1]["state_dict"]["0.weight"])
 
 
 def test_distillation_loss_soft_term_needs_teacher_logits() -> None:
@@ -623,6 +700,7 @@ def test_out_of_range_train_indices_raise(stores: list[Path], tmp_path: Path) ->
         ({"w_task": 0.0, "w_kd": 0.0}, "the loss would be zero"),
         ({"max_per_class": 0}, "max_per_class=0"),
         ({"dropout": 1.0}, "dropout=1.0"),
+        ({"stain_augment": 1.0}, "stain_augment=1.0"),
     ],
 )
 def test_classifier_train_params_reject_bad_values(change: dict, match: str) -> None:

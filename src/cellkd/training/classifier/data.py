@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 import torch
+from skimage.color import hed_from_rgb, rgb_from_hed
 
 from cellkd.errors import StoreError
 from cellkd.models import INPUT_SHAPES, create_model
@@ -135,6 +136,38 @@ def augment_dihedral(crops: torch.Tensor, rot: npt.NDArray[np.int64], flip: npt.
             part = torch.rot90(crops[index], k, dims=(1, 2))
             out[index] = part.flip(2) if f else part
     return out
+
+
+def draw_stain_jitter(
+    rng: np.random.Generator, n: int, strength: float
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """Per-crop HED scales ``U(1 - strength, 1 + strength)`` and shifts ``U(-strength, strength)``, each (n, 3)."""
+    scale = rng.uniform(1 - strength, 1 + strength, size=(n, 3)).astype(np.float32)
+    shift = rng.uniform(-strength, strength, size=(n, 3)).astype(np.float32)
+    return scale, shift
+
+
+def augment_stain(crops: torch.Tensor, scale: npt.NDArray[np.float32], shift: npt.NDArray[np.float32]) -> torch.Tensor:
+    """HED stain jitter (Tellez et al. 2018): crop i's stain concentrations become ``c * scale[i] + shift[i]``.
+
+    ``crops``: uint8 (B, S, S, C) with C a multiple of 3 (the multiscale crops stack two RGB levels: both get
+    crop i's jitter, as they are one nucleus on one slide). Each RGB pixel goes to optical density
+    ``-ln((I + 1) / 256)``, is unmixed into hematoxylin, eosin and residual (DAB) concentrations with
+    scikit-image's Ruifrok-Johnston matrix, jittered, mixed back and rounded to uint8. Scale 1 and shift 0 give
+    the crops back. Returns a new uint8 tensor of the same shape on the same device.
+    """
+    b, height, width, channels = crops.shape
+    if channels % 3:
+        raise ValueError(f"stain augmentation needs RGB crops (channels a multiple of 3), got {channels} channels")
+    device = crops.device
+    to_hed = torch.as_tensor(hed_from_rgb, dtype=torch.float32, device=device)
+    to_rgb = torch.as_tensor(rgb_from_hed, dtype=torch.float32, device=device)
+    od = -torch.log((crops.reshape(b, height, width, channels // 3, 3).float() + 1) / 256)
+    stains = od @ to_hed  # row vectors, scikit-image's convention (rgb2hed / hed2rgb)
+    stains = stains * torch.from_numpy(scale).to(device).view(b, 1, 1, 1, 3)
+    stains = stains + torch.from_numpy(shift).to(device).view(b, 1, 1, 1, 3)
+    rgb = 256 * torch.exp(-(stains @ to_rgb)) - 1
+    return rgb.round_().clamp_(0, 255).to(torch.uint8).reshape(crops.shape)
 
 
 def cap_per_class(
