@@ -525,7 +525,7 @@ def test_dry_run_of_the_demo_plans_the_demo_models(tmp_path: Path) -> None:
     assert "cellkd preset: demo" in result.stdout + result.stderr
     assert "results/teacher/raw/wsa/vgg4/seed0/model.pt" in result.stdout
     planned = planned_jobs(result.stdout)
-    assert planned["finetune_student"] == 2 * 2 * 3  # stains x label sets x 3 seeds, each job the demo's 5 counts
+    assert planned["finetune_student"] == 2 * 2 * 3  # stains x label sets x 3 seeds, each job the demo's 4 counts
     assert "results/finetune/raw/wsa/n200/seed2/model.pt" in result.stdout
     assert planned["tabulate_instances"] == 1  # the demo's slides have a truth set
     # Figure 4 segments every slide with both architectures; the later steps use the selected one's masks, copied:
