@@ -9,7 +9,7 @@ import pytest
 from test_training_classifier import CLASSES as STORE_CLASSES
 from test_training_classifier import write_nuclei_store
 
-from cellkd.report.classification import SUMMARY_METRICS, label_agreement, summary_row
+from cellkd.report.classification import SUMMARY_METRICS, evaluate_predictions, label_agreement, summary_row
 
 CLASSES = ("a", "b", "background")
 
@@ -53,3 +53,21 @@ def test_table3_averages_over_nucleus_classes_against_the_expert_but_over_all_ag
     # Against the truth, background occurs (1 true, 2 predicted, 1 right): it is one of the four classes averaged.
     f1_background = 2 * 0.5 * 1.0 / 1.5
     assert table.loc["truth", "f1_macro"] == pytest.approx((1.0 + 1.0 + f1_muscle + f1_background) / 4)
+
+
+def test_doctor_rows_of_tables_4_and_5_average_over_the_nucleus_classes() -> None:
+    # A classifier calls one of 4 expert nuclei background and gets the rest right. The doctor row averages over the
+    # nucleus classes (background is no class of the expert's); the test row, against labels that hold background,
+    # averages over every class that occurs.
+    background = len(STORE_CLASSES) - 1
+    predictions = np.array([0, 1, 2, background, background])
+    labels = {"ea": np.array([0, 1, 2, 2, -1]), "ssa": np.array([0, 1, 2, 2, background])}
+    split = np.full(5, 2)
+    table, confusions = evaluate_predictions(predictions, labels, split, STORE_CLASSES, "ssa")
+    rows = table.set_index("evaluation")
+    f1_muscle = 2 * 1.0 * 0.5 / 1.5
+    assert rows.loc["doctor", "f1_macro"] == pytest.approx((1.0 + 1.0 + f1_muscle) / 3)
+    assert rows.loc["doctor", "accuracy"] == pytest.approx(3 / 4)
+    f1_background = 2 * 0.5 * 1.0 / 1.5  # 2 predicted, 1 of them right
+    assert rows.loc["test", "f1_macro"] == pytest.approx((1.0 + 1.0 + f1_muscle + f1_background) / 4)
+    assert confusions["doctor"][2, background] == 1  # the miss is still in the confusion matrix

@@ -38,6 +38,8 @@ AVERAGES_NOTE = (
     "`*_macro`: unweighted mean over classes; `*_weighted`: weighted by class support (`recall_weighted` = accuracy)"
 )
 """What the ``*_macro`` and ``*_weighted`` columns mean, appended to every classification table's title."""
+DOCTOR_NOTE = "; the `doctor` rows average over the nucleus classes (an expert labels no background)"
+"""Appended to the titles of Tables 4 and 5, whose ``doctor`` rows are scored against the expert."""
 
 
 EXPERT_SET = "ea"
@@ -162,18 +164,20 @@ def evaluate_predictions(
     """Score a classifier's predictions (one per nucleus) on the test split and on the expert / truth sets.
 
     Rows: ``test`` (test split vs its training labels), ``doctor`` (every EA-labelled nucleus; EA is
-    never trained on by teacher or student), ``truth`` (test split vs truth, synthetic data only).
+    never trained on by teacher or student; averaged over the nucleus classes, :func:`expert_classes`),
+    ``truth`` (test split vs truth, synthetic data only).
     Returns the table and the confusion matrix of each row.
     """
     evaluations = {"test": (labels[training_labels], split == 2)}
-    if "ea" in labels:
-        evaluations["doctor"] = (labels["ea"], labels["ea"] >= 0)
+    if EXPERT_SET in labels:
+        evaluations["doctor"] = (labels[EXPERT_SET], labels[EXPERT_SET] >= 0)
     if "truth" in labels:
         evaluations["truth"] = (labels["truth"], split == 2)
     rows, confusions = [], {}
     for name, (reference, rows_mask) in evaluations.items():
         y_true = np.where(rows_mask, reference, -1)
-        rows.append({"evaluation": name, **summary_row(y_true, predictions, class_names)})
+        average_over = expert_classes(class_names) if name == "doctor" else None
+        rows.append({"evaluation": name, **summary_row(y_true, predictions, class_names, average_over=average_over)})
         known = y_true >= 0
         confusions[name] = confusion_matrix(y_true[known], predictions[known], len(class_names))
     return pd.DataFrame(rows), confusions
@@ -195,7 +199,7 @@ def write_classifier_table(
 
 def write_table4(metrics_csvs: Mapping[tuple[str, str, str, int], PathLike], paths: SeedTablePaths) -> pd.DataFrame:
     """Table 4: teacher scores per stain, training labels and architecture (keys ``(stain, labels, arch, seed)``)."""
-    title = f"Table 4: teachers on the test split, the doctor (EA) set and the truth - {AVERAGES_NOTE}"
+    title = f"Table 4: teachers on the test split, the doctor (EA) set and the truth - {AVERAGES_NOTE}{DOCTOR_NOTE}"
     return write_classifier_table(metrics_csvs, ("stain", "labels", "arch"), paths, title)
 
 
@@ -257,5 +261,5 @@ def measure_throughput(model_path: PathLike, nuclei_stores: Sequence[PathLike], 
 
 def write_table5(metrics_csvs: Mapping[tuple[str, str, int], PathLike], paths: SeedTablePaths) -> pd.DataFrame:
     """Table 5: the distilled student per stain and teacher labels (keys ``(stain, labels, seed)``), with speeds."""
-    title = f"Table 5: distilled RCCNet student (test split, doctor set, truth) - {AVERAGES_NOTE}"
+    title = f"Table 5: distilled RCCNet student (test split, doctor set, truth) - {AVERAGES_NOTE}{DOCTOR_NOTE}"
     return write_classifier_table(metrics_csvs, ("stain", "labels"), paths, title)
