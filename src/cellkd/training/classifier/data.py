@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 import torch
-from skimage.color import hed_from_rgb, rgb_from_hed
 
 from cellkd.errors import StoreError
 from cellkd.models import INPUT_SHAPES, create_model
@@ -156,6 +155,10 @@ def augment_stain(crops: torch.Tensor, scale: npt.NDArray[np.float32], shift: np
     scikit-image's Ruifrok-Johnston matrix, jittered, mixed back and rounded to uint8. Scale 1 and shift 0 give
     the crops back. Returns a new uint8 tensor of the same shape on the same device.
     """
+    # Imported here: scikit-image's colour module costs every classifier job start-up time, and only this
+    # (off by default) augmentation needs its matrices.
+    from skimage.color import hed_from_rgb, rgb_from_hed
+
     b, height, width, channels = crops.shape
     if channels % 3:
         raise ValueError(f"stain augmentation needs RGB crops (channels a multiple of 3), got {channels} channels")
