@@ -43,13 +43,15 @@ DOCTOR_NOTE = "; the `doctor` rows average over the nucleus classes (an expert l
 
 
 EXPERT_SET = "ea"
-"""The expert's annotation set: the labels of fine-tuning (Phase IV), and a reference of Table 3."""
+"""The expert's annotation set: the labels of fine-tuning (Phase IV), a reference of Table 3 and the ``doctor``
+rows of Tables 4 and 5."""
 
 
 def expert_classes(classes: Sequence[str]) -> list[int]:
     """Indices of the classes the expert's labels can hold: every class but background (the last, see
     ``cellkd.store.nuclei``), since the expert labelled matched nuclei only. The averages of every score against
-    the expert (fine-tuning's validation, Table 6, Table 3's expert rows) run over these (``average_over`` of
+    the expert (fine-tuning's validation, Table 6, Table 3's expert rows, the ``doctor`` rows of Tables 4 and
+    5) run over these (``average_over`` of
     ``cellkd.metrics.classification``): a nucleus called background is then an error in its true class's recall,
     not a zero-F1 class of its own."""
     return list(range(len(classes) - 1))
