@@ -50,10 +50,9 @@ rows of Tables 4 and 5."""
 def expert_classes(classes: Sequence[str]) -> list[int]:
     """Indices of the classes the expert's labels can hold: every class but background (the last, see
     ``cellkd.store.nuclei``), since the expert labelled matched nuclei only. The averages of every score against
-    the expert (fine-tuning's validation, Table 6, Table 3's expert rows, the ``doctor`` rows of Tables 4 and
-    5) run over these (``average_over`` of
-    ``cellkd.metrics.classification``): a nucleus called background is then an error in its true class's recall,
-    not a zero-F1 class of its own."""
+    the expert (fine-tuning's validation, Table 6, Table 3's expert rows, the ``doctor`` rows of Tables 4 and 5)
+    run over these (``average_over`` of ``cellkd.metrics.classification``): a nucleus called background is then an
+    error in its true class's recall, not a zero-F1 class of its own."""
     return list(range(len(classes) - 1))
 
 
