@@ -16,7 +16,6 @@ aid behind the ``mem_mb`` of the classify_slide rule.
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
 from pathlib import Path
 
@@ -72,8 +71,8 @@ def job_step(nuclei: str, fragments: str, out: str, model: str, forward_rows: in
     evaluate.iter_store_chunks = first_rows  # predict_logits looks it up in its module at call time
     with Stopwatch() as wall:
         count = classify_nuclei(model, nuclei, DEFAULT_CLASSES, out, include_background=True, fragment_store=fragments)
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    result = {"features": count, "wall_s": wall.seconds, "cpu_s": usage.ru_utime + usage.ru_stime, **forward}
+    # CPU of the whole child process: the job, imports included, as its snakemake job would spend it.
+    result = {"features": count, "wall_s": wall.seconds, "cpu_s": cpu_seconds(), **forward}
     result |= {"rss_mib": peak_rss_mib(), "bytes": Path(out).stat().st_size}
     Path(out).unlink()
     return result

@@ -59,7 +59,6 @@ from cellkd.types import PathLike
 
 logger = logging.getLogger(__name__)
 
-"""The label set of the expert's annotations in the nuclei stores."""
 GRID_COLUMNS = ("lr", "dropout", "val_f1", "best_epoch", "train_loss", "selected")
 _SPLIT_STREAM = 0x4541  # "EA": the per-class permutations get their own random stream
 
@@ -253,9 +252,8 @@ def finetune_student(
     Each (lr, dropout) of ``params.grid`` trains ``out_dir/lr{lr}_do{dropout}/`` from the student's
     weights (same arch). Candidates are the student itself (lr and dropout NaN, best_epoch 0) and each
     grid point; the one with the best validation macro F1 over :func:`expert_classes` (ties: the earlier
-    candidate, so the student
-    wins a tie) is copied to ``out_dir/model.pt``. Without validation rows the student cannot be
-    compared and the grid point with the lowest training loss is kept. ``grid.csv`` lists every
+    candidate, so the student wins a tie) is copied to ``out_dir/model.pt``. Without validation rows the
+    student cannot be compared and the grid point with the lowest training loss is kept. ``grid.csv`` lists every
     candidate (lr, dropout, val_f1, best_epoch, train_loss, selected).
     Returns and writes ``out_dir/metrics.csv``: two rows, phase "before" (the student as is, lr and
     dropout NaN) and "after" (the chosen model; lr and dropout NaN when the student was kept), each
